@@ -1,0 +1,1 @@
+"""minirlhf: a small, readable RLHF pipeline (SFT -> reward model -> PPO / DPO) written from scratch in PyTorch."""

@@ -1,0 +1,131 @@
+"""JSONL readers and hand-written batching.
+
+Record formats (one JSON object per line):
+  SFT:         {"prompt": str, "completion": str}   or   {"text": str}   (text = empty prompt, loss on all of it)
+  preferences: {"prompt": str, "chosen": str, "rejected": str}   (the field names TRL and most public sets use)
+The completion/response is appended to the prompt as is, so it usually starts with a space.
+
+Token layout of every sequence: BOS + prompt + response + EOS.
+  * training batches (SFT) are right-padded, with a loss mask on completion tokens and EOS only;
+  * generation and scoring batches are [prompt, left-padded | response, right-padded], so every row's response
+    starts at the same column P and the model sees positions computed from the attention mask.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+from .utils import UserError
+
+
+class DataError(UserError):
+    pass
+
+
+def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
+    """Read a JSONL file; every record needs string fields `required` (or all of `alternatives`).
+    Each returned dict gets "_where" = "file:line" for later error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            fields = required if all(k in rec for k in required) or not alternatives else alternatives
+            missing = [k for k in fields if k not in rec]
+            if missing:
+                want = " + ".join(required) + (f" (or {' + '.join(alternatives)})" if alternatives else "")
+                raise DataError(f"{where}: missing field {missing[0]!r}; each line needs {want}")
+            bad = [k for k in fields if not isinstance(rec[k], str)]
+            if bad:
+                raise DataError(f"{where}: field {bad[0]!r} must be a string")
+            rec["_where"] = where
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: empty file (no records)")
+    return records
+
+
+def load_sft_jsonl(path) -> list:
+    """SFT records as {"prompt", "completion", "_where"}; {"text"} records become an empty prompt."""
+    recs = read_jsonl(path, ("prompt", "completion"), alternatives=("text",))
+    return [r if "completion" in r else {"prompt": "", "completion": r["text"], "_where": r["_where"]} for r in recs]
+
+
+def load_pref_jsonl(path) -> list:
+    return read_jsonl(path, ("prompt", "chosen", "rejected"))
+
+
+def encode_prompt(tok, prompt: str, block_size: int, where: str = "prompt", reserve: int = 1) -> list:
+    """BOS + prompt tokens; an error (naming `where`) if fewer than `reserve` positions are left for a response."""
+    ids = [tok.bos_id] + tok.encode(prompt)
+    if len(ids) + reserve > block_size:
+        raise DataError(f"{where}: prompt is {len(ids)} tokens, too long for the context of {block_size} tokens "
+                        f"(raise --block-size or shorten the prompt)")
+    return ids
+
+
+def encode_response(tok, response: str, max_len: int) -> tuple:
+    """Response tokens + EOS, cut to max_len. Returns (ids, truncated). A truncated response has no EOS:
+    it is scored at its last token and its loss covers what is left (documented truncation)."""
+    ids = tok.encode(response) + [tok.eos_id]
+    return ids[:max_len], len(ids) > max_len
+
+
+def encode_sft(records, tok, block_size: int) -> tuple:
+    """[(prompt_ids, completion_ids)], number truncated. Sequences fit block_size + 1 tokens (inputs = seq[:-1])."""
+    out, n_truncated = [], 0
+    for r in records:
+        p = encode_prompt(tok, r["prompt"], block_size, r.get("_where", "built-in task"))
+        c, truncated = encode_response(tok, r["completion"], block_size + 1 - len(p))
+        n_truncated += truncated
+        out.append((p, c))
+    return out, n_truncated
+
+
+def collate_sft(batch, pad_id: int, device="cpu") -> dict:
+    """Right-padded SFT batch from [(prompt_ids, completion_ids)].
+
+    idx, targets: (B, T) with targets[t] = seq[t + 1]; loss_mask (B, T) is 1 exactly where the target is a
+    completion token or EOS (the prompt, BOS and padding are not trained on)."""
+    T = max(len(p) + len(c) for p, c in batch) - 1
+    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(batch), T))
+    for i, (p, c) in enumerate(batch):
+        seq = torch.tensor(p + c)
+        n = len(seq) - 1
+        idx[i, :n], targets[i, :n] = seq[:-1], seq[1:]
+        loss_mask[i, len(p) - 1:n] = 1.0  # target positions len(p)-1 .. n-1 hold the completion tokens
+    return {"idx": idx.to(device), "targets": targets.to(device), "loss_mask": loss_mask.to(device)}
+
+
+def left_pad(seqs, pad_id: int, device="cpu") -> tuple:
+    """Left-padded prompts for generation/scoring: ids (B, P) long, mask (B, P) long."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, P - len(s):], mask[i, P - len(s):] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs, pad_id: int, device="cpu") -> tuple:
+    """Right-padded responses: ids (B, R) long, mask (B, R) long."""
+    R = max(max(len(s) for s in seqs), 1)
+    ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), R), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,200 @@
+"""A GPT-2-architecture decoder, written out: learned positions, pre-LayerNorm blocks, GELU(tanh), tied embeddings.
+
+Parameter names follow GPT-2's (transformer.wte, transformer.h.{i}.attn.c_attn, ...) so GPT-2 weights can be
+mapped in. Three things beyond nanoGPT that RLHF needs:
+  * left-padded batches: an attention mask hides PAD keys and position ids come from the mask, so a padded row
+    gives the same per-token logits as the same row unpadded;
+  * a KV cache: prefill the prompt once, then decode one token per step;
+  * hidden states, so a scalar head (reward or value model) can sit on the same trunk (ScalarModel).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    block_size: int = 64  # longest sequence (prompt + response, padding included)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # RLHF stages force it off: dropout makes the KL and PPO ratios noisy (TRL #3500)
+    bias: bool = True
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; storage is allocated on first use with the dtype
+    the attention produces (bf16 under autocast). k, v: (n_layer, B, n_head, max_len, head_dim)."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.length = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, nh, T, hd) for `layer`; return all keys/values so far."""
+        B, nh, T, hd = k.shape
+        if self.k is None:
+            shape = (self.n_layer, B, nh, self.max_len, hd)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.length + T
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask=None, cache: KVCache = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hd)
+        # attn_mask: (B, 1, T, S) bool, True = may attend; None = plain causal (no padding, no cache).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def positions_and_mask(attention_mask, past: int, T: int):
+    """Position ids and the SDPA mask for T new tokens after `past` cached ones.
+
+    attention_mask: (B, past + T), 1 = real token, 0 = padding. Positions count real tokens only, so left
+    padding does not shift them. Every query may also attend to itself, so rows of pure padding stay finite
+    (their outputs are garbage, and masked out by every loss).
+    Returns pos (B, T) long, mask (B, 1, T, past + T) bool.
+    """
+    S = past + T
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    q_idx = torch.arange(past, S, device=attention_mask.device)[:, None]
+    k_idx = torch.arange(S, device=attention_mask.device)[None, :]
+    mask = (k_idx <= q_idx)[None] & attention_mask.bool()[:, None, :]
+    mask = mask | (k_idx == q_idx)[None]
+    return pos, mask[:, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B, as in nanoGPT's MFU estimate."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache = None):
+        """idx (B, T) -> final hidden states (B, T, n_embd), after ln_f.
+
+        attention_mask (B, past + T) is needed for padded batches and with a cache (it covers the cached tokens
+        too). Without a mask and without a cache the batch must be unpadded or right-padded (plain causal).
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's block_size {self.config.block_size}")
+        if attention_mask is None and cache is None:
+            pos, mask = torch.arange(T, device=idx.device)[None], None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
+            pos, mask = positions_and_mask(attention_mask, past, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, attention_mask=None, cache: KVCache = None):
+        """Logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx, attention_mask, cache))
+
+
+class ScalarModel(nn.Module):
+    """A GPT trunk with a linear head giving one scalar per position: the reward model and the value model.
+
+    The head is initialised N(0, 1/sqrt(n_embd + 1)) as in OpenAI's lm-human-preferences. `gain` and `bias` are
+    set after reward-model training so that rewards of the SFT policy's samples have mean 0 and std 1.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gpt = GPT(cfg)
+        self.head = nn.Linear(cfg.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(cfg.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("gain", torch.tensor(1.0))
+        self.register_buffer("bias", torch.tensor(0.0))
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def forward(self, idx, attention_mask=None):
+        """Scalars at every position, (B, T), in float32."""
+        h = self.gpt.hidden_states(idx, attention_mask)
+        return self.head(h).squeeze(-1).float() * self.gain + self.bias

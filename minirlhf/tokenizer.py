@@ -1,0 +1,57 @@
+"""Byte-level BPE tokenizer (trained with the `tokenizers` library) with distinct PAD, BOS and EOS tokens.
+
+PAD != EOS on purpose: when they are the same token, masking padding out of the SFT loss also masks EOS and the
+model never learns to stop (TRL #976). Every sequence is BOS + prompt + response + EOS; prompt and response are
+encoded separately and concatenated, so no BPE merge crosses the prompt/response boundary.
+"""
+import hashlib
+
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+
+
+class Tokenizer:
+    def __init__(self, hf: HFTokenizer):
+        # A user's tokenizer.json may lack our special tokens: add them (they get new ids at the end).
+        missing = [t for t in (PAD, BOS, EOS) if hf.token_to_id(t) is None]
+        if missing:
+            hf.add_special_tokens(missing)
+        self.hf = hf
+        self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in (PAD, BOS, EOS))
+
+    @classmethod
+    def train(cls, texts, vocab_size: int = 512) -> "Tokenizer":
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception with a serde message
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+    def save(self, path):
+        self.hf.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def fingerprint(self) -> str:
+        """A hash of the full tokenizer definition: later stages refuse checkpoints whose tokenizer differs."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list:
+        """Plain token ids of `text`, no special tokens added."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, special tokens (PAD, BOS, EOS) dropped."""
+        return self.hf.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,109 @@
+"""Small shared plumbing: user-facing errors, Args-dataclass -> dash-style flags, device/dtype, JSON files."""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, bad data line, missing or mismatched checkpoint).
+    Scripts print its message in one line instead of a traceback."""
+
+
+def arg(default, help: str):
+    """An Args field with its one-line documentation (shown by --help)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(args_cls, argv=None):
+    """Build an argparse parser from an Args dataclass: field `out_dir` becomes `--out-dir`."""
+    parser = argparse.ArgumentParser(description=(args_cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(args_cls)
+    for f in dataclasses.fields(args_cls):
+        flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata.get("help", "")
+        if typing.get_origin(typ) is typing.Union:  # Optional[X]
+            typ = next(t for t in typing.get_args(typ) if t is not type(None))
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(flag, nargs="*", type=typing.get_args(typ)[0], default=default, help=help_)
+        else:
+            parser.add_argument(flag, type=typ, default=default, help=help_)
+    return args_cls(**vars(parser.parse_args(argv)))
+
+
+def run(main):
+    """Run a script's main(); a UserError ends it with one clear line and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or auto")
+    return dtype
+
+
+def autocast(device: str, dtype: str):
+    """Mixed precision context: bf16 autocast for the matmuls, parameters and optimizer state stay fp32."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON line per log step, flushed as written so a crashed run keeps its history."""
+
+    def __init__(self, path):
+        self.f = open(path, "w")
+
+    def write(self, row: dict):
+        self.f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()

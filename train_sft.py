@@ -1,0 +1,194 @@
+"""Stage 1 of RLHF: supervised fine-tuning on demonstrations, loss on completion tokens (and EOS) only.
+
+    python train_sft.py                          # built-in simulated-human task, CPU-sized defaults
+    python train_sft.py --data my.jsonl          # your {"prompt", "completion"} or {"text"} records
+    python train_sft.py --device cuda --n-layer 12 --n-embd 768 --batch-size 128   # same script, bigger
+"""
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minirlhf.checkpoint import load_policy, save_run
+from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
+from minirlhf.evaluation import sample_policy
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
+                            set_seed, write_json)
+
+
+@dataclass
+class Args:
+    """Supervised fine-tuning (stage 1 of RLHF)."""
+    out_dir: str = arg("out/sft", "run directory to write")
+    task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py) for data, prompts and evaluation")
+    data: Optional[str] = arg(None, "JSONL of {prompt, completion} or {text} records instead of the built-in task")
+    init: Optional[str] = arg(None, "start from this earlier run directory (its tokenizer and model config)")
+    tokenizer: Optional[str] = arg(None, "use this tokenizer.json instead of training one")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    seed: int = arg(0, "random seed")
+    compile: bool = arg(False, "torch.compile the model")
+    # model (ignored with --init)
+    vocab_size: int = arg(512, "BPE vocabulary size to train (the model rounds it up to a multiple of 64)")
+    block_size: int = arg(64, "context length in tokens (prompt + response)")
+    n_layer: int = arg(4, "transformer blocks")
+    n_head: int = arg(4, "attention heads")
+    n_embd: int = arg(128, "embedding width")
+    dropout: float = arg(0.0, "dropout during SFT (later stages always turn it off)")
+    # data
+    n_train: int = arg(20000, "built-in task: demonstrations generated for training")
+    n_val: int = arg(1000, "held-out examples (test prompts on the built-in task; a share of --data otherwise)")
+    # optimisation
+    steps: int = arg(700, "optimizer steps")
+    batch_size: int = arg(64, "sequences per step")
+    lr: float = arg(2e-3, "peak learning rate")
+    min_lr: float = arg(1e-4, "final learning rate of the cosine schedule")
+    warmup_steps: int = arg(50, "linear warmup steps")
+    weight_decay: float = arg(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "gradient norm clip (0 = off)")
+    log_interval: int = arg(25, "steps between metrics.jsonl lines")
+    eval_interval: int = arg(200, "steps between held-out loss evaluations")
+    # end-of-run samples
+    n_samples: int = arg(256, "test prompts sampled at the end for eos_rate / grammatical_rate")
+    max_new_tokens: int = arg(48, "response budget when sampling")
+    temperature: float = arg(1.0, "sampling temperature for the end-of-run samples")
+
+
+def lr_at(step: int, a: Args) -> float:
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < a.warmup_steps:
+        return a.lr * (step + 1) / a.warmup_steps
+    progress = (step - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
+    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sft_loss(model, batch):
+    """Mean cross-entropy over completion tokens + EOS (loss_mask); prompt and padding do not count."""
+    logits = model(batch["idx"])  # right-padded: plain causal attention, PAD only ever follows real tokens
+    nll = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
+    return (nll * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
+
+
+def main():
+    a = parse_args(Args)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    set_seed(a.seed)
+    task = get_task(a.task)
+
+    # ---- data: demonstrations as (prompt, completion) records
+    if a.data:
+        records = load_sft_jsonl(a.data)
+        random.Random(a.seed).shuffle(records)
+        n_val = min(a.n_val, max(1, len(records) // 20))
+        train_recs, val_recs = records[n_val:], records[:n_val]
+        if not train_recs:
+            raise UserError(f"--data {a.data}: needs at least 2 records (one is held out)")
+    else:
+        train_recs = task.sft_examples("train", a.n_train, seed=a.seed)
+        val_recs = task.sft_examples("test", a.n_val, seed=a.seed)
+
+    # ---- tokenizer and model
+    if a.init:
+        model, tok, _ = load_policy(a.init, "--init")
+        model.config.dropout = a.dropout
+        cfg = model.config
+    else:
+        if a.tokenizer:
+            tok = Tokenizer.load(a.tokenizer)
+        else:
+            texts = [r["prompt"] + r["completion"] for r in train_recs] if a.data else task.corpus(5000, a.seed)
+            tok = Tokenizer.train(texts, a.vocab_size)
+        cfg = GPTConfig(vocab_size=64 * math.ceil(tok.vocab_size / 64), block_size=a.block_size,
+                        n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout)
+        model = GPT(cfg)
+    model.to(device)
+    train_data, n_cut = encode_sft(train_recs, tok, cfg.block_size)
+    val_data, _ = encode_sft(val_recs, tok, cfg.block_size)
+    if n_cut:
+        print(f"warning: {n_cut} completions were longer than the context and were truncated (no EOS)")
+    print(f"{len(train_data)} train / {len(val_data)} held-out examples, vocab {tok.vocab_size}, "
+          f"{model.num_params() / 1e6:.2f}M parameters, device {device} ({dtype})")
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.99), fused=device.startswith("cuda"))
+    train_model = torch.compile(model) if a.compile else model
+
+    @torch.no_grad()
+    def held_out_loss():
+        model.eval()
+        losses = []
+        for i in range(0, len(val_data), 256):
+            with autocast(device, dtype):
+                losses.append(sft_loss(model, collate_sft(val_data[i:i + 256], tok.pad_id, device)).item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    # ---- training loop
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl")
+    gen = torch.Generator().manual_seed(a.seed)
+    model.train()
+    t0, tokens_seen, val_loss = time.time(), 0, float("nan")
+    bar = tqdm(range(a.steps), desc="sft", dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, a)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = collate_sft([train_data[i] for i in torch.randint(len(train_data), (a.batch_size,), generator=gen)],
+                            tok.pad_id, device)
+        with autocast(device, dtype):
+            loss = sft_loss(train_model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
+        opt.step()
+        tokens_seen += batch["idx"].numel()
+        last = step == a.steps - 1
+        if step % a.eval_interval == 0 or last:
+            val_loss = held_out_loss()
+        if step % a.log_interval == 0 or last:
+            elapsed = time.time() - t0
+            row = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
+            if device.startswith("cuda"):  # model FLOPs utilisation against an H100's dense bf16 peak
+                row["mfu"] = model.flops_per_token(batch["idx"].size(1)) * row["tokens_per_s"] / 989e12
+            log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    log.close()
+    save_run(out, model, tok, a, kind="policy", stage="sft")
+
+    # ---- samples on held-out prompts: do they stop, and does the grammar accept them?
+    prompts = [r["prompt"] for r in val_recs][:a.n_samples]
+    samples = sample_policy(model, tok, prompts, a.max_new_tokens, a.temperature, seed=a.seed, device=device,
+                            dtype=dtype)
+    eos_rate = sum(s["eos"] for s in samples) / len(samples)
+    metrics = {"train_loss": loss.item(), "val_loss": val_loss, "eos_rate": eos_rate, "n_samples": len(samples),
+               "train_seconds": time.time() - t0}
+    if not a.data:
+        gram = [s["eos"] and task.is_grammatical(s["prompt"] + s["response"]) for s in samples]
+        gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
+        metrics.update(grammatical_rate=sum(gram) / len(gram), gold_mean=sum(gold) / len(gold))
+    write_json(out / "metrics.json", metrics)
+    print("samples (prompt | response):")
+    for s in samples[:5]:
+        print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}")
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
+
+
+if __name__ == "__main__":
+    run(main)
