@@ -40,7 +40,8 @@ def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            fields = required if all(k in rec for k in required) or not alternatives else alternatives
+            # a record with any of the required fields is judged against them, otherwise against the alternative
+            fields = required if any(k in rec for k in required) or not alternatives else alternatives
             missing = [k for k in fields if k not in rec]
             if missing:
                 want = " + ".join(required) + (f" (or {' + '.join(alternatives)})" if alternatives else "")

@@ -50,7 +50,8 @@ def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, tempe
     per-token entropy (B, R) of the same distribution."""
     logp_all = sampling_logprobs(response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask),
                                  temperature, top_k, top_p)
-    logp = logp_all.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) * resp_mask
+    logp = logp_all.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
+    logp = logp.masked_fill(resp_mask == 0, 0.0)  # not `* mask`: PAD may be filtered out (-inf), and -inf * 0 = nan
     if not with_entropy:
         return logp
     p = logp_all.exp()

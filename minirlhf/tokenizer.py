@@ -17,6 +17,7 @@ class Tokenizer:
         missing = [t for t in (PAD, BOS, EOS) if hf.token_to_id(t) is None]
         if missing:
             hf.add_special_tokens(missing)
+        hf.encode_special_tokens = True  # text that spells "<|eos|>" is encoded as text, never as the EOS token
         self.hf = hf
         self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in (PAD, BOS, EOS))
 
