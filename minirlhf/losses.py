@@ -16,6 +16,24 @@ def masked_mean(x, mask, dim=None):
 
 
 # ============================================================================ reward model (Bradley-Terry)
+# Shapes: (B,) = one reward per sequence of each preference pair, read at the response's EOS.
+
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef: float = 0.0):
+    """Reward-model loss, averaged over the B pairs:
+
+        L = mean_i[ -log sigmoid(r_c,i - r_r,i - m_i) ]  +  c * mean_i[ (r_c,i + r_r,i)^2 ]
+
+    The first term is the negative log-likelihood of the labels under the Bradley-Terry model
+    P(chosen > rejected) = sigmoid(r_c - r_r) (Bradley & Terry 1952; Christiano et al. 2017; Ouyang et al. 2022).
+    margin m (a float, or (B,) per pair) asks the chosen reward to win by at least m (Llama 2, 2307.09288, uses
+    a larger margin for pairs rated as clearly better). The second term is reward centering (Eisenstein et al.
+    2023, 2312.09244, c ~ 0.01): BT only sees differences, so without it the rewards' offset drifts freely.
+    r_chosen, r_rejected (B,) float. Returns a scalar."""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
 
 
 # ============================================================================ PPO (GAE, clipped objectives, KL)

@@ -1,0 +1,269 @@
+"""Stage 2 of RLHF: collect preferences on the SFT model's own samples and fit a Bradley-Terry reward model.
+
+    python train_rm.py                                 # built-in simulated human, after python train_sft.py
+    python train_rm.py --prefs my_prefs.jsonl          # your {"prompt", "chosen", "rejected"} records
+    python train_rm.py --device cuda --n-prompts 20000 --batch-size 256   # same script, bigger
+
+Writes out/rm: model.pt + config.json + tokenizer.json (load with checkpoint.load_scalar; the gain/bias buffers
+normalise rewards of fresh SFT samples to mean 0, std 1), prefs.jsonl (train and test pairs), metrics.jsonl and
+metrics.json. The reward of a sequence is the scalar head read at its EOS token (scoring.reward_at_eos).
+"""
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from minirlhf.checkpoint import load_policy, save_run
+from minirlhf.data import DataError, load_pref_jsonl
+from minirlhf.losses import bradley_terry_loss
+from minirlhf.model import ScalarModel
+from minirlhf.preferences import (all_pair_rewards, collect_preferences, encode_pairs, groups_of, pair_rewards,
+                                  pairwise_accuracy, pearson, sample_many, sample_rewards, set_normalisation,
+                                  spearman)
+from minirlhf.tasks import get_task
+from minirlhf.utils import (MetricsLog, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
+                            write_json)
+
+
+@dataclass
+class Args:
+    """Preference collection and Bradley-Terry reward model (stage 2 of RLHF)."""
+    out_dir: str = arg("out/rm", "run directory to write")
+    sft: str = arg("out/sft", "SFT run directory: the policy that is sampled, and the trunk the RM starts from")
+    task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py): prompts, annotator and gold reward")
+    prefs: Optional[str] = arg(None, "JSONL of {prompt, chosen, rejected} records instead of collecting them "
+                                     "(optional: split = train|test; chosen_gold, rejected_gold, label_prob)")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    seed: int = arg(0, "random seed")
+    compile: bool = arg(False, "torch.compile the reward model")
+    # preference collection (built-in task)
+    n_prompts: int = arg(1024, "train prompts; k samples each, all pairs labelled")
+    n_test_prompts: int = arg(256, "test prompts (the task's held-out split) for the test pairs")
+    k: int = arg(8, "samples per prompt; all k-choose-2 pairs are labelled (InstructGPT: k = 4..9)")
+    max_new_tokens: int = arg(48, "response budget when sampling (samples without EOS are not paired)")
+    gen_batch_size: int = arg(512, "sequences per sampling batch")
+    test_share: float = arg(0.1, "--prefs without a split field: share of comparison groups held out for test")
+    # optimisation
+    epochs: float = arg(2.0, "passes over the train pairs")
+    batch_size: int = arg(8, "comparison groups (prompts, with all their pairs) per step")
+    lr: float = arg(2e-3, "peak learning rate")
+    min_lr: float = arg(1e-4, "final learning rate of the cosine schedule")
+    warmup_steps: int = arg(10, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "gradient norm clip (0 = off)")
+    margin: float = arg(0.0, "Bradley-Terry margin: chosen must win by this much")
+    center_coef: float = arg(0.01, "reward centering coefficient, c * mean((r_c + r_r)^2) (Eisenstein et al. 2023)")
+    log_interval: int = arg(10, "steps between metrics.jsonl lines")
+    eval_interval: int = arg(50, "steps between test-accuracy evaluations")
+    eval_batch_size: int = arg(512, "pairs per batch when evaluating")
+    # normalisation and evaluation on fresh samples
+    n_norm: int = arg(1024, "fresh SFT samples on train prompts that the reward is normalised on (mean 0, std 1)")
+    n_eval: int = arg(1024, "fresh SFT samples on test prompts for the RM-vs-gold correlations (built-in task)")
+
+
+def lr_at(step: int, total: int, a: Args) -> float:
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < a.warmup_steps:
+        return a.lr * (step + 1) / a.warmup_steps
+    progress = (step - a.warmup_steps) / max(1, total - a.warmup_steps)
+    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def split_user_prefs(records, test_share: float, seed: int):
+    """(train, test) records of a user's file: by its "split" field when any record has one, otherwise a random
+    share of the comparison groups (the pairs of one prompt stay on one side)."""
+    if any("split" in r for r in records):
+        for r in records:
+            if r.get("split") not in ("train", "test"):
+                raise DataError(f"{r['_where']}: field 'split' must be \"train\" or \"test\" "
+                                f"(when one record has it, all need it)")
+        train = [r for r in records if r["split"] == "train"]
+        test = [r for r in records if r["split"] == "test"]
+    else:
+        groups = groups_of(records)
+        random.Random(seed).shuffle(groups)
+        n_test = max(1, round(test_share * len(groups))) if len(groups) > 1 else 0
+        test = [records[i] for g in groups[:n_test] for i in g]
+        train = [records[i] for g in groups[n_test:] for i in g]
+        for r in train:
+            r["split"] = "train"
+        for r in test:
+            r["split"] = "test"
+    if not train or not test:
+        raise DataError(f"--prefs: needs train and test pairs, got {len(train)} train and {len(test)} test "
+                        f"(add more records, or set their \"split\" field)")
+    return train, test
+
+
+def gold_columns(records) -> bool:
+    """Do all records carry the simulated-human columns (then the Bayes ceiling and gold accuracy exist)?"""
+    return all(isinstance(r.get(k), (int, float)) for r in records
+               for k in ("chosen_gold", "rejected_gold", "label_prob"))
+
+
+def main():
+    a = parse_args(Args)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    set_seed(a.seed)
+    task = get_task(a.task)
+    if a.k < 2:
+        raise DataError(f"--k {a.k}: need at least 2 samples per prompt to form a pair")
+    t_start = time.time()
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- the policy whose samples are compared (and whose trunk the reward model starts from)
+    policy, tok, _ = load_policy(a.sft, "--sft", device)  # CheckpointError if missing or its tokenizer mismatches
+    policy.eval()
+    cfg = policy.config  # dropout already forced to 0 by load_run
+    kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype)
+
+    # ---- preference pairs: collected from the simulated human, or the user's file
+    stats = {}
+    if a.prefs:
+        train_recs, test_recs = split_user_prefs(load_pref_jsonl(a.prefs), a.test_share, a.seed)
+        norm_prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
+        norm_prompts = [norm_prompts[i % len(norm_prompts)] for i in range(a.n_norm)]
+    else:
+        train_prompts = task.sample_prompts("train", a.n_prompts, seed=a.seed)
+        test_prompts = task.sample_prompts("test", a.n_test_prompts, seed=a.seed)
+        train_recs, s_train = collect_preferences(policy, tok, task, train_prompts, a.k, a.max_new_tokens, "train",
+                                                  seed=a.seed, **kw)
+        test_recs, s_test = collect_preferences(policy, tok, task, test_prompts, a.k, a.max_new_tokens, "test",
+                                                seed=a.seed + 1, **kw)
+        stats = {k: s_train[k] + s_test[k] for k in s_train}
+        if stats["n_dropped_no_eos"] > 0.5 * stats["n_samples"]:
+            print(f"warning: {stats['n_dropped_no_eos']} of {stats['n_samples']} samples did not end with EOS "
+                  f"within --max-new-tokens {a.max_new_tokens} and were not paired")
+        if not train_recs or not test_recs:
+            raise DataError(f"no preference pairs: of {stats['n_samples']} samples, {stats['n_dropped_no_eos']} "
+                            f"lacked EOS and {stats['n_duplicates']} were duplicates (train the SFT model longer or "
+                            f"raise --max-new-tokens / --k)")
+        norm_prompts = task.sample_prompts("train", a.n_norm, seed=a.seed + 1)
+    # one file, both splits; "_where" (file:line of a user's record) is not data
+    with open(out / "prefs.jsonl", "w") as f:
+        for r in train_recs + test_recs:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
+
+    train_pairs, n_cut = encode_pairs(train_recs, tok, cfg.block_size)
+    test_pairs, n_cut_test = encode_pairs(test_recs, tok, cfg.block_size)
+    if n_cut + n_cut_test:
+        print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS; "
+              f"scored at their last token)")
+    groups = groups_of(train_recs)
+    print(f"{len(train_pairs)} train pairs ({len(groups)} prompts) / {len(test_pairs)} test pairs, "
+          f"collected in {time.time() - t_start:.1f}s" + (f"; {stats}" if stats else ""))
+
+    # ---- reward model: SFT trunk + scalar head (N(0, 1/sqrt(d+1)) init in ScalarModel), dropout off
+    rm = ScalarModel(cfg)
+    rm.gpt.load_state_dict(policy.state_dict())
+    rm.to(device)
+    decay = [p for p in rm.parameters() if p.dim() >= 2]
+    no_decay = [p for p in rm.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.99), fused=device.startswith("cuda"))
+    train_rm = torch.compile(rm) if a.compile else rm
+
+    def evaluate(pairs):
+        """Raw (unnormalised) BT loss and accuracy over all pairs."""
+        rc, rr = all_pair_rewards(rm, pairs, tok.pad_id, a.eval_batch_size, device, dtype)
+        return bradley_terry_loss(rc, rr, a.margin).item(), pairwise_accuracy(rc, rr)
+
+    # Each step takes `batch_size` whole comparison groups (all pairs of a prompt together); an epoch is one
+    # shuffled pass over the groups.
+    steps_per_epoch = math.ceil(len(groups) / a.batch_size)
+    total_steps = max(1, round(a.epochs * steps_per_epoch))
+    order_rng = random.Random(a.seed)
+
+    def batches():
+        while True:
+            perm = list(range(len(groups)))
+            order_rng.shuffle(perm)
+            for i in range(0, len(perm), a.batch_size):
+                yield [j for g in perm[i:i + a.batch_size] for j in groups[g]]
+
+    log = MetricsLog(out / "metrics.jsonl")
+    rm.train()
+    t0, test_acc, pairs_seen = time.time(), float("nan"), 0
+    bar = tqdm(range(total_steps), desc="rm", dynamic_ncols=True)
+    batch_iter = batches()
+    for step in bar:
+        lr = lr_at(step, total_steps, a)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = next(batch_iter)
+        with autocast(device, dtype):
+            rc, rr = pair_rewards(train_rm, [train_pairs[i] for i in idx], tok.pad_id, device)  # (B,), (B,)
+            loss = bradley_terry_loss(rc, rr, a.margin, a.center_coef)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
+        opt.step()
+        pairs_seen += len(idx)
+        last = step == total_steps - 1
+        if step % a.eval_interval == 0 or last:
+            _, test_acc = evaluate(test_pairs)
+        if step % a.log_interval == 0 or last:
+            elapsed = time.time() - t0
+            row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                   "accuracy": pairwise_accuracy(rc.detach(), rr.detach()), "test_accuracy": test_acc,
+                   "margin_mean": (rc - rr).mean().item(), "reward_mean": torch.cat([rc, rr]).mean().item(),
+                   "reward_std": torch.cat([rc, rr]).std().item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "pairs_per_s": pairs_seen / elapsed, "elapsed_s": elapsed}
+            log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}", test=f"{test_acc:.3f}")
+    log.close()
+    train_seconds = time.time() - t0
+
+    # ---- final accuracy, before normalisation (the loss is in the units the model was trained in)
+    train_loss, train_acc = evaluate(train_pairs)
+    test_loss, test_acc = evaluate(test_pairs)
+    metrics = {"test_accuracy": test_acc, "bayes_accuracy": None, "gold_accuracy": None, "gold_pearson": None,
+               "gold_spearman": None, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss}
+    if gold_columns(test_recs):
+        # Bayes ceiling: the best any model can do on these noisy labels is to predict the likelier label.
+        metrics["bayes_accuracy"] = sum(max(r["label_prob"], 1 - r["label_prob"]) for r in test_recs) / len(test_recs)
+        metrics["gold_accuracy"] = pairwise_accuracy([r["chosen_gold"] for r in test_recs],
+                                                     [r["rejected_gold"] for r in test_recs])
+        metrics["accuracy_vs_bayes"] = test_acc / metrics["bayes_accuracy"]
+
+    # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences)
+    norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
+    raw_mean, raw_std = set_normalisation(rm, sample_rewards(rm, tok, norm_samples, a.eval_batch_size, device, dtype))
+    metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item())
+
+    # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does?
+    if not a.prefs:
+        eval_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed + 1)
+        samples = sample_many(policy, tok, eval_prompts, a.max_new_tokens, seed=a.seed + 3, desc="evaluate", **kw)
+        r = sample_rewards(rm, tok, samples, a.eval_batch_size, device, dtype).tolist()
+        gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
+        metrics.update(gold_pearson=pearson(r, gold), gold_spearman=spearman(r, gold),
+                       eval_reward_mean=sum(r) / len(r))
+    metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
+                   train_seconds=train_seconds, total_seconds=time.time() - t_start)
+    save_run(out, rm, tok, a, kind="reward", stage="rm", sft=a.sft, normalisation={
+        "fit_on": f"{len(norm_samples)} fresh SFT samples of train prompts", "raw_mean": raw_mean,
+        "raw_std": raw_std})
+    write_json(out / "metrics.json", metrics)
+
+    print("reward model")
+    for k in ("test_accuracy", "bayes_accuracy", "accuracy_vs_bayes", "gold_accuracy", "gold_pearson",
+              "gold_spearman", "train_loss", "train_accuracy", "test_loss"):
+        v = metrics.get(k)
+        print(f"  {k:<18} {'n/a' if v is None else f'{v:.4f}'}")
+    print(f"  {'pairs':<18} {len(train_pairs)} train / {len(test_pairs)} test, {time.time() - t_start:.0f}s in all")
+    print(f"wrote {out}/model.pt, config.json, tokenizer.json, prefs.jsonl, metrics.jsonl, metrics.json")
+
+
+if __name__ == "__main__":
+    run(main)
