@@ -1,31 +1,44 @@
-"""Sampling a policy on a list of prompts, and the comparisons every stage reports (shared by all scripts)."""
+"""Sampling a policy on a list of prompts, the comparisons every stage reports, and the optimal reward-KL frontier.
+
+Everything a policy is judged by is estimated from its own samples on held-out prompts at temperature 1 (the
+distribution the KL is defined on; sampling with top-k/top-p or another temperature than the one scored gives a
+biased, even negative, KL: TRL #925, #1857):
+  * gold reward (the simulated human's hidden taste) mean and standard error;
+  * KL(pi || pi_ref) = E_pi[log pi(y|x) - log pi_ref(y|x)], sequence level, estimated by the mean over the
+    policy's samples of the summed per-token log-ratios (k1; unbiased, though one sample can be negative);
+  * win rate vs the reference: same prompt, one sample each, judged by the gold reward, ties count half;
+  * EOS rate, mean length, distinct-2 (Li et al. 2016): collapse onto one answer (reward hacking) shows there.
+
+The optimal frontier (Ziegler et al. 2019, 1909.08593, who draw it the same way): for a reward g the policy that
+maximises E[g] - beta * KL(pi || pi_ref) is pi*(y|x) = pi_ref(y|x) exp(g(y)/beta) / Z(x). Its gold reward and KL
+follow from reference samples by self-normalised importance weighting (see optimal_policy_estimate), which traces
+the best gold reward any policy can reach at each KL -- the yardstick for PPO and DPO.
+
+The pure estimators (mean_sem, paired_win_rate, distinct_n, optimal_policy_estimate, frontier_points,
+frontier_gold_at) take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
+"""
+import math
+
+import numpy as np
 import torch
 
 from .data import encode_prompt, left_pad, right_pad
 from .generation import generate
-from .scoring import response_logprobs
+from .scoring import response_logprobs, reward_at_eos
 from .utils import autocast
 
 
-@torch.no_grad()
-def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, batch_size: int = 64, seed: int = 0, device="cpu", dtype="float32"):
-    """One sample per prompt. Returns a list of dicts: prompt, response (text, no EOS), eos (bool: the response
-    ended with EOS within the budget), length (response tokens, EOS included), tokens, logprobs (sampling)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids, mask = left_pad([encode_prompt(tok, p, model.config.block_size) for p in chunk], tok.pad_id, device)
-        with autocast(device, dtype):
-            resp, resp_mask, logp = generate(model, ids, mask, max_new_tokens, tok.eos_id, tok.pad_id,
-                                             temperature, top_k, top_p, generator=gen)
-        for j, p in enumerate(chunk):
-            n = int(resp_mask[j].sum())
-            toks = resp[j, :n].tolist()
-            out.append({"prompt": p, "response": tok.decode(toks), "eos": bool(n and toks[-1] == tok.eos_id),
-                        "length": n, "tokens": toks, "logprobs": logp[j, :n].tolist()})
-    return out
+# ----------------------------------------------------------------------------------------------- estimators
+def mean_sem(xs):
+    """(mean, standard error of the mean) with the n-1 sample variance; sem is 0 for a single value."""
+    xs = np.asarray(xs, dtype=np.float64)
+    n = len(xs)
+    assert n > 0
+    sem = float(xs.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return float(xs.mean()), sem
+
+
+_mean_sem = mean_sem  # the name earlier stages imported
 
 
 def paired_win_rate(scores_a, scores_b) -> float:
@@ -35,11 +48,108 @@ def paired_win_rate(scores_a, scores_b) -> float:
     return wins / len(scores_a)
 
 
-def _mean_sem(xs):
-    n = len(xs)
-    mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / max(1, n - 1)
-    return mean, (var / n) ** 0.5
+def distinct_n(texts, n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016, 1510.03055): distinct word n-grams / all word n-grams over all responses.
+    Near 1 for varied text; it falls when a policy repeats one answer to every prompt. 0 with no n-grams."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def optimal_policy_estimate(gold, beta: float) -> dict:
+    """Gold reward and KL of pi* = pi_ref exp(g/beta) / Z, from K reference samples per prompt.
+
+    gold: (P, K) gold rewards of K samples of pi_ref for each of P prompts (a 1-D input is one prompt).
+    Per prompt, with s = g / beta and self-normalised weights w = softmax(s):
+        E*[g] ~= sum_k w_k g_k
+        log Z ~= log mean_k exp(s_k)
+        KL(pi* || pi_ref) = E*[log pi*/pi_ref] = E*[g]/beta - log Z
+        ESS = 1 / sum_k w_k^2   (Kish's effective sample size: how many samples carry the weight)
+    then averaged over prompts (the optimum is per prompt; the frontier is its average over the prompt set).
+    The KL estimate equals log K - H(w), so it can never exceed log K: as beta -> 0 it saturates into best-of-K
+    and the ESS -> 1. Both estimates are biased for finite K in the same direction -- E*[g] towards the
+    reference's (the best outcomes are under-sampled), KL upwards (Jensen on log Z) -- so the estimated frontier
+    lies below/right of the true one and a policy's "fraction of the optimum" is, if anything, flattered.
+    Returns {"beta", "kl", "gold", "ess", "ess_min"} (ess = mean over prompts, ess_min = the worst prompt)."""
+    g = torch.as_tensor(gold, dtype=torch.float64)
+    if g.dim() == 1:
+        g = g[None]
+    K = g.size(1)
+    s = g / beta
+    w = torch.softmax(s, dim=1)  # stable for any beta: softmax subtracts the max
+    log_z = torch.logsumexp(s, dim=1) - math.log(K)
+    e_gold = (w * g).sum(1)
+    kl = (e_gold / beta - log_z).clamp(min=0.0)  # >= 0 up to rounding (log K - H(w))
+    ess = 1.0 / (w * w).sum(1)
+    return {"beta": float(beta), "kl": kl.mean().item(), "gold": e_gold.mean().item(), "ess": ess.mean().item(),
+            "ess_min": ess.min().item()}
+
+
+def default_betas(n: int = 24, lo: float = 0.02, hi: float = 5.0) -> list:
+    """A geometric sweep of beta: large beta = near the reference, small beta = near best-of-K."""
+    return [float(b) for b in np.geomspace(hi, lo, n)]
+
+
+def frontier_points(gold, betas=None, min_ess: float = 10.0):
+    """optimal_policy_estimate for each beta. Returns (kept, dropped): points whose mean per-prompt ESS is at least
+    min_ess, sorted by KL, and those that are not (too few effective samples to trust; reported, not drawn)."""
+    points = [optimal_policy_estimate(gold, b) for b in (betas or default_betas())]
+    kept = sorted((p for p in points if p["ess"] >= min_ess), key=lambda p: p["kl"])
+    dropped = [p for p in points if p["ess"] < min_ess]
+    return kept, dropped
+
+
+def frontier_gold_at(frontier, kl: float, ref_gold: float):
+    """The optimal gold reward at `kl` from frontier points (sorted by KL) plus the reference at (0, ref_gold).
+
+    Within the estimated range: linear interpolation (the true frontier V(KL) is concave, so the chord is a lower
+    bound). Beyond the largest estimated KL: the duality bound. Each point is the optimum of E[g] - beta * KL, so
+    no policy with KL c can beat gold_beta + beta * (c - kl_beta); the smallest of these over the points is an upper
+    bound on V(c) (up to estimation noise), and a fraction of the optimum computed from it is a lower bound.
+    Returns (gold, extrapolated: bool)."""
+    if kl <= 0 or not frontier:
+        return ref_gold, False
+    kls = [0.0] + [p["kl"] for p in frontier]
+    golds = [ref_gold] + [p["gold"] for p in frontier]
+    if kl <= kls[-1]:
+        return float(np.interp(kl, kls, golds)), False
+    return min(p["gold"] + p["beta"] * (kl - p["kl"]) for p in frontier), True
+
+
+def fraction_of_optimal(gold: float, ref_gold: float, kl: float, frontier, frontier_ref_gold: float,
+                        noise: float = 0.0):
+    """(gold - ref_gold) / (V(kl) - V(0)): the share of the best possible gold gain at this KL that the policy got.
+    The gain is measured from each curve's own reference mean (the policy's paired reference samples; the
+    frontier's prompt subset), which cancels the difference between the two prompt sets.
+    noise: standard error of the policy's gain; when the optimal gain is below twice that, the ratio would be
+    noise over a small number (a policy that barely moved), and None is returned instead.
+    Returns (fraction or None, optimal gold at kl, extrapolated)."""
+    opt, extrapolated = frontier_gold_at(frontier, kl, frontier_ref_gold)
+    gain = opt - frontier_ref_gold
+    return ((gold - ref_gold) / gain if gain > max(2.0 * noise, 1e-9) else None), opt, extrapolated
+
+
+# ----------------------------------------------------------------------------------------------- model passes
+@torch.no_grad()
+def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, batch_size: int = 64, seed: int = 0, device="cpu", dtype="float32"):
+    """One sample per prompt (repeat a prompt in the list for several). Returns a list of dicts: prompt, response
+    (text, no EOS), eos (bool: the response ended with EOS within the budget), length (response tokens, EOS
+    included), tokens, logprobs (sampling)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids, mask = left_pad([encode_prompt(tok, p, model.config.block_size) for p in chunk], tok.pad_id, device)
+        with autocast(device, dtype):
+            resp, resp_mask, logp = generate(model, ids, mask, max_new_tokens, tok.eos_id, tok.pad_id,
+                                             temperature, top_k, top_p, generator=gen)
+        lengths, resp, logp = resp_mask.sum(1).tolist(), resp.tolist(), logp.tolist()  # one transfer per batch
+        for j, p in enumerate(chunk):
+            n = lengths[j]
+            toks = resp[j][:n]
+            out.append({"prompt": p, "response": tok.decode(toks), "eos": bool(n and toks[-1] == tok.eos_id),
+                        "length": n, "tokens": toks, "logprobs": logp[j][:n]})
+    return out
 
 
 @torch.no_grad()
@@ -58,26 +168,95 @@ def response_logprob_sums(model, tok, samples, batch_size: int = 64, device="cpu
 
 
 @torch.no_grad()
+def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dtype="float32"):
+    """The reward model's score of each sample (read at its EOS, or its last token when it was cut off), on the
+    sampled tokens themselves. Truncated samples get their raw score here (PPO replaces it by a penalty)."""
+    was_training = rm.training
+    rm.eval()
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        p_ids, p_mask = left_pad([encode_prompt(tok, s["prompt"], rm.config.block_size) for s in chunk],
+                                 tok.pad_id, device)
+        r_ids, r_mask = right_pad([s["tokens"] for s in chunk], tok.pad_id, device)
+        with autocast(device, dtype):
+            out += reward_at_eos(rm, p_ids, p_mask, r_ids, r_mask).float().tolist()
+    rm.train(was_training)
+    return out
+
+
+def gold_scores(task, samples):
+    return [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
+
+
+@torch.no_grad()
+def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_model=None, batch_size: int = 64,
+                   device="cpu", dtype="float32", ref_logp=None):
+    """Metrics of one policy from its samples and, paired by prompt, the reference's samples (win rate).
+
+    Adds "kl" (and "gold", "rm" when available) to each sample dict. With task=None (user data) the gold keys are
+    absent; with a reward model, rm_mean/rm_sem and rm_win_rate (the same paired comparison under the RM) appear.
+    ref_logp: precomputed reference log-probs of `samples` (when policy is the reference itself, pass the
+    policy's own)."""
+    kw = dict(batch_size=batch_size, device=device, dtype=dtype)
+    assert [s["prompt"] for s in samples] == [s["prompt"] for s in ref_samples], "win rate needs paired prompts"
+    pol_logp = response_logprob_sums(policy, tok, samples, **kw)
+    if ref_logp is None:
+        ref_logp = pol_logp if policy is ref else response_logprob_sums(ref, tok, samples, **kw)
+    kl = [a - b for a, b in zip(pol_logp, ref_logp)]
+    for s, k in zip(samples, kl):
+        s["kl"] = k
+    n = len(samples)
+    m = {"n_prompts": n}
+    m["kl_mean"], m["kl_sem"] = mean_sem(kl)
+    if task is not None:
+        gold, ref_gold = gold_scores(task, samples), gold_scores(task, ref_samples)
+        for s, g in zip(samples, gold):
+            s["gold"] = g
+        m["gold_mean"], m["gold_sem"] = mean_sem(gold)
+        m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
+        m["win_rate_vs_ref"] = paired_win_rate(gold, ref_gold)
+    if reward_model is not None:
+        rm, ref_rm = reward_model_scores(reward_model, tok, samples, **kw), \
+            reward_model_scores(reward_model, tok, ref_samples, **kw)
+        for s, r in zip(samples, rm):
+            s["rm"] = r
+        m["rm_mean"], m["rm_sem"] = mean_sem(rm)
+        m["rm_win_rate"] = paired_win_rate(rm, ref_rm)
+    m["eos_rate"] = sum(s["eos"] for s in samples) / n
+    m["mean_len"] = sum(s["length"] for s in samples) / n
+    m["distinct_2"] = distinct_n([s["response"] for s in samples], 2)
+    return m
+
+
+@torch.no_grad()
 def compare_to_reference(policy, ref, tok, task, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 64,
-                         device="cpu", dtype="float32"):
+                         device="cpu", dtype="float32", reward_model=None):
     """The numbers every policy-training stage reports on held-out prompts, against the reference (SFT) policy.
 
     One sample per prompt from each policy at temperature 1 (paired by prompt). KL(policy || ref) is estimated per
     sequence as sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples (unbiased for the sequence KL).
     win_rate_vs_ref compares the two samples of each prompt under the task's gold reward (ties count half).
-    Returns (metrics dict, policy samples)."""
+    Returns (metrics dict, policy samples); metrics has win_rate_vs_ref, kl_mean, kl_sem, gold_mean, gold_sem,
+    ref_gold_mean, eos_rate, mean_len, distinct_2, n_prompts (+ rm_* with a reward model; no gold keys when
+    task is None)."""
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
     samples = sample_policy(policy, tok, prompts, max_new_tokens, 1.0, seed=seed, **kw)
     ref_samples = sample_policy(ref, tok, prompts, max_new_tokens, 1.0, seed=seed + 1, **kw)
-    kl = [a - b for a, b in zip(response_logprob_sums(policy, tok, samples, **kw),
-                                response_logprob_sums(ref, tok, samples, **kw))]
-    gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
-    ref_gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in ref_samples]
-    for s, k, g in zip(samples, kl, gold):
-        s["kl"], s["gold"] = k, g
-    (kl_mean, kl_sem), (gold_mean, gold_sem) = _mean_sem(kl), _mean_sem(gold)
-    metrics = {"win_rate_vs_ref": paired_win_rate(gold, ref_gold), "kl_mean": kl_mean, "kl_sem": kl_sem,
-               "gold_mean": gold_mean, "gold_sem": gold_sem, "ref_gold_mean": _mean_sem(ref_gold)[0],
-               "eos_rate": sum(s["eos"] for s in samples) / len(samples),
-               "mean_len": sum(s["length"] for s in samples) / len(samples), "n_prompts": len(prompts)}
+    metrics = policy_metrics(policy, ref, tok, samples, ref_samples, task, reward_model, **kw)
     return metrics, samples
+
+
+@torch.no_grad()
+def estimate_frontier(ref, tok, task, prompts, k: int, max_new_tokens: int, betas=None, min_ess: float = 10.0,
+                      seed: int = 0, batch_size: int = 512, device="cpu", dtype="float32"):
+    """Sample k responses per prompt from the reference at temperature 1, score them with the gold reward and sweep
+    beta (frontier_points). Returns a dict: frontier (kept points), dropped, ref_gold (the reference's mean on
+    these prompts: the frontier at KL 0), kl_cap (= log k, the largest KL this many samples can show), n_prompts,
+    samples_per_prompt, min_ess."""
+    samples = sample_policy(ref, tok, [p for p in prompts for _ in range(k)], max_new_tokens, 1.0,
+                            batch_size=batch_size, seed=seed, device=device, dtype=dtype)
+    gold = torch.tensor(gold_scores(task, samples), dtype=torch.float64).view(len(prompts), k)
+    kept, dropped = frontier_points(gold, betas, min_ess)
+    return {"frontier": kept, "dropped": dropped, "ref_gold": gold.mean().item(), "kl_cap": math.log(k),
+            "n_prompts": len(prompts), "samples_per_prompt": k, "min_ess": min_ess}
