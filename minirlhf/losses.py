@@ -37,6 +37,132 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef: float = 0.
 
 
 # ============================================================================ PPO (GAE, clipped objectives, KL)
+# Shapes: (B, R) = (sequences, response tokens); response rows are right-padded, `mask` 1 on real tokens (EOS
+# included). References: Schulman et al. 2017 (PPO, 1707.06347), Schulman et al. 2015 (GAE, 1506.02438),
+# Ziegler et al. 2019 (KL-shaped reward, adaptive beta, 1909.08593), Huang et al. 2024 (N+ details, 2403.17031).
+
+
+def masked_var(x, mask, unbiased: bool = True):
+    """Variance of x over valid positions (Bessel-corrected like torch.var when unbiased)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / std over valid positions only; padding is left at 0. shift_mean=False adds the mean back, so
+    only the spread is normalised (lm-human-preferences' reward whitening: moving the mean of per-token rewards
+    would change the incentive to stop early or keep talking)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef: float):
+    """Per-token rewards of Ziegler et al. 2019: r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) on every valid
+    token, plus the sequence score on the row's last valid token (its EOS; N+ details use the EOS token).
+
+    score (B,); logprobs, ref_logprobs, mask (B, R). Returns rewards (B, R), kl (B, R) = the k1 estimator per token
+    (0 on padding) and non_score (B, R) = -beta * kl. Summed over tokens, kl is an unbiased estimate of the sequence
+    KL(pi_old || pi_ref) for samples from pi_old; single-token terms can be negative."""
+    mask = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * mask
+    non_score = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of each row's EOS (or last token if cut off)
+    rewards = non_score.clone()
+    rewards[torch.arange(len(score), device=score.device), last] += score * (mask.sum(1) > 0)
+    return rewards, kl, non_score
+
+
+def gae_advantages(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2015, eq. 16), written as the backward recursion
+        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},
+    with V_{t+1} = 0 and A_{t+1} = 0 after a row's last valid token (the episode ends at EOS or the budget).
+    rewards, values, mask (B, R). Returns advantages (B, R) and returns = A + V (B, R), both 0 on padding."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    B, R = rewards.shape
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_adv = torch.zeros_like(next_value)
+    advs = [None] * R
+    for t in reversed(range(R)):  # R <= a few dozen tokens: a Python loop over time is cheap and readable
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advs[t] = adv
+        # padding (mask 0) resets the carry, so the token before it bootstraps from V = 0 and A = 0
+        next_value, next_adv = values[:, t] * mask[:, t], adv
+    advantages = torch.stack(advs, 1)
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise, averaged over valid tokens:
+        max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),   ratio = exp(log pi - log pi_old).
+    The max picks the clipped term only when it is the pessimistic one (the 'binding side': ratio > 1 + eps with
+    A > 0, ratio < 1 - eps with A < 0); there the loss is constant in theta and the gradient is 0.
+    Returns (loss, stats) with stats = ratio (B, R), clipfrac and approx_kl (scalars, detached)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"ratio": ratio.detach(), "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask)}
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
+    """Clipped value loss (the OpenAI baselines / lm-human-preferences form):
+        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2),  averaged over valid tokens.
+    Returns (loss, clipfrac) where clipfrac is the share of tokens where the clipped term was the larger."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    err_unclipped = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(err_unclipped, err_clipped), mask)
+    return loss, masked_mean((err_clipped > err_unclipped).float(), mask).detach()
+
+
+def approx_kl(logprobs, old_logprobs, mask):
+    """KL(pi_old || pi) estimated on pi_old's samples with k3 = (ratio - 1) - log ratio (Schulman's 'Approximating
+    KL divergence' note): unbiased and never negative, unlike the plain mean of -log ratio."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over valid tokens: 1 = perfect value predictions, <= 0 = useless."""
+    var_ret = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, sec. 2.2: nudge beta so the observed KL tracks a target,
+        e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon),
+    where n is the number of episodes since the last update (lm-human-preferences' K = n / horizon)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """beta held at --kl-coef (N+ details and TRL use 0.05)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
 
 
 # ============================================================================ DPO family

@@ -1,0 +1,270 @@
+"""Stage 3 of RLHF: PPO against the learned reward model, with a per-token KL penalty to the frozen SFT policy.
+
+    python train_ppo.py                                  # --policy out/sft --reward out/rm -> out/ppo
+    python train_ppo.py --target-kl 6                    # adaptive beta (Ziegler et al. 2019) instead of fixed
+    python train_ppo.py --prompts my_prompts.jsonl       # your {"prompt"} records (no gold reward to report)
+
+Four models: the policy (trained), the reference (frozen SFT copy, for the KL penalty), the reward model (frozen)
+and the value model (a separate ScalarModel initialised from the reward model, trained). Each iteration:
+  rollout (no grad)  sample responses at temperature T -> old log-probs, reference log-probs, values, RM score
+                     -> per-token rewards r_t = -beta * (logpi_old - logpi_ref) + score on the EOS token
+                     -> GAE advantages and returns -> advantages whitened over the batch's valid tokens
+  update             --ppo-epochs passes over shuffled minibatches: clipped policy loss + clipped value loss
+The gold reward of the built-in task is only logged (to see reward hacking: RM score up, gold down) and used for
+the final comparison with the SFT policy; it never enters the training signal.
+"""
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
+from minirlhf.data import encode_prompt, left_pad, read_jsonl
+from minirlhf.evaluation import compare_to_reference
+from minirlhf.generation import generate
+from minirlhf.losses import (AdaptiveKLController, FixedKLController, approx_kl, explained_variance,
+                             gae_advantages, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
+                             ppo_value_loss)
+from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
+from minirlhf.tasks import get_task
+from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
+                            set_seed, write_json)
+
+
+@dataclass
+class Args:
+    """PPO with GAE, clipping and a per-token KL penalty (stage 3 of RLHF)."""
+    policy: str = arg("out/sft", "SFT run directory: the initial policy and the frozen reference")
+    reward: str = arg("out/rm", "reward-model run directory (also initialises the value model)")
+    out_dir: str = arg("out/ppo", "run directory to write")
+    task: str = arg("reviews", "built-in task for prompts and the (logging/evaluation only) gold reward")
+    prompts: Optional[str] = arg(None, "JSONL of {prompt} records to train on instead of the built-in task")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    seed: int = arg(0, "random seed")
+    compile: bool = arg(False, "torch.compile the policy and value model for the update passes")
+    # rollouts
+    iterations: int = arg(50, "PPO iterations (one rollout batch + its update epochs each)")
+    batch_size: int = arg(64, "prompts (one response each) per rollout")
+    max_new_tokens: int = arg(48, "response budget in tokens")
+    temperature: float = arg(1.0, "rollout sampling temperature; log-probs use the same one (N+ details)")
+    missing_eos_penalty: float = arg(2.0, "a response without EOS gets score -penalty (normalised RM units) "
+                                          "instead of its RM score")
+    # reward shaping
+    kl_coef: float = arg(0.07, "beta of the per-token KL penalty (the initial value when --target-kl is set)")
+    target_kl: float = arg(0.0, "adaptive beta: target sequence KL in nats (0 = fixed beta)")
+    kl_horizon: int = arg(10000, "adaptive beta: horizon in episodes (Ziegler et al. 2019)")
+    whiten_rewards: bool = arg(False, "rescale per-token rewards to unit std over the batch (no mean shift)")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    # optimisation
+    ppo_epochs: int = arg(4, "passes over each rollout batch")
+    minibatches: int = arg(4, "minibatches per pass")
+    lr: float = arg(1e-4, "policy learning rate (linearly annealed to 0)")
+    value_lr: float = arg(1e-4, "value-model learning rate (linearly annealed to 0)")
+    clip: float = arg(0.2, "policy ratio clip epsilon")
+    value_clip: float = arg(0.2, "value clip epsilon (normalised RM units)")
+    vf_coef: float = arg(0.1, "weight of the value loss")
+    grad_clip: float = arg(1.0, "gradient norm clip, per model (0 = off)")
+    approx_kl_stop: float = arg(0.0, "stop the epoch loop when an epoch's mean approx_kl exceeds this (0 = off)")
+    log_interval: int = arg(10, "iterations between console lines (metrics.jsonl gets every iteration)")
+    # final evaluation
+    n_eval: int = arg(512, "held-out test prompts for the final paired comparison with the SFT policy")
+
+
+def main():
+    a = parse_args(Args)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    set_seed(a.seed)
+    if a.batch_size % a.minibatches:
+        raise UserError(f"--batch-size {a.batch_size} must be divisible by --minibatches {a.minibatches}")
+    if a.temperature <= 0:
+        raise UserError("--temperature must be > 0 (PPO needs the log-probs of a sampling distribution)")
+
+    # ---- the four models. load_run turns dropout off in all of them: with dropout the rollout and training
+    # forwards disagree, the first ratio is not 1 and the KL is noise (TRL #3500). eval() everywhere for the same
+    # reason; eval() does not stop gradients.
+    policy, tok, pol_cfg = load_policy(a.policy, "--policy", device)
+    reward_model, rm_tok, rm_cfg = load_scalar(a.reward, "--reward", device)
+    check_compatible(("--policy", a.policy, pol_cfg), ("--reward", a.reward, rm_cfg))
+    ref = copy.deepcopy(policy)
+    value_model = copy.deepcopy(reward_model)  # value model starts as the RM (N+ details, TRL)
+    for m in (ref, reward_model):
+        m.requires_grad_(False)
+    for m in (policy, ref, reward_model, value_model):
+        m.eval()
+    print(f"policy {a.policy} ({policy.num_params() / 1e6:.2f}M), reward/value init {a.reward}, device {device} "
+          f"({dtype})")
+
+    # ---- prompts: train prompts for rollouts, held-out test prompts for the final comparison
+    task = None if a.prompts else get_task(a.task)
+    n_needed = a.iterations * a.batch_size
+    if a.prompts:
+        recs = read_jsonl(a.prompts, ("prompt",))
+        texts = [recs[i % len(recs)]["prompt"] for i in range(n_needed)]
+        wheres = [recs[i % len(recs)]["_where"] for i in range(n_needed)]
+    else:
+        texts = task.sample_prompts("train", n_needed, seed=a.seed)
+        wheres = ["built-in task prompt"] * n_needed
+    prompt_ids = [encode_prompt(tok, t, policy.config.block_size, w) for t, w in zip(texts, wheres)]
+
+    # one optimizer, two parameter groups; no weight decay (it would pull the policy away from the SFT weights
+    # the KL penalty anchors it to); eps 1e-5 as in the PPO reference implementations
+    opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": a.lr},
+                             {"params": value_model.parameters(), "lr": a.value_lr}],
+                            weight_decay=0.0, betas=(0.9, 0.999), eps=1e-5, fused=device.startswith("cuda"))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    train_policy = torch.compile(policy) if a.compile else policy
+    train_value = torch.compile(value_model) if a.compile else value_model
+    kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon) if a.target_kl > 0 \
+        else FixedKLController(a.kl_coef)
+
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl")
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    t0 = time.time()
+    first_ratio_dev = None
+    bar = tqdm(range(a.iterations), desc="ppo", dynamic_ncols=True)
+    for it in bar:
+        frac = 1.0 - it / a.iterations  # linear lr annealing (CleanRL's anneal_lr)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * frac
+        beta = kl_ctl.value
+
+        # ================================================================ rollout (no gradients)
+        t_roll = time.time()
+        batch_prompts = prompt_ids[it * a.batch_size:(it + 1) * a.batch_size]
+        batch_texts = texts[it * a.batch_size:(it + 1) * a.batch_size]
+        p_ids, p_mask = left_pad(batch_prompts, tok.pad_id, device)  # (B, P)
+        with torch.no_grad(), autocast(device, dtype):
+            resp, resp_mask, sample_logp = generate(policy, p_ids, p_mask, a.max_new_tokens, tok.eos_id, tok.pad_id,
+                                                    a.temperature, generator=gen)  # (B, R) each
+            mask = resp_mask.float()
+            # Old log-probs from a fresh full-sequence forward at the sampling temperature, exactly as the update
+            # computes them, so the first ratio is 1 up to float noise; sample_logp (KV-cache path) only checks it.
+            old_logp = response_logprobs(policy, p_ids, p_mask, resp, resp_mask, a.temperature)  # (B, R)
+            ref_logp = response_logprobs(ref, p_ids, p_mask, resp, resp_mask, a.temperature)  # (B, R)
+            old_values = response_values(value_model, p_ids, p_mask, resp, resp_mask)  # (B, R)
+            rm_score = reward_at_eos(reward_model, p_ids, p_mask, resp, resp_mask)  # (B,)
+        B = resp.size(0)
+        last = last_index(resp_mask)  # (B,)
+        has_eos = (resp[torch.arange(B, device=device), last] == tok.eos_id) & (resp_mask.sum(1) > 0)
+        # EOS trick (N+ details; lm-human-preferences): a response cut off by the budget is not a finished answer
+        # and the RM never saw such text, so its score is replaced by a fixed -penalty in normalised RM units
+        # (instead of added to an unreliable score). -2 sits below ~98% of SFT samples' scores.
+        score = torch.where(has_eos, rm_score, torch.full_like(rm_score, -a.missing_eos_penalty))
+        rewards, kl, non_score = kl_shaped_rewards(score, old_logp, ref_logp, mask, beta)  # (B, R) each
+        if a.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, old_values, mask, a.gamma, a.lam)  # (B, R) each
+        advantages = masked_whiten(advantages, mask)
+        seq_kl = kl.sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref) per sequence
+        row = {"iter": it, "episodes": (it + 1) * B, "beta": beta,
+               "rm_score_mean": rm_score.mean().item(), "rm_score_std": rm_score.std().item(),
+               "score_mean": score.mean().item(), "kl": seq_kl.mean().item(),
+               "non_score_reward": non_score.sum(1).mean().item(),
+               "total_reward": (score + non_score.sum(1)).mean().item(),
+               "resp_len": resp_mask.sum(1).float().mean().item(), "eos_rate": has_eos.float().mean().item(),
+               "explained_var": explained_variance(old_values, returns, mask).item(),
+               "value_mean": masked_mean(old_values, mask).item(),
+               "sample_logp_diff": ((sample_logp - old_logp) * mask).abs().max().item()}
+        if task is not None:  # gold reward: logged to expose reward hacking, never trained on
+            gold = []
+            for j in range(B):
+                toks = resp[j, :int(resp_mask[j].sum())].tolist()
+                gold.append(task.gold_reward(batch_texts[j], tok.decode(toks), bool(has_eos[j])))
+            row["gold_mean"] = sum(gold) / B
+        row["rollout_s"] = time.time() - t_roll
+
+        # ================================================================ PPO update
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy",
+                                 "ratio_mean", "ratio_max", "pg_grad_norm", "vf_grad_norm")}
+        mb_size = B // a.minibatches
+        for epoch in range(a.ppo_epochs):
+            perm = torch.randperm(B, generator=gen, device=device) if device == "cpu" else \
+                torch.randperm(B, device=device)
+            epoch_kl = []
+            for k in range(a.minibatches):
+                idx = perm[k * mb_size:(k + 1) * mb_size]
+                R = int(resp_mask[idx].sum(1).max())  # trim trailing all-padding columns of this minibatch
+                mb_resp, mb_rmask, mb_mask = resp[idx, :R], resp_mask[idx, :R], mask[idx, :R]
+                with autocast(device, dtype):
+                    logp, entropy = response_logprobs(train_policy, p_ids[idx], p_mask[idx], mb_resp, mb_rmask,
+                                                      a.temperature, with_entropy=True)  # (mb, R) each
+                    values = response_values(train_value, p_ids[idx], p_mask[idx], mb_resp, mb_rmask)  # (mb, R)
+                pg_loss, pg = ppo_policy_loss(logp, old_logp[idx, :R], advantages[idx, :R], mb_mask, a.clip)
+                vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[idx, :R], returns[idx, :R], mb_mask,
+                                                      a.value_clip)
+                loss = pg_loss + a.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss at iteration {it} (pg {pg_loss.item()}, vf {vf_loss.item()})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                big = a.grad_clip if a.grad_clip > 0 else float("inf")
+                pg_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), big)
+                vf_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), big)
+                opt.step()
+                ratio_valid = pg["ratio"][mb_mask.bool()]
+                if epoch == 0 and k == 0:
+                    # Nothing has been updated yet: the ratio must be exactly 1 (same weights, temperature,
+                    # padding and positions as the rollout). A mismatch here means biased PPO, not noise.
+                    dev = (ratio_valid - 1).abs().max().item()
+                    row["first_ratio_dev"] = dev
+                    if first_ratio_dev is None:
+                        first_ratio_dev = dev
+                        if dtype == "float32" and dev > 1e-5:
+                            raise RuntimeError(f"first-minibatch ratio deviates from 1 by {dev:.2e}: rollout and "
+                                               "training log-probs disagree")
+                for key, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", pg["approx_kl"]),
+                               ("clipfrac", pg["clipfrac"]), ("vf_clipfrac", vf_clipfrac),
+                               ("entropy", masked_mean(entropy.detach(), mb_mask)),
+                               ("ratio_mean", ratio_valid.mean()), ("ratio_max", ratio_valid.max()),
+                               ("pg_grad_norm", pg_norm), ("vf_grad_norm", vf_norm)):
+                    stats[key].append(v.item())
+                epoch_kl.append(pg["approx_kl"].item())
+            if a.approx_kl_stop > 0 and sum(epoch_kl) / len(epoch_kl) > a.approx_kl_stop:
+                break  # the policy moved too far from the one that collected the data
+        row.update({k: (max(v) if k == "ratio_max" else sum(v) / len(v)) for k, v in stats.items()})
+        row["epochs_done"] = epoch + 1
+        kl_ctl.update(row["kl"], B)
+        row["elapsed_s"] = time.time() - t0
+        bad = [k for k, v in row.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
+        if bad:
+            raise RuntimeError(f"non-finite diagnostics at iteration {it}: {bad}")
+        log.write(row)
+        bar.set_postfix(rm=f"{row['rm_score_mean']:.2f}", kl=f"{row['kl']:.2f}",
+                        gold=f"{row.get('gold_mean', float('nan')):.2f}")
+        if it % a.log_interval == 0 or it == a.iterations - 1:
+            tqdm.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"
+                       f" | kl {row['kl']:.2f} | beta {beta:.3f} | pg {row['pg_loss']:+.4f} | vf {row['vf_loss']:.4f}"
+                       f" | akl {row['approx_kl']:.4f} | clip {row['clipfrac']:.3f} | ent {row['entropy']:.2f}"
+                       f" | ev {row['explained_var']:+.2f} | len {row['resp_len']:.1f} | eos {row['eos_rate']:.2f}")
+    log.close()
+    train_seconds = time.time() - t0
+    save_run(out, policy, tok, a, kind="policy", stage="ppo")
+
+    # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1)
+    metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev, "final_beta": kl_ctl.value,
+               "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
+    if task is not None:
+        test_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed)
+        cmp, samples = compare_to_reference(policy, ref, tok, task, test_prompts, a.max_new_tokens, seed=a.seed,
+                                            device=device, dtype=dtype, reward_model=reward_model)
+        metrics.update(cmp)
+        print("samples (prompt | response):")
+        for s in samples[:5]:
+            print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}  gold {s['gold']:+.2f}")
+    metrics["total_seconds"] = time.time() - t0
+    write_json(out / "metrics.json", metrics)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
+
+
+if __name__ == "__main__":
+    run(main)
