@@ -166,3 +166,60 @@ class FixedKLController:
 
 
 # ============================================================================ DPO family
+# One value per preference pair, shapes (B,). Sequence log-probs log pi(y|x) are sums over the response tokens (EOS
+# included; prompt and padding excluded) unless said otherwise. With log-ratios h_c = log pi(y_c|x) - log ref(y_c|x)
+# and h_r likewise, every loss below is a function of the margin  delta = h_c - h_r  (Rafailov et al. 2023, 2305.18290).
+
+
+def token_logps(logits, targets, mask):
+    """Log-prob of each target token, (B, T), float32, 0 where mask is 0.
+
+    logits (B, T, V) (any dtype: the log-softmax runs in float32, since bf16 loses the small differences DPO's
+    margin is made of; TRL #878), targets (B, T) long, mask (B, T) = 1 on response tokens. Logits at masked
+    positions (prompt, padding) never reach the result."""
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return logp.masked_fill(mask == 0, 0.0)
+
+
+def dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
+    """delta = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)), (B,)."""
+    return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+
+
+def dpo_sigmoid_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+                     label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7), per pair:  -log sigmoid(beta * delta).
+
+    With label_smoothing eps > 0 it is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+        -(1 - eps) * log sigmoid(beta * delta) - eps * log sigmoid(-beta * delta),
+    the DPO loss under the assumption that each label is flipped with probability eps; its minimum sits at a
+    finite margin (sigmoid(beta * delta) = 1 - eps) instead of pushing delta to infinity."""
+    z = beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
+    """IPO (Azar et al. 2023, 2310.12036, eq. 17), per pair:  (delta - 1 / (2 * beta))^2.
+
+    A regression of the margin onto a fixed target, so it cannot run off to infinity on deterministic labels.
+    The function takes whatever log-probs it is given; train_dpo.py passes per-token averages by default (as TRL
+    does; --no-ipo-length-average passes sums, as the DPO authors' code does)."""
+    return (dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
+    """Hinge loss on the DPO margin (SLiC-HF, Zhao et al. 2023, 2305.10425), per pair:  relu(1 - beta * delta).
+    Pairs already separated by a margin of 1 / beta give no gradient."""
+    return F.relu(1.0 - beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected))
+
+
+def preference_loss(kind: str, pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+                    label_smoothing: float = 0.0):
+    """Per-pair loss (B,) of the DPO-family member `kind`: sigmoid (with optional label smoothing), ipo or hinge."""
+    if kind == "sigmoid":
+        return dpo_sigmoid_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, label_smoothing)
+    if kind == "ipo":
+        return ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
+    if kind == "hinge":
+        return hinge_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
+    raise ValueError(f"unknown preference loss {kind!r} (sigmoid, ipo, hinge)")

@@ -1,0 +1,298 @@
+"""DPO family: the pure losses against naive scalar references, the response log-prob masking, the state at
+initialisation, the direction of the gradient, and tiny end-to-end runs of train_dpo.py."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train_dpo.py is a script at the repository root
+
+import train_dpo  # noqa: E402
+from minirlhf.checkpoint import load_policy  # noqa: E402
+from minirlhf.data import left_pad, right_pad  # noqa: E402
+from minirlhf.losses import (dpo_margin, dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss,  # noqa: E402
+                             token_logps)
+from minirlhf.model import GPT, GPTConfig  # noqa: E402
+from minirlhf.scoring import response_logprobs  # noqa: E402
+from minirlhf.tasks import get_task  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the subprocess runs share a small CPU
+PAD, BOS, EOS = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------ pure losses
+def naive_log_sigmoid(x):
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def naive_loss(kind, pc, pr, rc, rr, beta, eps):
+    """One pair, plain Python floats, straight from the papers' equations."""
+    delta = (pc - rc) - (pr - rr)
+    if kind == "sigmoid":
+        return -(1 - eps) * naive_log_sigmoid(beta * delta) - eps * naive_log_sigmoid(-beta * delta)
+    if kind == "ipo":
+        return (delta - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return max(0.0, 1 - beta * delta)
+    raise AssertionError(kind)
+
+
+def random_logps(n=64, seed=0):
+    """Sequence log-probs of a policy and a reference, (n,) each for chosen/rejected, with margins of all sizes."""
+    g = torch.Generator().manual_seed(seed)
+    ref_c, ref_r = -30 * torch.rand(n, generator=g, dtype=torch.float64), -30 * torch.rand(n, generator=g, dtype=torch.float64)
+    pi_c = ref_c + 20 * torch.randn(n, generator=g, dtype=torch.float64)
+    pi_r = ref_r + 20 * torch.randn(n, generator=g, dtype=torch.float64)
+    return pi_c, pi_r, ref_c, ref_r
+
+
+@pytest.mark.parametrize("kind,beta,eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("sigmoid", 0.1, 0.2),
+                                           ("ipo", 0.1, 0.0), ("ipo", 1.0, 0.0), ("hinge", 0.1, 0.0),
+                                           ("hinge", 0.3, 0.0)])
+def test_losses_match_naive_scalar_implementation(kind, beta, eps):
+    pc, pr, rc, rr = random_logps()
+    got = preference_loss(kind, pc, pr, rc, rr, beta, eps)
+    want = torch.tensor([naive_loss(kind, *map(float, x), beta, eps) for x in zip(pc, pr, rc, rr)], dtype=got.dtype)
+    assert got.shape == pc.shape
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+    if kind == "hinge":  # both sides of the hinge are exercised
+        assert (got == 0).any() and (got > 0).any()
+    direct = {"sigmoid": lambda: dpo_sigmoid_loss(pc, pr, rc, rr, beta, eps), "ipo": lambda: ipo_loss(pc, pr, rc, rr, beta),
+              "hinge": lambda: hinge_loss(pc, pr, rc, rr, beta)}[kind]()
+    assert torch.equal(direct, got)
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        preference_loss("kto", *random_logps(4))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
+def test_loss_gradient_raises_chosen_and_lowers_rejected(kind):
+    """d loss / d log pi(chosen) < 0 and d loss / d log pi(rejected) > 0 wherever the loss is active; the
+    reference log-probs are constants."""
+    pc, pr, rc, rr = random_logps(32, seed=1)
+    pc, pr = (pc * 0.01).requires_grad_(), (pr * 0.01).requires_grad_()  # small margins: every loss is active
+    rc, rr = rc * 0.01, rr * 0.01
+    preference_loss(kind, pc, pr, rc, rr, 0.1).sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    assert torch.allclose(pc.grad, -pr.grad)  # the losses depend on the margin only
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+def test_token_logps_ignore_prompt_and_padding_logits():
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 9, 11
+    logits = torch.randn(B, T, V, generator=g)
+    targets = torch.randint(V, (B, T), generator=g)
+    mask = torch.zeros(B, T)
+    mask[0, 2:7], mask[1, 4:9], mask[2, 1:3] = 1, 1, 1  # prompt before, padding after
+    lp = token_logps(logits, targets, mask)
+    naive = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                naive[b, t] = logits[b, t].log_softmax(-1)[targets[b, t]]
+    assert torch.allclose(lp, naive, atol=1e-6)
+    changed = logits.clone()
+    changed[mask == 0] = 100 * torch.randn(int((mask == 0).sum()), V, generator=g)
+    assert torch.equal(token_logps(changed, targets, mask), lp)  # prompt/padding logits never reach the result
+    changed = logits.clone()
+    changed[0, 3, 0] += 5.0  # a response position does
+    assert not torch.allclose(token_logps(changed, targets, mask)[0], lp[0])
+    assert token_logps(logits.bfloat16(), targets, mask).dtype == torch.float32
+
+
+def tiny_gpt(seed=0, vocab=32):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # larger weights than GPT-2's init, so positions and attention matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def random_pairs(n, seed=0, vocab=32):
+    """(prompt_ids, chosen_ids, rejected_ids) with BOS first and EOS last, ragged lengths."""
+    rng = random.Random(seed)
+    tok = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    return [([BOS] + tok(rng.randint(1, 6)), tok(rng.randint(1, 8)) + [EOS], tok(rng.randint(1, 8)) + [EOS])
+            for _ in range(n)]
+
+
+def test_pair_logps_match_scoring_layout_and_ignore_padding():
+    """The right-padded training layout gives the same sequence log-probs as the foundation's scoring layout
+    [prompt left-padded | response right-padded], and a row's value does not depend on the rest of the batch."""
+    model = tiny_gpt().eval()
+    pairs = random_pairs(6)
+    logps, lens = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    p_ids, p_mask = left_pad([p for p, _ in seqs], PAD)
+    r_ids, r_mask = right_pad([r for _, r in seqs], PAD)
+    scored = response_logprobs(model, p_ids, p_mask, r_ids, r_mask).sum(1)
+    assert torch.allclose(logps, scored, atol=1e-5)
+    assert lens.tolist() == [len(r) for _, r in seqs]
+    alone, _ = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs[:1], PAD, "cpu"), "cpu", "float32")
+    assert torch.allclose(alone, logps[[0, 6]], atol=1e-5)  # less padding, same log-probs
+
+
+# ------------------------------------------------------------------------------------------------ training step
+def dpo_args(**kw):
+    return train_dpo.Args(**kw)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
+def test_at_init_policy_equals_reference(kind):
+    model = tiny_gpt()
+    pairs = random_pairs(8, seed=1)
+    ref, _ = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=3)  # other batch shapes
+    a = dpo_args(loss=kind, beta=0.1, nll_coef=0.0)
+    logps, lens = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
+    loss, stats = train_dpo.dpo_step_loss(logps, lens, ref, a)
+    want = {"sigmoid": math.log(2), "ipo": (1 / (2 * 0.1)) ** 2, "hinge": 1.0}[kind]
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    assert abs(stats["rewards/margin"]) < 1e-6 and abs(stats["rewards/chosen"]) < 1e-6
+    assert abs(stats["rewards/rejected"]) < 1e-6
+
+
+def log_ratios(model, pairs, ref):
+    logps, _ = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=64)
+    return logps - ref  # (N, 2)
+
+
+@pytest.mark.parametrize("kind,nll", [("sigmoid", 0.0), ("sigmoid", 1.0), ("ipo", 0.0), ("hinge", 0.0)])
+def test_a_training_step_raises_chosen_and_lowers_rejected_log_ratio(kind, nll):
+    model = tiny_gpt(seed=2)
+    pairs = random_pairs(16, seed=3)
+    ref, _ = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=64)
+    a = dpo_args(loss=kind, beta=0.1, nll_coef=nll)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3 if kind != "ipo" else 1e-5)
+    logps, lens = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
+    loss, _ = train_dpo.dpo_step_loss(logps, lens, ref, a)
+    loss.backward()
+    opt.step()
+    h = log_ratios(model, pairs, ref)
+    assert h[:, 0].mean() > 1e-4 and h[:, 1].mean() < -1e-4
+    assert (h[:, 0] - h[:, 1] > 0).float().mean() > 0.9  # the margin grows on (almost) every pair
+
+
+# ------------------------------------------------------------------------------------------------ data handling
+def test_split_holds_out_whole_prompts_and_validates():
+    recs = [{"prompt": f"p{i % 10}", "chosen": "a", "rejected": "b", "_where": f"f:{i + 1}"} for i in range(50)]
+    train, test = train_dpo.split_records(recs, 0.2, seed=0)
+    assert len(test) == 10 and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    with_split = [dict(r, split="test" if i < 5 else "train") for i, r in enumerate(recs)]
+    train, test = train_dpo.split_records(with_split, 0.2, seed=0)
+    assert len(test) == 5 and len(train) == 45
+    with pytest.raises(train_dpo.DataError, match="f:3: split must be"):
+        train_dpo.split_records([dict(r, split="dev" if i == 2 else "train") for i, r in enumerate(recs)], 0.2, 0)
+    sub = train_dpo.subsample(recs, 7, seed=0)
+    assert len(sub) == 7 and sub == train_dpo.subsample(recs, 7, seed=0) and train_dpo.subsample(recs, 0, 0) == recs
+    assert [int(r["_where"][2:]) for r in sub] == sorted(int(r["_where"][2:]) for r in sub)  # file order kept
+    with pytest.raises(train_dpo.DataError, match="f:1: missing field 'split'"):
+        train_dpo.split_records([recs[0]] + with_split[1:], 0.2, 0)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def run_script(*args, check=True, timeout=300):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def write_prefs(path, n_prompts=24, with_extras=True, seed=0):
+    """Preference pairs in train_rm.py's format from the task's demonstrations: two demonstrations of one split,
+    the second given the first one's prompt, labelled by the simulated annotator."""
+    task, rng = get_task("reviews"), random.Random(seed)
+    lines = []
+    for split in ("train", "test"):
+        demos = task.sft_examples(split, 2 * n_prompts, seed=seed)
+        for a, b in zip(demos[::2], demos[1::2]):
+            prompt, ga = a["prompt"], task.gold_reward(a["prompt"], a["completion"])
+            gb = task.gold_reward(prompt, b["completion"])
+            (c, gc), (r, gr) = ((a["completion"], ga), (b["completion"], gb))
+            if not task.annotate(ga, gb, rng):
+                (c, gc), (r, gr) = (r, gr), (c, gc)
+            rec = {"prompt": prompt, "chosen": c, "rejected": r}
+            if with_extras:
+                rec.update(split=split, chosen_gold=gc, rejected_gold=gr, label_prob=task.preference_prob(gc, gr))
+            lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+TINY_SFT = ["--steps", "3", "--n-train", "64", "--n-val", "8", "--n-samples", "4", "--batch-size", "8",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "300", "--device", "cpu",
+            "--max-new-tokens", "8"]
+TINY_DPO = ["--epochs", "2", "--batch-size", "8", "--log-interval", "1", "--eval-interval", "2",
+            "--n-eval-prompts", "8", "--max-new-tokens", "12", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    run_script("train_sft.py", "--out-dir", str(out), *TINY_SFT)
+    return out
+
+
+def test_tiny_dpo_run_writes_outputs(sft_run, tmp_path):
+    prefs, out = write_prefs(tmp_path / "prefs.jsonl"), tmp_path / "dpo"
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(out),
+                      *TINY_DPO)
+    for name in ("model.pt", "config.json", "tokenizer.json", "metrics.jsonl", "metrics.json", "ref_logps.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))  # 24 pairs / 8 = 3 steps per epoch, 2 epochs
+    keys = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+            "logps/rejected"}
+    assert all(keys <= set(r) and {f"test/{k}" for k in keys} <= set(r) for r in rows)
+    assert rows[0]["pref_loss"] == pytest.approx(math.log(2), abs=1e-4)  # first step: policy = reference
+    assert rows[0]["loss"] == pytest.approx(math.log(2) + 0.2 * rows[0]["nll_chosen"], abs=1e-4)  # + default NLL
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in ("win_rate_vs_ref", "kl_mean", "gold_mean", "ref_gold_mean", "test_accuracy", "bayes_accuracy"):
+        assert math.isfinite(metrics[k]), k
+    assert 0.5 <= metrics["bayes_accuracy"] <= 1 and metrics["n_test_pairs"] == 24
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "policy" and config["stage"] == "dpo" and config["args"]["loss"] == "sigmoid"
+    model, _, _ = load_policy(out)  # the SFT checkpoint format: later stages load it the same way
+    ref, _, _ = load_policy(sft_run)
+    assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert "reusing" not in proc.stdout
+    # a second run into the same directory reuses the cached reference log-probs (same file, same reference)
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(out),
+                      *TINY_DPO, "--epochs", "0.4", "--loss", "ipo", "--n-eval-prompts", "4")
+    assert "reference log-probs: reusing" in proc.stdout
+
+
+def test_user_file_without_split_or_gold_and_clear_errors(sft_run, tmp_path):
+    prefs, out = write_prefs(tmp_path / "mine.jsonl", n_prompts=12, with_extras=False), tmp_path / "mine"
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(out),
+                      *TINY_DPO, "--epochs", "1", "--loss", "hinge", "--test-frac", "0.25")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test_accuracy" in metrics and "bayes_accuracy" not in metrics and "win_rate_vs_ref" not in metrics
+    assert "no gold columns" in proc.stdout
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "the food", "chosen": " was good .", "rejected": " was bad ."}) + "\n"
+                   + json.dumps({"prompt": "the food", "chosen": " was good ."}) + "\n")
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(bad), "--out-dir",
+                      str(tmp_path / "x"), *TINY_DPO, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}:2: missing field 'rejected'" in proc.stderr
+    proc = run_script("train_dpo.py", "--policy", str(tmp_path / "nope"), "--prefs", str(prefs), "--out-dir",
+                      str(tmp_path / "y"), *TINY_DPO, check=False)
+    assert proc.returncode == 2 and "--policy" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir",
+                      str(tmp_path / "z"), "--loss", "kto", check=False)
+    assert proc.returncode == 2 and "--loss kto" in proc.stderr
