@@ -1,0 +1,312 @@
+"""Stage 5: score every policy against the reference (SFT) and the simulated human's gold reward.
+
+    python evaluate.py                                     # out/sft out/ppo out/dpo vs out/sft -> out/eval
+    python evaluate.py --reward out/rm --frontier          # + RM score, + the optimal reward-KL frontier
+    python evaluate.py --policies out/sft out/ppo --prompts my_prompts.jsonl   # your prompts: no gold columns
+
+Per policy, on held-out prompts, one sample per prompt at temperature 1 (seeded, so reruns agree): gold reward
+mean +- standard error, KL(pi || pi_ref) (sequence level, on the policy's own samples), win rate vs the reference
+(paired by prompt under the gold reward, ties half), EOS rate, mean length, distinct-2, the RM score with
+--reward, and a few samples. --frontier adds the best gold reward any policy can reach at each KL (pi* =
+pi_ref exp(g/beta)/Z, Ziegler et al. 2019) and the share of that optimum each policy reaches at its own KL.
+Writes report.json, report.md and (when matplotlib is installed) report.png into --out-dir; see
+minirlhf/evaluation.py for the estimators.
+
+report.json keys:
+    policies.<name>.{run_dir, gold_mean, gold_sem, kl_mean, kl_sem, win_rate, ref_gold_mean, ref_gold_sem,
+                     eos_rate, mean_len,
+                     distinct_2, n_prompts, samples[{prompt, response, eos, length, kl, gold, rm}]}
+                    + {rm_mean, rm_sem, rm_win_rate} with --reward
+                    + {frontier_gold, frontier_extrapolated, frac_optimal} with --frontier
+    (no gold_* / win_rate / frontier keys on user prompts, which have no gold reward)
+    frontier [{beta, kl, gold, ess, ess_min}], frontier_dropped [same], frontier_info {ref_gold, kl_cap,
+    n_prompts, samples_per_prompt, min_ess}     with --frontier
+    ref, task, gold (bool), plot (file name or null), args, seconds
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
+from minirlhf.data import read_jsonl
+from minirlhf.evaluation import estimate_frontier, fraction_of_optimal, policy_metrics, sample_policy
+from minirlhf.tasks import get_task
+from minirlhf.utils import UserError, arg, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json
+
+
+@dataclass
+class Args:
+    """Evaluate policies against a reference and the gold reward; optionally the optimal reward-KL frontier."""
+    policies: list[str] = arg(["out/sft", "out/ppo", "out/dpo"], "policy run directories to evaluate")
+    ref: str = arg("out/sft", "reference policy run directory (KL and win rates are measured against it)")
+    reward: Optional[str] = arg(None, "reward-model run directory: adds its score (the proxy) beside the gold")
+    out_dir: str = arg("out/eval", "where report.json, report.md and report.png go")
+    task: str = arg("reviews", "built-in task for held-out prompts and the gold reward")
+    prompts: Optional[str] = arg(None, "JSONL of {prompt} records to evaluate on instead (no gold reward)")
+    n_prompts: int = arg(256, "held-out prompts, one sample per policy each")
+    max_new_tokens: int = arg(48, "response budget in tokens")
+    batch_size: int = arg(256, "sequences per forward pass")
+    n_show: int = arg(3, "sample responses per policy in the report")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    seed: int = arg(0, "sampling seed (every policy draws from the same random stream)")
+    compile: bool = arg(False, "torch.compile the scoring forward passes (sampling stays eager)")
+    # the optimal frontier
+    frontier: bool = arg(False, "estimate the optimal reward-KL frontier (needs the gold reward)")
+    frontier_prompts: int = arg(32, "prompts for the frontier (the first of the evaluation prompts)")
+    frontier_samples: int = arg(256, "reference samples per frontier prompt (the frontier reaches KL < log of it)")
+    betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)")
+    min_ess: float = arg(10.0, "drop frontier points whose mean effective sample size per prompt is below this")
+
+
+def fmt_pm(mean, sem, digits=3):
+    return f"{mean:+.{digits}f} ± {sem:.{digits}f}"
+
+
+def table_rows(report):
+    """Header and rows of the summary table (strings), shared by the console and report.md."""
+    pols = report["policies"]
+    gold, rm, fr = report["gold"], any("rm_mean" in m for m in pols.values()), bool(report.get("frontier"))
+    head = ["policy"] + (["gold ± se"] if gold else []) + ["KL ± se"] + (["win vs ref"] if gold else []) \
+        + (["RM score", "RM win"] if rm else []) + ["EOS", "len", "distinct-2"] + (["% of optimal"] if fr else [])
+    rows = []
+    for name, m in pols.items():
+        r = [name]
+        if gold:
+            r.append(fmt_pm(m["gold_mean"], m["gold_sem"]))
+        r.append(f"{m['kl_mean']:.2f} ± {m['kl_sem']:.2f}")
+        if gold:
+            r.append(f"{m['win_rate']:.3f}")
+        if rm:
+            r += [fmt_pm(m["rm_mean"], m["rm_sem"]), f"{m['rm_win_rate']:.3f}"]
+        r += [f"{m['eos_rate']:.3f}", f"{m['mean_len']:.1f}", f"{m['distinct_2']:.3f}"]
+        if fr:
+            f = m.get("frac_optimal")
+            r.append("-" if f is None else ("≥" if m["frontier_extrapolated"] else "") + f"{100 * f:.0f}%")
+        rows.append(r)
+    return head, rows
+
+
+def markdown_table(head, rows):
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def write_markdown(report, path):
+    head, rows = table_rows(report)
+    a = report["args"]
+    md = [f"# minirlhf evaluation\n",
+          f"{report['n_prompts']} held-out prompts ({'task ' + report['task'] if report['gold'] else a['prompts']}), "
+          f"one sample per prompt per policy at temperature 1, seed {a['seed']}, reference `{report['ref']}`.\n",
+          markdown_table(head, rows), "",
+          "How to read it:",
+          "- **gold**: the simulated human's hidden reward (never trained on); ± is the standard error." if
+          report["gold"] else "- no gold reward on user prompts: compare KL, RM score, length.",
+          "- **KL**: KL(policy ‖ reference) in nats, sum over response tokens of log π − log π_ref on the policy's "
+          "own samples. The reference is 0 by construction.",
+          "- **win vs ref**: paired by prompt against a fresh reference sample under the gold reward, ties count "
+          "half (0.5 = no better than the reference)." if report["gold"] else None,
+          "- **RM score / RM win**: the same under the learned reward model (the proxy that PPO optimised); RM up "
+          "while gold falls is reward hacking (Gao et al. 2022)." if any("rm_mean" in m for m in
+                                                                         report["policies"].values()) else None,
+          "- **EOS**: share of responses that stopped within the budget; **distinct-2**: distinct word bigrams / "
+          "all bigrams (low = the policy repeats itself).", ""]
+    if report.get("frontier_info"):
+        fi = report["frontier_info"]
+        md += ["## Optimal reward-KL frontier\n",
+               f"π* ∝ π_ref · exp(gold/β), estimated by self-normalised importance weighting of "
+               f"{fi['samples_per_prompt']} reference samples on each of {fi['n_prompts']} prompts (Ziegler et al. "
+               f"2019). Reference gold on these prompts {fi['ref_gold']:+.3f}. With this many samples the estimate "
+               f"cannot exceed KL = log {fi['samples_per_prompt']} = {fi['kl_cap']:.2f} nats; points with mean "
+               f"ESS < {fi['min_ess']:g} are dropped ({len(report['frontier_dropped'])} of "
+               f"{len(report['frontier']) + len(report['frontier_dropped'])}).\n",
+               "**% of optimal** = (policy gold − reference gold) / (frontier gold at the policy's KL − frontier "
+               "gold at KL 0). Beyond the frontier's largest KL the optimum is bounded by the duality bound "
+               "gold_β + β·(KL − KL_β), so the percentage shown with ≥ is a lower bound.\n",
+               markdown_table(["beta", "KL", "gold", "ESS (mean / min)"],
+                              [[f"{p['beta']:.3g}", f"{p['kl']:.3f}", f"{p['gold']:+.3f}",
+                                f"{p['ess']:.1f} / {p['ess_min']:.1f}"] for p in report["frontier"]]), ""]
+        for name, m in report["policies"].items():
+            if m.get("frac_optimal") is not None:
+                md.append(f"- {name}: KL {m['kl_mean']:.2f}, gold gain {m['gold_mean'] - m['ref_gold_mean']:+.3f}; "
+                          f"the optimum at that KL {'is at most' if m['frontier_extrapolated'] else 'is'} "
+                          f"{m['frontier_gold'] - fi['ref_gold']:+.3f}")
+        md.append("")
+    md.append(f"Plot: `{report['plot']}`" if report["plot"] else
+              "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
+              "only.")
+    md += ["", "## Samples", ""]
+    for name, m in report["policies"].items():
+        md.append(f"**{name}**")
+        for s in m["samples"]:
+            extra = "".join(f", {k} {s[k]:+.2f}" for k in ("gold", "rm", "kl") if k in s)
+            md.append(f"- `{s['prompt']}` → `{s['response']}`{'' if s['eos'] else ' [no EOS]'} ({extra[2:]})")
+        md.append("")
+    Path(path).write_text("\n".join(x for x in md if x is not None) + "\n")
+
+
+def training_path(run_dir, smooth: int = 10):
+    """(kl, gold) over training from a run's metrics.jsonl when it logs both (PPO: "kl", "gold_mean"), smoothed
+    by a moving average of `smooth` lines (one rollout batch each is noisy). None otherwise."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "kl" in r and "gold_mean" in r]
+    if len(rows) < 2:
+        return None
+    kl, gold = [r["kl"] for r in rows], [r["gold_mean"] for r in rows]
+    avg = lambda xs, i: sum(xs[max(0, i - smooth + 1):i + 1]) / len(xs[max(0, i - smooth + 1):i + 1])  # noqa: E731
+    return [avg(kl, i) for i in range(len(kl))], [avg(gold, i) for i in range(len(gold))]
+
+
+def write_plot(report, path):
+    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    if report.get("frontier"):
+        fi = report["frontier_info"]
+        ax.plot([0.0] + [p["kl"] for p in report["frontier"]], [fi["ref_gold"]] + [p["gold"] for p in
+                                                                                  report["frontier"]],
+                "k-", lw=1.5, label=f"optimal π* (estimated, KL < {fi['kl_cap']:.1f})")
+    for name, m in report["policies"].items():
+        point = ax.errorbar(m["kl_mean"], m["gold_mean"], xerr=m["kl_sem"], yerr=m["gold_sem"], fmt="o",
+                            capsize=3, label=name)
+        path_ = training_path(m["run_dir"])
+        if path_ is not None:  # same colour as the policy's point
+            ax.plot(*path_, lw=0.8, alpha=0.6, color=point[0].get_color(), label=f"{name} during training")
+    ax.set_xlabel("KL(π ‖ π_ref)  [nats]")
+    ax.set_ylabel("gold reward")
+    ax.set_title("gold reward vs KL to the reference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def load_models(a: Args, device):
+    """The reference, each policy (the reference object itself when a policy path is the reference's), the RM."""
+    ref, tok, ref_cfg = load_policy(a.ref, "--ref", device)
+    policies, names = {}, []
+    for d in a.policies:
+        if os.path.realpath(d) == os.path.realpath(a.ref):
+            model, cfg = ref, ref_cfg
+        else:
+            model, _, cfg = load_policy(d, "--policies", device)
+            if cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
+                raise CheckpointError(f"--policies {d} and --ref {a.ref} use different tokenizers: the KL between "
+                                      "them is not defined")
+        name = Path(d).name or d
+        if name in names:
+            name = d
+        names.append(name)
+        policies[name] = (d, model.eval())
+    rm = None
+    if a.reward:
+        rm, _, rm_cfg = load_scalar(a.reward, "--reward", device)
+        if rm_cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
+            raise CheckpointError(f"--reward {a.reward} and --ref {a.ref} use different tokenizers")
+    return ref.eval(), tok, policies, rm
+
+
+def main():
+    a = parse_args(Args)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    set_seed(a.seed)
+    t0 = time.time()
+    if not a.policies:
+        raise UserError("--policies: name at least one policy run directory")
+    if a.n_prompts < 2:
+        raise UserError("--n-prompts must be at least 2 (standard errors need two samples)")
+    task = None if a.prompts else get_task(a.task)
+    if a.frontier and task is None:
+        raise UserError("--frontier needs the gold reward of a built-in task; it cannot run on --prompts data")
+    if a.frontier and (a.frontier_samples < 2 or a.frontier_prompts < 1):
+        raise UserError("--frontier-samples must be >= 2 and --frontier-prompts >= 1")
+    if any(b <= 0 for b in a.betas):
+        raise UserError("--betas must all be > 0")
+
+    ref, tok, policies, rm = load_models(a, device)
+    if a.prompts:
+        recs = read_jsonl(a.prompts, ("prompt",))
+        prompts = [r["prompt"] for r in recs][:a.n_prompts]
+        if len(prompts) < 2:
+            raise UserError(f"--prompts {a.prompts}: needs at least 2 records")
+    else:
+        prompts = task.sample_prompts("test", a.n_prompts, seed=a.seed)
+    kw = dict(batch_size=a.batch_size, device=device, dtype=dtype)
+    print(f"evaluating {', '.join(policies)} against {a.ref} on {len(prompts)} prompts, device {device} ({dtype})")
+
+    # The reference's paired samples (a different seed from the policies': the SFT row then compares two
+    # independent SFT samples, so its win rate is ~0.5 by construction -- a built-in sanity check).
+    ref_samples = sample_policy(ref, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed + 1, **kw)
+    report = {"ref": a.ref, "task": None if task is None else a.task, "gold": task is not None,
+              "n_prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "policies": {}}
+    compiled = {}
+    for name, (run_dir, model) in policies.items():
+        t = time.time()
+        samples = sample_policy(model, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed, **kw)
+        if a.compile:  # scoring only; the KV-cache sampling loop would recompile at every length
+            compiled.setdefault(id(model), torch.compile(model))
+        scorer = compiled.get(id(model), model)
+        ref_scorer = compiled.setdefault(id(ref), torch.compile(ref)) if a.compile else ref
+        m = policy_metrics(scorer, ref_scorer, tok, samples, ref_samples, task, rm, **kw)
+        if "win_rate_vs_ref" in m:
+            m["win_rate"] = m.pop("win_rate_vs_ref")
+        keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
+        m["samples"] = [{k: s[k] for k in keep if k in s} for s in samples[:a.n_show]]
+        report["policies"][name] = {"run_dir": run_dir, **m}
+        print(f"  {name}: {time.time() - t:.1f}s")
+
+    if a.frontier:
+        t = time.time()
+        fr = estimate_frontier(ref, tok, task, prompts[:a.frontier_prompts], a.frontier_samples, a.max_new_tokens,
+                               a.betas or None, a.min_ess, seed=a.seed + 2, device=device, dtype=dtype,
+                               batch_size=max(a.batch_size, 512))
+        report["frontier"], report["frontier_dropped"] = fr.pop("frontier"), fr.pop("dropped")
+        report["frontier_info"] = fr
+        for m in report["policies"].values():
+            noise = math.hypot(m["gold_sem"], m["ref_gold_sem"])
+            frac, opt, extrapolated = fraction_of_optimal(m["gold_mean"], m["ref_gold_mean"], m["kl_mean"],
+                                                          report["frontier"], fr["ref_gold"], noise)
+            m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac)
+        print(f"  frontier: {len(report['frontier'])} points kept, {len(report['frontier_dropped'])} dropped "
+              f"(ESS < {a.min_ess:g}), KL up to {max([p['kl'] for p in report['frontier']], default=0):.2f}, "
+              f"{time.time() - t:.1f}s")
+
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["plot"] = "report.png" if write_plot(report, out / "report.png") else None
+    report["args"] = asdict(a)
+    report["seconds"] = time.time() - t0
+    write_json(out / "report.json", report)
+    write_markdown(report, out / "report.md")
+
+    print()
+    print(markdown_table(*table_rows(report)))
+    if report["gold"]:
+        print("gold = hidden true reward (± s.e.); KL in nats vs the reference; win = paired gold win rate vs the "
+              "reference, ties half")
+    if report["plot"] is None:
+        print("(matplotlib not installed: no report.png, text report only)")
+    print(f"wrote {out}/report.json, report.md{', report.png' if report['plot'] else ''} "
+          f"({report['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    run(main)
