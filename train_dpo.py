@@ -253,10 +253,7 @@ def main():
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
-    try:
-        task = None if a.task.lower() == "none" else get_task(a.task)
-    except ValueError as e:
-        raise UserError(f"--task {a.task}: {e}") from None
+    task = None if a.task.lower() == "none" else get_task(a.task)
 
     # ---- policy (= reference) and pairs
     model, tok, _ = load_policy(a.policy, "--policy", device)
