@@ -102,7 +102,7 @@ def markdown_table(head, rows):
 def write_markdown(report, path):
     head, rows = table_rows(report)
     a = report["args"]
-    md = [f"# minirlhf evaluation\n",
+    md = ["# minirlhf evaluation\n",
           f"{report['n_prompts']} held-out prompts ({'task ' + report['task'] if report['gold'] else a['prompts']}), "
           f"one sample per prompt per policy at temperature 1, seed {a['seed']}, reference `{report['ref']}`.\n",
           markdown_table(head, rows), "",

@@ -38,7 +38,7 @@ from minirlhf.data import DataError, collate_sft, encode_prompt, encode_response
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import preference_loss, token_logps
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
+from minirlhf.utils import (MetricsLog, adamw, cosine_lr, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
                             set_seed, write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -82,14 +82,6 @@ class Args:
     # end-of-run evaluation against the reference (built-in task only)
     n_eval_prompts: int = arg(512, "held-out task prompts for the paired gold comparison with the reference")
     max_new_tokens: int = arg(48, "response budget when sampling for the evaluation")
-
-
-def lr_at(step: int, total: int, a: Args) -> float:
-    """Linear warmup, then cosine decay to min_lr."""
-    if step < a.warmup_steps:
-        return a.lr * (step + 1) / a.warmup_steps
-    progress = (step - a.warmup_steps) / max(1, total - a.warmup_steps)
-    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -277,11 +269,7 @@ def main():
     ref_train, ref_test = reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out)
     ref_train, ref_test = ref_train.to(device), ref_test.to(device)
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.99), fused=device.startswith("cuda"))
+    opt = adamw(model, a.lr, a.weight_decay, device)
     train_model = torch.compile(model) if a.compile else model
 
     # ---- training: shuffled passes over the pairs
@@ -294,7 +282,7 @@ def main():
     model.train()  # dropout is already 0 (load_run): DPO needs deterministic log-probs (TRL #744)
     bar = tqdm(range(total), desc="dpo", dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, total, a)
+        lr = cosine_lr(step, total, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         if len(order) < a.batch_size:  # next epoch; the tail of the last one joins it (every pair is seen)

@@ -26,7 +26,7 @@ from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save
 from minirlhf.data import encode_prompt, left_pad, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.generation import generate
-from minirlhf.losses import (AdaptiveKLController, FixedKLController, approx_kl, explained_variance,
+from minirlhf.losses import (AdaptiveKLController, FixedKLController, explained_variance,
                              gae_advantages, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
                              ppo_value_loss)
 from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos

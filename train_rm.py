@@ -27,7 +27,7 @@ from minirlhf.preferences import (all_pair_rewards, collect_preferences, encode_
                                   pairwise_accuracy, pearson, sample_many, sample_rewards, set_normalisation,
                                   spearman)
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
+from minirlhf.utils import (MetricsLog, adamw, cosine_lr, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
                             write_json)
 
 
@@ -66,14 +66,6 @@ class Args:
     # normalisation and evaluation on fresh samples
     n_norm: int = arg(1024, "fresh SFT samples on train prompts that the reward is normalised on (mean 0, std 1)")
     n_eval: int = arg(1024, "fresh SFT samples on test prompts for the RM-vs-gold correlations (built-in task)")
-
-
-def lr_at(step: int, total: int, a: Args) -> float:
-    """Linear warmup, then cosine decay to min_lr."""
-    if step < a.warmup_steps:
-        return a.lr * (step + 1) / a.warmup_steps
-    progress = (step - a.warmup_steps) / max(1, total - a.warmup_steps)
-    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def split_user_prefs(records, test_share: float, seed: int):
@@ -166,11 +158,7 @@ def main():
     rm = ScalarModel(cfg)
     rm.gpt.load_state_dict(policy.state_dict())
     rm.to(device)
-    decay = [p for p in rm.parameters() if p.dim() >= 2]
-    no_decay = [p for p in rm.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.99), fused=device.startswith("cuda"))
+    opt = adamw(rm, a.lr, a.weight_decay, device)
     train_rm = torch.compile(rm) if a.compile else rm
 
     def evaluate(pairs):
@@ -197,7 +185,7 @@ def main():
     bar = tqdm(range(total_steps), desc="rm", dynamic_ncols=True)
     batch_iter = batches()
     for step in bar:
-        lr = lr_at(step, total_steps, a)
+        lr = cosine_lr(step, total_steps, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = next(batch_iter)

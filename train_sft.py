@@ -21,7 +21,7 @@ from minirlhf.evaluation import sample_policy
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
+from minirlhf.utils import (MetricsLog, adamw, cosine_lr, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
                             set_seed, write_json)
 
 
@@ -61,14 +61,6 @@ class Args:
     n_samples: int = arg(256, "test prompts sampled at the end for eos_rate / grammatical_rate")
     max_new_tokens: int = arg(48, "response budget when sampling")
     temperature: float = arg(1.0, "sampling temperature for the end-of-run samples")
-
-
-def lr_at(step: int, a: Args) -> float:
-    """Linear warmup, then cosine decay to min_lr."""
-    if step < a.warmup_steps:
-        return a.lr * (step + 1) / a.warmup_steps
-    progress = (step - a.warmup_steps) / max(1, a.steps - a.warmup_steps)
-    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def sft_loss(model, batch):
@@ -119,11 +111,7 @@ def main():
     print(f"{len(train_data)} train / {len(val_data)} held-out examples, vocab {tok.vocab_size}, "
           f"{model.num_params() / 1e6:.2f}M parameters, device {device} ({dtype})")
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.99), fused=device.startswith("cuda"))
+    opt = adamw(model, a.lr, a.weight_decay, device)
     train_model = torch.compile(model) if a.compile else model
 
     @torch.no_grad()
@@ -145,7 +133,7 @@ def main():
     t0, tokens_seen, val_loss = time.time(), 0, float("nan")
     bar = tqdm(range(a.steps), desc="sft", dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, a)
+        lr = cosine_lr(step, a.steps, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = collate_sft([train_data[i] for i in torch.randint(len(train_data), (a.batch_size,), generator=gen)],

@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -77,6 +78,23 @@ def autocast(device: str, dtype: str):
     if dtype == "bfloat16":
         return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at total_steps (nanoGPT's schedule)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def adamw(model, lr: float, weight_decay: float, device: str):
+    """AdamW with weight decay on matrices only (not on biases and LayerNorm gains); fused kernels on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.99), fused=device.startswith("cuda"))
 
 
 def set_seed(seed: int):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # train_dpo.py is a script at the repository root
 import train_dpo  # noqa: E402
 from minirlhf.checkpoint import load_policy  # noqa: E402
 from minirlhf.data import left_pad, right_pad  # noqa: E402
-from minirlhf.losses import (dpo_margin, dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss,  # noqa: E402
+from minirlhf.losses import (dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss,  # noqa: E402
                              token_logps)
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.scoring import response_logprobs  # noqa: E402

@@ -4,7 +4,6 @@ The enumerable case: a tiny GPT over 5 tokens (pad, bos, eos, "a", "b") and resp
 pi(y|x) can be summed over every possible response (EOS ends a response; the budget ends it too).
 """
 import importlib.util
-import itertools
 import json
 import math
 import sys
