@@ -60,7 +60,7 @@ class Args:
     # the optimal frontier
     frontier: bool = arg(False, "estimate the optimal reward-KL frontier (needs the gold reward)")
     frontier_prompts: int = arg(32, "prompts for the frontier (the first of the evaluation prompts)")
-    frontier_samples: int = arg(256, "reference samples per frontier prompt (the frontier reaches KL < log of it)")
+    frontier_samples: int = arg(1024, "reference samples per frontier prompt (the frontier reaches KL < log of it)")
     betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)")
     min_ess: float = arg(10.0, "drop frontier points whose mean effective sample size per prompt is below this")
 
