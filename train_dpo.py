@@ -34,9 +34,10 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.checkpoint import load_policy, save_run
-from minirlhf.data import DataError, collate_sft, encode_prompt, encode_response, load_pref_jsonl
+from minirlhf.data import collate_sft, encode_prompt, encode_response, load_pref_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import preference_loss, token_logps
+from minirlhf.preferences import bayes_accuracy, has_gold_columns, split_prefs
 from minirlhf.tasks import get_task
 from minirlhf.utils import (MetricsLog, adamw, cosine_lr, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
                             set_seed, write_json)
@@ -85,30 +86,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def split_records(records, test_frac: float, seed: int):
-    """(train, test) records. A file with a 'split' field is used as is; otherwise a share of the *prompts* is
-    held out, so no test prompt was seen in training (pairs of one prompt stay together)."""
-    with_split = [r for r in records if "split" in r]
-    if with_split:
-        if len(with_split) != len(records):
-            r = next(r for r in records if "split" not in r)
-            raise DataError(f"{r['_where']}: missing field 'split' (other lines have one; give it on all or none)")
-        for r in records:
-            if r["split"] not in ("train", "test"):
-                raise DataError(f"{r['_where']}: split must be 'train' or 'test', got {r['split']!r}")
-        train = [r for r in records if r["split"] == "train"]
-        test = [r for r in records if r["split"] == "test"]
-    else:
-        prompts = sorted({r["prompt"] for r in records})
-        random.Random(seed).shuffle(prompts)
-        held_out = set(prompts[:max(1, round(test_frac * len(prompts)))]) if len(prompts) > 1 else set()
-        train = [r for r in records if r["prompt"] not in held_out]
-        test = [r for r in records if r["prompt"] in held_out]
-    if not train:
-        raise DataError(f"{records[0]['_where'].rsplit(':', 1)[0]}: no training pairs (every pair is in the test split)")
-    return train, test
-
-
 def subsample(records, n: int, seed: int):
     """A seeded random subset of at most n records (all of them when n is 0), in file order."""
     if not n or len(records) <= n:
@@ -128,15 +105,6 @@ def encode_pairs(records, tok, block_size: int):
         pairs.append((p, c, rj))
         n_cut += cut_c + cut_r
     return pairs, n_cut
-
-
-def gold_columns(records):
-    """The optional analysis columns must be numbers when present (a file:line error otherwise)."""
-    for r in records:
-        for k in ("chosen_gold", "rejected_gold", "label_prob"):
-            if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
-                raise DataError(f"{r['_where']}: field {k!r} must be a number")
-    return all("chosen_gold" in r and "rejected_gold" in r for r in records)
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
@@ -251,8 +219,8 @@ def main():
     model, tok, _ = load_policy(a.policy, "--policy", device)
     block_size = model.config.block_size
     records = load_pref_jsonl(a.prefs)
-    has_gold = gold_columns(records)
-    train_recs, test_recs = split_records(records, a.test_frac, a.seed)
+    has_gold = has_gold_columns(records)
+    train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
     n_all = len(train_recs), len(test_recs)
     train_recs, test_recs = subsample(train_recs, a.max_pairs, a.seed), subsample(test_recs, a.max_test_pairs, a.seed)
     train_pairs, n_cut = encode_pairs(train_recs, tok, block_size)
@@ -316,8 +284,8 @@ def main():
     if test_pairs:
         metrics["test_accuracy"] = test_stats["test/rewards/accuracy"]
         metrics.update({k.replace("/", "_"): v for k, v in test_stats.items() if k != "test/rewards/accuracy"})
-        if all("label_prob" in r for r in test_recs):  # expected accuracy of the true preference probabilities
-            metrics["bayes_accuracy"] = sum(max(r["label_prob"], 1 - r["label_prob"]) for r in test_recs) / len(test_recs)
+        if has_gold:
+            metrics["bayes_accuracy"] = bayes_accuracy(test_recs)
     samples = []
     if task is not None and has_gold:
         model.eval()

@@ -23,9 +23,9 @@ from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.model import ScalarModel
-from minirlhf.preferences import (all_pair_rewards, collect_preferences, encode_pairs, groups_of, pair_rewards,
+from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of, pair_rewards,
                                   pairwise_accuracy, pearson, sample_many, sample_rewards, set_normalisation,
-                                  spearman)
+                                  spearman, split_prefs, has_gold_columns)
 from minirlhf.tasks import get_task
 from minirlhf.utils import (MetricsLog, adamw, cosine_lr, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
                             write_json)
@@ -49,7 +49,7 @@ class Args:
     k: int = arg(8, "samples per prompt; all k-choose-2 pairs are labelled (InstructGPT: k = 4..9)")
     max_new_tokens: int = arg(48, "response budget when sampling (samples without EOS are not paired)")
     gen_batch_size: int = arg(512, "sequences per sampling batch")
-    test_share: float = arg(0.1, "--prefs without a split field: share of comparison groups held out for test")
+    test_frac: float = arg(0.1, "--prefs without a split field: share of prompts held out as test pairs")
     # optimisation
     epochs: float = arg(2.0, "passes over the train pairs")
     batch_size: int = arg(8, "comparison groups (prompts, with all their pairs) per step")
@@ -66,38 +66,6 @@ class Args:
     # normalisation and evaluation on fresh samples
     n_norm: int = arg(1024, "fresh SFT samples on train prompts that the reward is normalised on (mean 0, std 1)")
     n_eval: int = arg(1024, "fresh SFT samples on test prompts for the RM-vs-gold correlations (built-in task)")
-
-
-def split_user_prefs(records, test_share: float, seed: int):
-    """(train, test) records of a user's file: by its "split" field when any record has one, otherwise a random
-    share of the comparison groups (the pairs of one prompt stay on one side)."""
-    if any("split" in r for r in records):
-        for r in records:
-            if r.get("split") not in ("train", "test"):
-                raise DataError(f"{r['_where']}: field 'split' must be \"train\" or \"test\" "
-                                f"(when one record has it, all need it)")
-        train = [r for r in records if r["split"] == "train"]
-        test = [r for r in records if r["split"] == "test"]
-    else:
-        groups = groups_of(records)
-        random.Random(seed).shuffle(groups)
-        n_test = max(1, round(test_share * len(groups))) if len(groups) > 1 else 0
-        test = [records[i] for g in groups[:n_test] for i in g]
-        train = [records[i] for g in groups[n_test:] for i in g]
-        for r in train:
-            r["split"] = "train"
-        for r in test:
-            r["split"] = "test"
-    if not train or not test:
-        raise DataError(f"--prefs: needs train and test pairs, got {len(train)} train and {len(test)} test "
-                        f"(add more records, or set their \"split\" field)")
-    return train, test
-
-
-def gold_columns(records) -> bool:
-    """Do all records carry the simulated-human columns (then the Bayes ceiling and gold accuracy exist)?"""
-    return all(isinstance(r.get(k), (int, float)) for r in records
-               for k in ("chosen_gold", "rejected_gold", "label_prob"))
 
 
 def main():
@@ -121,7 +89,9 @@ def main():
     # ---- preference pairs: collected from the simulated human, or the user's file
     stats = {}
     if a.prefs:
-        train_recs, test_recs = split_user_prefs(load_pref_jsonl(a.prefs), a.test_share, a.seed)
+        train_recs, test_recs = split_prefs(load_pref_jsonl(a.prefs), a.test_frac, a.seed)
+        if not test_recs:
+            raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
         norm_prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
         norm_prompts = [norm_prompts[i % len(norm_prompts)] for i in range(a.n_norm)]
     else:
@@ -217,9 +187,9 @@ def main():
     test_loss, test_acc = evaluate(test_pairs)
     metrics = {"test_accuracy": test_acc, "bayes_accuracy": None, "gold_accuracy": None, "gold_pearson": None,
                "gold_spearman": None, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss}
-    if gold_columns(test_recs):
+    if has_gold_columns(test_recs):
         # Bayes ceiling: the best any model can do on these noisy labels is to predict the likelier label.
-        metrics["bayes_accuracy"] = sum(max(r["label_prob"], 1 - r["label_prob"]) for r in test_recs) / len(test_recs)
+        metrics["bayes_accuracy"] = bayes_accuracy(test_recs)
         metrics["gold_accuracy"] = pairwise_accuracy([r["chosen_gold"] for r in test_recs],
                                                      [r["rejected_gold"] for r in test_recs])
         metrics["accuracy_vs_bayes"] = test_acc / metrics["bayes_accuracy"]

@@ -91,6 +91,46 @@ def groups_of(records) -> list:
     return groups
 
 
+def split_prefs(records, test_frac: float, seed: int):
+    """(train, test) records of a preference file. A file with a "split" field ("train" | "test") on every line is
+    used as is; otherwise a seeded share `test_frac` of the *prompts* is held out, so the pairs of one prompt stay
+    on one side and no test prompt is trained on. Returns copies of the records with "split" set."""
+    with_split = [r for r in records if "split" in r]
+    if with_split:
+        if len(with_split) != len(records):
+            r = next(r for r in records if "split" not in r)
+            raise DataError(f"{r['_where']}: missing field 'split' (other lines have one; give it on all or none)")
+        for r in records:
+            if r["split"] not in ("train", "test"):
+                raise DataError(f"{r['_where']}: split must be 'train' or 'test', got {r['split']!r}")
+    else:
+        prompts = sorted({r["prompt"] for r in records})
+        random.Random(seed).shuffle(prompts)
+        held_out = set(prompts[:max(1, round(test_frac * len(prompts)))]) if len(prompts) > 1 else set()
+        records = [dict(r, split="test" if r["prompt"] in held_out else "train") for r in records]
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    if not train:
+        raise DataError(f"{records[0]['_where'].rsplit(':', 1)[0]}: no training pairs (every pair is in the test split)")
+    return train, test
+
+
+def has_gold_columns(records) -> bool:
+    """Do all records carry the simulated human's columns (chosen_gold, rejected_gold, label_prob)? Then the Bayes
+    ceiling and the gold comparisons exist. A column that is present must be a number (file:line error)."""
+    for r in records:
+        for k in ("chosen_gold", "rejected_gold", "label_prob"):
+            if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
+                raise DataError(f"{r.get('_where', 'prefs')}: field {k!r} must be a number")
+    return all(k in r for r in records for k in ("chosen_gold", "rejected_gold", "label_prob"))
+
+
+def bayes_accuracy(records) -> float:
+    """The accuracy ceiling on noisy labels: the expected accuracy of predicting the likelier label of each pair,
+    mean of max(p, 1 - p) with p = label_prob (what the gold reward itself scores on average)."""
+    return sum(max(r["label_prob"], 1 - r["label_prob"]) for r in records) / len(records)
+
+
 # ----------------------------------------------------------------------------------------------- encoding
 def encode_pairs(records, tok, block_size: int):
     """Token sequences BOS + prompt + response + EOS for each record's chosen and rejected response.

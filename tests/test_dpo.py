@@ -16,10 +16,11 @@ sys.path.insert(0, str(ROOT))  # train_dpo.py is a script at the repository root
 
 import train_dpo  # noqa: E402
 from minirlhf.checkpoint import load_policy  # noqa: E402
-from minirlhf.data import left_pad, right_pad  # noqa: E402
+from minirlhf.data import DataError, left_pad, right_pad  # noqa: E402
 from minirlhf.losses import (dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss,  # noqa: E402
                              token_logps)
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
+from minirlhf.preferences import split_prefs  # noqa: E402
 from minirlhf.scoring import response_logprobs  # noqa: E402
 from minirlhf.tasks import get_task  # noqa: E402
 
@@ -187,18 +188,18 @@ def test_a_training_step_raises_chosen_and_lowers_rejected_log_ratio(kind, nll):
 # ------------------------------------------------------------------------------------------------ data handling
 def test_split_holds_out_whole_prompts_and_validates():
     recs = [{"prompt": f"p{i % 10}", "chosen": "a", "rejected": "b", "_where": f"f:{i + 1}"} for i in range(50)]
-    train, test = train_dpo.split_records(recs, 0.2, seed=0)
+    train, test = split_prefs(recs, 0.2, seed=0)
     assert len(test) == 10 and not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     with_split = [dict(r, split="test" if i < 5 else "train") for i, r in enumerate(recs)]
-    train, test = train_dpo.split_records(with_split, 0.2, seed=0)
+    train, test = split_prefs(with_split, 0.2, seed=0)
     assert len(test) == 5 and len(train) == 45
-    with pytest.raises(train_dpo.DataError, match="f:3: split must be"):
-        train_dpo.split_records([dict(r, split="dev" if i == 2 else "train") for i, r in enumerate(recs)], 0.2, 0)
+    with pytest.raises(DataError, match="f:3: split must be"):
+        split_prefs([dict(r, split="dev" if i == 2 else "train") for i, r in enumerate(recs)], 0.2, 0)
     sub = train_dpo.subsample(recs, 7, seed=0)
     assert len(sub) == 7 and sub == train_dpo.subsample(recs, 7, seed=0) and train_dpo.subsample(recs, 0, 0) == recs
     assert [int(r["_where"][2:]) for r in sub] == sorted(int(r["_where"][2:]) for r in sub)  # file order kept
-    with pytest.raises(train_dpo.DataError, match="f:1: missing field 'split'"):
-        train_dpo.split_records([recs[0]] + with_split[1:], 0.2, 0)
+    with pytest.raises(DataError, match="f:1: missing field 'split'"):
+        split_prefs([recs[0]] + with_split[1:], 0.2, 0)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -251,10 +251,9 @@ def test_user_prefs_file_trains_and_reports_accuracy(tiny_sft, tmp_path):
 
 
 def test_user_prefs_without_split_hold_out_whole_groups():
-    sys.path.insert(0, str(ROOT))
-    from train_rm import split_user_prefs
+    from minirlhf.preferences import split_prefs
     recs = [{"prompt": f"p{i // 3}", "chosen": "a", "rejected": "b", "_where": f"f:{i}"} for i in range(30)]
-    train, test = split_user_prefs(recs, 0.2, seed=0)
+    train, test = split_prefs(recs, 0.2, seed=0)
     assert len(test) == 6 and len(train) == 24
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
 
