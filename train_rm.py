@@ -22,9 +22,10 @@ from tqdm import tqdm
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.losses import bradley_terry_loss
+from minirlhf.evaluation import reward_model_scores
 from minirlhf.model import ScalarModel
 from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of, pair_rewards,
-                                  pairwise_accuracy, pearson, sample_many, sample_rewards, set_normalisation,
+                                  pairwise_accuracy, pearson, sample_many, set_normalisation,
                                   spearman, split_prefs, has_gold_columns)
 from minirlhf.tasks import get_task
 from minirlhf.utils import (MetricsLog, adamw, cosine_lr, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
@@ -196,14 +197,14 @@ def main():
 
     # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences)
     norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
-    raw_mean, raw_std = set_normalisation(rm, sample_rewards(rm, tok, norm_samples, a.eval_batch_size, device, dtype))
+    raw_mean, raw_std = set_normalisation(rm, reward_model_scores(rm, tok, norm_samples, a.eval_batch_size, device, dtype))
     metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item())
 
     # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does?
     if not a.prefs:
         eval_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed + 1)
         samples = sample_many(policy, tok, eval_prompts, a.max_new_tokens, seed=a.seed + 3, desc="evaluate", **kw)
-        r = sample_rewards(rm, tok, samples, a.eval_batch_size, device, dtype).tolist()
+        r = reward_model_scores(rm, tok, samples, a.eval_batch_size, device, dtype)
         gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
         metrics.update(gold_pearson=pearson(r, gold), gold_spearman=spearman(r, gold),
                        eval_reward_mean=sum(r) / len(r))

@@ -152,18 +152,23 @@ def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float =
     return out
 
 
+def sample_batches(tok, samples, block_size: int, batch_size: int, device):
+    """Samples (dicts from sample_policy) as scoring batches: (prompt ids, prompt mask) left-padded (B, P) and
+    (response ids, response mask) right-padded (B, R), in chunks of batch_size."""
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        p_ids, p_mask = left_pad([encode_prompt(tok, s["prompt"], block_size) for s in chunk], tok.pad_id, device)
+        r_ids, r_mask = right_pad([s["tokens"] for s in chunk], tok.pad_id, device)
+        yield p_ids, p_mask, r_ids, r_mask
+
+
 @torch.no_grad()
 def response_logprob_sums(model, tok, samples, batch_size: int = 64, device="cpu", dtype="float32"):
     """Sequence log-prob (sum over response tokens, EOS included) of each sample's tokens under `model` at T=1."""
     out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        p_ids, p_mask = left_pad([encode_prompt(tok, s["prompt"], model.config.block_size) for s in chunk],
-                                 tok.pad_id, device)
-        r_ids, r_mask = right_pad([s["tokens"] for s in chunk], tok.pad_id, device)
+    for batch in sample_batches(tok, samples, model.config.block_size, batch_size, device):
         with autocast(device, dtype):
-            logp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask)
-        out += logp.sum(1).tolist()
+            out += response_logprobs(model, *batch).sum(1).tolist()
     return out
 
 
@@ -174,13 +179,9 @@ def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dt
     was_training = rm.training
     rm.eval()
     out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        p_ids, p_mask = left_pad([encode_prompt(tok, s["prompt"], rm.config.block_size) for s in chunk],
-                                 tok.pad_id, device)
-        r_ids, r_mask = right_pad([s["tokens"] for s in chunk], tok.pad_id, device)
+    for batch in sample_batches(tok, samples, rm.config.block_size, batch_size, device):
         with autocast(device, dtype):
-            out += reward_at_eos(rm, p_ids, p_mask, r_ids, r_mask).float().tolist()
+            out += reward_at_eos(rm, *batch).float().tolist()
     rm.train(was_training)
     return out
 

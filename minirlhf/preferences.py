@@ -188,21 +188,6 @@ def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu"
     return torch.cat(rc), torch.cat(rr)
 
 
-@torch.no_grad()
-def sample_rewards(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32"):
-    """Rewards (N,) float32 CPU of policy samples (dicts from evaluation.sample_policy), on the sampled tokens
-    themselves, as PPO will score them."""
-    seqs = [encode_prompt(tok, s["prompt"], rm.config.block_size) + s["tokens"] for s in samples]
-    was_training = rm.training
-    rm.eval()
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        with autocast(device, dtype):
-            out.append(sequence_rewards(rm, seqs[i:i + batch_size], tok.pad_id, device).float().cpu())
-    rm.train(was_training)
-    return torch.cat(out)
-
-
 # ----------------------------------------------------------------------------------------------- normalisation
 @torch.no_grad()
 def set_normalisation(rm, rewards):
