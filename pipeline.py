@@ -4,6 +4,7 @@
     bash pipeline.sh --device cuda        # any other flag is passed to every stage (--dtype, --seed, --compile, ...)
     bash pipeline.sh --force              # rerun every stage, even those that are up to date
     bash pipeline.sh --out runs/seed1 --seed 1
+    bash pipeline.sh --init-from gpt2 --data my_sft.jsonl ...   # --init-from goes to train_sft.py only
 
     out/sft   train_sft.py  --out-dir out/sft
     out/rm    train_rm.py   --sft out/sft --out-dir out/rm              (also writes out/rm/prefs.jsonl)
@@ -28,11 +29,12 @@ from pathlib import Path
 from minirlhf.utils import parse_args
 
 
-def stages(root: Path):
+def stages(root: Path, init_from: str = None):
     """(name, script, argv, output dir, finished-marker file, names of the stages it reads)."""
     sft, rm, ppo, dpo, ev = (root / n for n in ("sft", "rm", "ppo", "dpo", "eval"))
+    init = ["--init-from", init_from] if init_from else []  # only SFT starts from the pretrained model
     return [
-        ("sft", "train_sft.py", ["--out-dir", sft], sft, "metrics.json", []),
+        ("sft", "train_sft.py", ["--out-dir", sft, *init], sft, "metrics.json", []),
         ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm], rm, "metrics.json", ["sft"]),
         ("ppo", "train_ppo.py", ["--policy", sft, "--reward", rm, "--out-dir", ppo], ppo, "metrics.json",
          ["sft", "rm"]),
@@ -78,10 +80,12 @@ def main():
     parser.add_argument("--out", default="out", help="folder that receives sft/ rm/ ppo/ dpo/ eval/")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="only print which stages would run, and why")
+    parser.add_argument("--init-from", help="pretrained GPT-2 directory or Hub id for train_sft.py (SFT only; the "
+                                            "later stages start from the SFT run)")
     a, extra = parser.parse_known_args()
     here = Path(__file__).resolve().parent  # the stage scripts sit next to this file
     root = Path(a.out)
-    plan = stages(root)
+    plan = stages(root, a.init_from)
     markers = {name: out_dir / marker for name, _, _, out_dir, marker, _ in plan}
     t_all, timings = time.time(), []
     for name, script, argv, out_dir, marker, inputs in plan:

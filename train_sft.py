@@ -18,6 +18,7 @@ from tqdm import tqdm
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
 from minirlhf.evaluation import sample_policy
+from minirlhf.hf import load_hf_dir, resolve_source
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -32,12 +33,15 @@ class Args:
     task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py) for data, prompts and evaluation")
     data: Optional[str] = arg(None, "JSONL of {prompt, completion} or {text} records instead of the built-in task")
     init: Optional[str] = arg(None, "start from this earlier run directory (its tokenizer and model config)")
+    init_from: Optional[str] = arg(None, "start from a pretrained Hugging Face GPT-2: a directory (config.json, "
+                                         "model.safetensors, tokenizer.json) or a Hub id like gpt2 (needs network); "
+                                         "its tokenizer and model config; --block-size must not exceed its n_positions")
     tokenizer: Optional[str] = arg(None, "use this tokenizer.json instead of training one")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
-    # model (ignored with --init)
+    # model (ignored with --init; with --init-from only --block-size and --dropout apply)
     vocab_size: int = arg(512, "BPE vocabulary size to train (the model rounds it up to a multiple of 64)")
     block_size: int = arg(64, "context length in tokens (prompt + response)")
     n_layer: int = arg(4, "transformer blocks")
@@ -90,7 +94,14 @@ def main():
         val_recs = task.sft_examples("test", a.n_val, seed=a.seed)
 
     # ---- tokenizer and model
-    if a.init:
+    if a.init_from:  # pretrained GPT-2: <|endoftext|> is BOS and EOS, a PAD is added (see minirlhf/hf.py)
+        if a.init or a.tokenizer:
+            raise UserError("--init-from: the model brings its own tokenizer and weights; drop --init / --tokenizer")
+        state, cfg, tok, _ = load_hf_dir(resolve_source(a.init_from, "--init-from"), "--init-from", "policy",
+                                         block_size=a.block_size, dropout=a.dropout)
+        model = GPT(cfg)
+        model.load_state_dict(state)
+    elif a.init:
         model, tok, _ = load_policy(a.init, "--init")
         model.config.dropout = a.dropout
         cfg = model.config

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .hf import is_hf_dir, load_hf_dir
 from .model import GPT, GPTConfig, ScalarModel
 from .tokenizer import Tokenizer
 from .utils import UserError, write_json
@@ -39,9 +40,13 @@ def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "polic
 
 def load_run(run_dir, flag: str, kind: str = None):
     """Read a run directory written by save_run. Returns (state_dict, GPTConfig, Tokenizer, config dict).
-    The returned GPTConfig has dropout 0: every stage after SFT runs without it (TRL #3500, #744)."""
+    The returned GPTConfig has dropout 0: every stage after SFT runs without it (TRL #3500, #744).
+    A Hugging Face GPT-2 directory (config.json with model_type gpt2, model.safetensors, tokenizer.json) is
+    accepted too, wherever a run directory is: see hf.load_hf_dir (its config dict has "args": None)."""
     run_dir = Path(run_dir)
     where = f"{flag} {run_dir}"
+    if is_hf_dir(run_dir):
+        return load_hf_dir(run_dir, flag, kind)
     for name in ("model.pt", "config.json", "tokenizer.json"):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{where}: no {name} there (run the stage that writes it first)")

@@ -3,23 +3,36 @@
 PAD != EOS on purpose: when they are the same token, masking padding out of the SFT loss also masks EOS and the
 model never learns to stop (TRL #976). Every sequence is BOS + prompt + response + EOS; prompt and response are
 encoded separately and concatenated, so no BPE merge crosses the prompt/response boundary.
+
+Two conventions, chosen from the tokenizer.json itself (so a saved tokenizer always reloads the same way):
+  * ours: three distinct special tokens <|pad|>, <|bos|>, <|eos|> (added at the end if a user's file lacks them);
+  * GPT-2's (a pretrained GPT-2 tokenizer: <|endoftext|> and none of <|bos|> / <|eos|>): <|endoftext|> is BOS and
+    EOS, as the model was pretrained with it between documents, and a distinct <|pad|> is added after it.
 """
 import hashlib
 
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+ENDOFTEXT = "<|endoftext|>"  # GPT-2's only special token
 
 
 class Tokenizer:
     def __init__(self, hf: HFTokenizer):
-        # A user's tokenizer.json may lack our special tokens: add them (they get new ids at the end).
-        missing = [t for t in (PAD, BOS, EOS) if hf.token_to_id(t) is None]
+        gpt2 = hf.token_to_id(ENDOFTEXT) is not None and hf.token_to_id(BOS) is None and hf.token_to_id(EOS) is None
+        # pad_token, bos_token, eos_token: the strings (export_hf.py writes them into tokenizer_config.json)
+        self.pad_token, self.bos_token, self.eos_token = (PAD, ENDOFTEXT, ENDOFTEXT) if gpt2 else (PAD, BOS, EOS)
+        # A user's tokenizer.json may lack our special tokens: add them (they get new ids at the end). Adding a
+        # token that is already a special added token changes nothing, so a saved tokenizer reloads identically;
+        # adding <|endoftext|> when it is only a plain vocabulary entry marks it special (decode drops it).
+        specials = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        missing = [t for t in dict.fromkeys((self.pad_token, self.bos_token, self.eos_token)) if t not in specials]
         if missing:
             hf.add_special_tokens(missing)
         hf.encode_special_tokens = True  # text that spells "<|eos|>" is encoded as text, never as the EOS token
         self.hf = hf
-        self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in (PAD, BOS, EOS))
+        self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in (self.pad_token, self.bos_token,
+                                                                             self.eos_token))
 
     @classmethod
     def train(cls, texts, vocab_size: int = 512) -> "Tokenizer":

@@ -1,0 +1,58 @@
+"""Export a minirlhf run as a Hugging Face transformers GPT-2 directory.
+
+    python export_hf.py out/ppo hf/ppo     # policy  -> GPT2LMHeadModel
+    python export_hf.py out/rm  hf/rm      # reward  -> GPT2ForSequenceClassification (one label)
+
+Then, in the transformers world (weights as safetensors, Conv1D layout; no minirlhf needed):
+
+    model = AutoModelForCausalLM.from_pretrained("hf/ppo"); tok = AutoTokenizer.from_pretrained("hf/ppo")
+    ids = [tok.bos_token_id] + tok(prompt)["input_ids"]    # minirlhf sequences start with BOS; add it yourself
+
+OUT_DIR holds config.json (vocab_size = the model's padded vocabulary, n_positions = its block_size),
+model.safetensors, tokenizer.json, tokenizer_config.json + special_tokens_map.json (BOS/EOS/PAD) and, for a
+policy, generation_config.json (eos/pad ids). A reward model's head bias and normalisation (gain, bias) are folded
+into score.weight and ln_f.bias (see minirlhf/hf.py: fold_score), so transformers' score at the last non-PAD token
+of a right-padded row is minirlhf's reward at EOS. After writing, the export is read back with minirlhf's importer
+and its logits (scores) are compared with the run's on random tokens; the largest difference is printed.
+"""
+import argparse
+
+import torch
+
+from minirlhf.checkpoint import load_run
+from minirlhf.hf import export_hf
+from minirlhf.model import GPT, ScalarModel
+from minirlhf.utils import run
+
+
+def load_model(run_dir, flag):
+    """(GPT or ScalarModel in eval mode, tokenizer) from a run directory or an HF directory."""
+    state, cfg, tok, config = load_run(run_dir, flag)
+    model = ScalarModel(cfg) if config["kind"] == "reward" else GPT(cfg)
+    model.load_state_dict(state)
+    return model.eval(), tok
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a policy or reward run directory (or an HF GPT-2 dir)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (must not exist or be empty)")
+    a = parser.parse_args()
+    info = export_hf(a.run_dir, a.out_dir)
+    # read both back and compare on random tokens: the export must be the same function
+    before, tok = load_model(a.run_dir, "RUN_DIR")
+    after, _ = load_model(a.out_dir, "OUT_DIR")
+    idx = torch.randint(tok.vocab_size, (2, min(32, before.config.block_size)),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (before(idx).float() - after(idx).float()).abs().max().item()
+    what = "GPT2ForSequenceClassification" if info["kind"] == "reward" else "GPT2LMHeadModel"
+    print(f"wrote {a.out_dir}: {what}, vocab {info['vocab_size']}, n_positions {info['n_positions']}; "
+          f"max |difference| after reimport {diff:.2e}")
+    if info["score_offset"]:
+        print(f"note: the reward head has zero weight, so its offset {info['score_offset']:+.6f} could not be "
+              f"folded in; it is in config.json as minirlhf_score_offset (add it to transformers' score)")
+
+
+if __name__ == "__main__":
+    run(main)

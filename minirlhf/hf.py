@@ -1,0 +1,440 @@
+"""Hugging Face GPT-2 checkpoints in and out: safetensors read and written by hand, GPT-2 names and layouts.
+
+safetensors (the format of `model.safetensors`): 8 bytes little-endian header length N, N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then one byte buffer holding
+every tensor row-major, little-endian, back to back (offsets relative to the buffer). Nothing in it is executed;
+pickled `.bin` / `.pt` files are refused for that reason (unpickling runs code chosen by the file's author).
+
+GPT-2 in Hugging Face's layout (GPT2LMHeadModel / GPT2Model / GPT2ForSequenceClassification):
+  * names: [transformer.]wte, wpe, h.{i}.ln_1, h.{i}.attn.c_attn, h.{i}.attn.c_proj, h.{i}.ln_2, h.{i}.mlp.c_fc,
+    h.{i}.mlp.c_proj, ln_f, optional lm_head (tied to wte), score (sequence classification). Our GPT uses the same
+    names under `transformer.`; the gpt2 checkpoint on the Hub is a GPT2Model, stored without that prefix.
+  * c_attn, c_proj and c_fc are `Conv1D` modules: weight (in, out), the transpose of nn.Linear's (out, in).
+    attn.c_proj is square, so forgetting to transpose it raises no shape error; the model is just wrong.
+  * attn.bias / attn.masked_bias are causal-mask buffers, not weights: ignored.
+
+The tokenizer follows GPT-2's convention (tokenizer.py): <|endoftext|> is BOS and EOS, a <|pad|> is added, and the
+embedding grows to cover it (new rows = the mean embedding, so the new token starts as an "average" token rather
+than a random direction; Hewitt 2021, "Initializing new word embeddings for pretrained language models").
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import GPTConfig
+from .tokenizer import Tokenizer
+from .utils import UserError, write_json
+
+
+class SafetensorsError(UserError):
+    pass
+
+
+class HFError(UserError):
+    pass
+
+
+# safetensors dtype -> (torch dtype, little-endian numpy dtype of the same width holding the raw bytes)
+DTYPES = {"F64": (torch.float64, "<f8"), "F32": (torch.float32, "<f4"), "F16": (torch.float16, "<f2"),
+          "BF16": (torch.bfloat16, "<i2"),  # numpy has no bfloat16: read the 16-bit pattern, view it as bf16
+          "I64": (torch.int64, "<i8"), "I32": (torch.int32, "<i4"), "I16": (torch.int16, "<i2"),
+          "I8": (torch.int8, "i1"), "U8": (torch.uint8, "u1"), "BOOL": (torch.bool, "?")}
+TORCH_TO_ST = {t: name for name, (t, _) in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit too: a bigger "header" is a corrupt file
+
+
+# ------------------------------------------------------------------------------------------------ safetensors
+def read_safetensors(path) -> tuple:
+    """Tensors of a .safetensors file, copied into memory. Returns ({name: tensor}, metadata dict).
+    Any malformation raises SafetensorsError naming the file; the checks follow the format's own rules."""
+    path = Path(path)
+
+    def bad(why):
+        return SafetensorsError(f"{path}: not a valid safetensors file ({why})")
+
+    try:
+        size = path.stat().st_size
+        buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    except OSError as e:
+        raise SafetensorsError(f"{path}: cannot read it ({e.strerror})") from None
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(bytes(buf[:8]), "little")
+    if n > MAX_HEADER or 8 + n > size:
+        raise bad(f"header length {n} goes beyond the file's {size} bytes")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad(f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must map strings to strings")
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, e in header.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {name!r} is not a {{dtype, shape, data_offsets}} object")
+        if e["dtype"] not in DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype {e['dtype']!r}")
+        shape, offs = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_len):
+            raise bad(f"tensor {name!r} has data_offsets {offs!r} outside the {data_len}-byte buffer")
+        itemsize = np.dtype(DTYPES[e["dtype"]][1]).itemsize
+        if offs[1] - offs[0] != math.prod(shape) * itemsize:
+            raise bad(f"tensor {name!r}: shape {shape} of {e['dtype']} needs {math.prod(shape) * itemsize} bytes, "
+                      f"data_offsets give {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    end = 0  # the tensors must tile the buffer exactly, in order: no overlap (aliasing), no gap (hidden bytes)
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise bad(f"tensor {name!r} starts at byte {begin}, expected {end} "
+                      f"({'overlapping' if begin < end else 'a gap before'} it)")
+        end = stop
+    if end != data_len:
+        raise bad(f"tensors cover {end} of the {data_len} buffer bytes")
+    tensors = {}
+    for begin, stop, name in spans:
+        torch_dtype, np_dtype = DTYPES[header[name]["dtype"]]
+        raw = np.frombuffer(buf, dtype=np_dtype, count=(stop - begin) // np.dtype(np_dtype).itemsize,
+                            offset=data_start + begin)
+        t = torch.from_numpy(raw.astype(np.dtype(np_dtype).newbyteorder("="), copy=True))  # own memory, native order
+        if torch_dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        tensors[name] = t.reshape(header[name]["shape"])
+    return tensors, metadata
+
+
+def write_safetensors(path, tensors: dict, metadata: dict = None):
+    """Write {name: tensor} as safetensors, atomically. Deterministic bytes: names sorted, no timestamps."""
+    path = Path(path)
+    header, chunks, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in TORCH_TO_ST:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be written to safetensors here")
+        st = TORCH_TO_ST[t.dtype]
+        flat = t.reshape(-1)
+        if t.dtype == torch.bfloat16:
+            flat = flat.view(torch.int16)
+        data = flat.numpy().astype(DTYPES[st][1]).tobytes()  # little-endian whatever the host
+        header[name] = {"dtype": st, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # pad with spaces so the buffer starts 8-byte aligned, as the reference writer does
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for c in chunks:
+            f.write(c)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ GPT-2 layout
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
+BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                "mlp.c_proj.weight", "mlp.c_proj.bias")
+IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers some files carry
+
+
+def trunk_names(n_layer: int) -> list:
+    """GPT-2 trunk parameter names without the `transformer.` prefix."""
+    return (["wte.weight", "wpe.weight"] + [f"h.{i}.{p}" for i in range(n_layer) for p in BLOCK_PARAMS]
+            + ["ln_f.weight", "ln_f.bias"])
+
+
+def check_gpt2_config(hf: dict, where: str) -> dict:
+    """The GPT-2 config.json fields our model implements; anything else is refused naming the field."""
+    def need(field, ok, want):
+        if not ok:
+            raise HFError(f"{where}: config.json {field} = {hf.get(field)!r} is not supported (minirlhf's GPT "
+                          f"implements {want})")
+
+    need("model_type", hf.get("model_type") == "gpt2", "gpt2 only")
+    for field in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        if type(hf.get(field)) is not int or hf[field] < 1:
+            raise HFError(f"{where}: config.json needs a positive integer {field} (got {hf.get(field)!r})")
+    need("n_embd", hf["n_embd"] % hf["n_head"] == 0, f"n_embd divisible by n_head = {hf['n_head']}")
+    # gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation, which model.py uses
+    need("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+         "gelu_new (tanh GELU)")
+    need("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-5, nn.LayerNorm's")
+    need("n_inner", hf.get("n_inner") in (None, 4 * hf["n_embd"]), "an MLP of 4 * n_embd")
+    need("scale_attn_weights", hf.get("scale_attn_weights", True) is True, "attention scaled by 1/sqrt(head_dim)")
+    need("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False), "false")
+    need("add_cross_attention", not hf.get("add_cross_attention", False), "a decoder without cross-attention")
+    need("tie_word_embeddings", hf.get("tie_word_embeddings", True) is True, "lm_head tied to wte")
+    return hf
+
+
+def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
+    """HF GPT-2 tensors -> (trunk state dict in our names and nn.Linear layout, score weight or None).
+
+    tensors may carry the `transformer.` prefix or not; lm_head.weight, when present, must equal wte."""
+    by_name = {}
+    for name, t in tensors.items():
+        short = name[len("transformer."):] if name.startswith("transformer.") else name
+        if short in by_name:
+            raise HFError(f"{where}: tensor {short!r} is stored twice (with and without the transformer. prefix)")
+        by_name[short] = t
+    n_layer, C, V = hf["n_layer"], hf["n_embd"], hf["vocab_size"]
+    expected = {"wte.weight": (V, C), "wpe.weight": (hf["n_positions"], C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C),
+             "mlp.c_proj.bias": (C,)}
+    expected.update({f"h.{i}.{p}": s for i in range(n_layer) for p, s in block.items()})
+    extra = sorted(k for k in by_name if k not in expected and k not in ("lm_head.weight", "score.weight")
+                   and not IGNORED.fullmatch(k))
+    if extra:
+        raise HFError(f"{where}: unexpected tensor {extra[0]!r} for a GPT-2 with n_layer {n_layer} "
+                      f"({len(extra)} such; is config.json the one of these weights?)")
+    state = {}
+    for name, shape in expected.items():
+        if name not in by_name:
+            raise HFError(f"{where}: tensor {name!r} is missing from the checkpoint")
+        t = by_name[name]
+        if tuple(t.shape) != shape:
+            raise HFError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
+        t = t.float()
+        if name.endswith(CONV1D):
+            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
+        state["transformer." + name] = t.contiguous()
+    wte = state["transformer.wte.weight"]
+    if "lm_head.weight" in by_name and not torch.equal(by_name["lm_head.weight"].float(), wte):
+        raise HFError(f"{where}: lm_head.weight differs from wte.weight; minirlhf's GPT ties them")
+    score = by_name.get("score.weight")
+    if score is not None and tuple(score.shape) != (1, C):
+        raise HFError(f"{where}: score.weight has shape {tuple(score.shape)}; only one label (1, {C}) is supported")
+    return state, (score.float() if score is not None else None)
+
+
+def gpt2_to_hf(state: dict, cfg: GPTConfig) -> dict:
+    """Our GPT's state dict (keys transformer.*, nn.Linear layout) -> HF GPT-2 tensors (transformer.*, Conv1D
+    layout), float32. lm_head is left out (tied; transformers re-ties it). A model without biases (bias=False)
+    gets zero biases: exactly the same function."""
+    out = {}
+    for name in trunk_names(cfg.n_layer):
+        t = state.get("transformer." + name)
+        if t is None:  # bias=False: LayerNorm / Linear without a bias == with a zero bias
+            shape = {"attn.c_attn.bias": 3 * cfg.n_embd, "mlp.c_fc.bias": 4 * cfg.n_embd}
+            t = torch.zeros(next((v for k, v in shape.items() if name.endswith(k)), cfg.n_embd))
+        t = t.detach().float().cpu()
+        out["transformer." + name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+    return out
+
+
+def grow_vocab(state: dict, n_tokens: int) -> int:
+    """Make room for n_tokens (the tokenizer's vocabulary, PAD included) in wte/lm_head: round up to a multiple of
+    64 as train_sft.py does (tensor-core friendly) and fill new rows with the mean embedding. Returns the size."""
+    wte = state["transformer.wte.weight"]
+    if n_tokens <= wte.size(0):
+        return wte.size(0)
+    V = 64 * math.ceil(n_tokens / 64)
+    state["transformer.wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).expand(V - wte.size(0), -1)])
+    return V
+
+
+# ------------------------------------------------------------------------------------------------ directories
+def is_hf_dir(path) -> bool:
+    """A Hugging Face model directory: config.json with a model_type (our run configs have a "kind" instead)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and "kind" not in config
+
+
+def read_weights(d: Path, where: str) -> dict:
+    """model.safetensors, or the shards listed in model.safetensors.index.json. Pickles are refused."""
+    if (d / "model.safetensors").is_file():
+        return read_safetensors(d / "model.safetensors")[0]
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HFError(f"{where}: {index.name} is not a safetensors index ({e})") from None
+        tensors = {}
+        for f in files:
+            if Path(f).name != f:
+                raise HFError(f"{where}: {index.name} names a shard outside the directory: {f!r}")
+            tensors.update(read_safetensors(d / f)[0])
+        return tensors
+    pickles = [p.name for p in sorted(d.iterdir()) if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickles:
+        raise HFError(f"{where}: only a pickle checkpoint ({pickles[0]}); minirlhf never unpickles downloaded "
+                      f"weights (that can run arbitrary code). Convert it to model.safetensors first, e.g. "
+                      f"with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
+                      f"safe_serialization=True)")
+    raise HFError(f"{where}: no model.safetensors there")
+
+
+def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropout: float = 0.0) -> tuple:
+    """Read a Hugging Face GPT-2 directory like a run directory (checkpoint.load_run's return values):
+    (state_dict, GPTConfig, Tokenizer, config dict with kind / model / tokenizer_fingerprint).
+
+    kind "policy" takes a GPT2LMHeadModel / GPT2Model; kind "reward" a GPT2ForSequenceClassification with one
+    label (as export_hf.py writes a reward model), whose state is then a ScalarModel's. block_size (optional)
+    keeps only the first block_size positions of wpe (the logits of shorter sequences do not change)."""
+    d = Path(path)
+    where = f"{flag} {d}"
+    try:
+        hf = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise HFError(f"{where}: cannot read config.json ({e})") from None
+    check_gpt2_config(hf, where)
+    if not (d / "tokenizer.json").is_file():
+        raise HFError(f"{where}: no tokenizer.json (save the tokenizer with transformers' "
+                      f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR), which writes it)")
+    tokenizer = Tokenizer.load(d / "tokenizer.json")
+    state, score = gpt2_from_hf(read_weights(d, where), hf, where)
+    is_reward = score is not None
+    if kind is not None and kind != ("reward" if is_reward else "policy"):
+        raise HFError(f"{where}: holds a {'reward model (score head)' if is_reward else 'language model'}, "
+                      f"expected a {kind} checkpoint")
+    n_pos = hf["n_positions"]
+    if block_size is not None:
+        if block_size > n_pos:
+            raise HFError(f"{where}: the checkpoint has {n_pos} positions (n_positions); --block-size {block_size} "
+                          f"is more")
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
+        n_pos = block_size
+    vocab = grow_vocab(state, tokenizer.vocab_size)
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied, as in GPT-2
+    cfg = GPTConfig(vocab_size=vocab, block_size=n_pos, n_layer=hf["n_layer"], n_head=hf["n_head"],
+                    n_embd=hf["n_embd"], dropout=dropout, bias=True)
+    if is_reward:
+        # export_hf.py folded the head's bias and the normalisation into score.weight and ln_f.bias; an offset it
+        # could not fold is recorded in config.json and restored here
+        state = {"gpt." + k: v for k, v in state.items()}
+        state.update({"head.weight": score, "head.bias": torch.zeros(1), "gain": torch.tensor(1.0),
+                      "bias": torch.tensor(float(hf.get("minirlhf_score_offset", 0.0)))})
+    config = {"kind": "reward" if is_reward else "policy", "model": dataclasses.asdict(cfg),
+              "tokenizer_fingerprint": tokenizer.fingerprint(), "args": None, "hf_dir": str(d)}
+    return state, cfg, tokenizer, config
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def resolve_source(source: str, flag: str) -> Path:
+    """A local directory as is; otherwise a Hub id (gpt2, openai-community/gpt2) downloaded with huggingface_hub
+    (weights as safetensors only). Every failure is one UserError suggesting the local-directory form."""
+    p = Path(source)
+    if p.is_dir():
+        return p
+    local = ("download it where there is network (huggingface-cli download openai-community/gpt2 --local-dir "
+             "gpt2) and pass that directory (config.json, model.safetensors, tokenizer.json)")
+    if p.exists() or not HUB_ID.fullmatch(source):
+        raise HFError(f"{flag} {source}: not a directory; {local}")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise HFError(f"{flag} {source}: no such directory, and huggingface_hub is not installed to fetch it as a "
+                      f"Hub id (pip install huggingface_hub); or {local}") from None
+    try:
+        d = huggingface_hub.snapshot_download(
+            source, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"])
+    except Exception as e:  # offline, unknown repo, gated, disk full: the library raises many types
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        raise HFError(f"{flag} {source}: no such directory, and downloading it from the Hugging Face Hub failed "
+                      f"({type(e).__name__}: {msg}); {local}") from None
+    return Path(d)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def hf_config(cfg: GPTConfig, tok: Tokenizer, reward: bool) -> dict:
+    """config.json of the exported model (transformers' GPT2Config fields)."""
+    c = {"architectures": ["GPT2ForSequenceClassification" if reward else "GPT2LMHeadModel"], "model_type": "gpt2",
+         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+         "attn_pdrop": 0.0, "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
+         "use_cache": True, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+         "torch_dtype": "float32"}
+    if reward:
+        c.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return c
+
+
+def fold_score(state: dict, cfg: GPTConfig) -> tuple:
+    """Our reward = (w . h + b) * gain + bias, with h = ln_f(x) = g * x_hat + beta. GPT2ForSequenceClassification
+    has score = w' . h and no bias. Take w' = gain * w and fold the constant c = gain * b + bias into ln_f's bias:
+    beta' = beta + c * w' / |w'|^2 gives w' . h' = w' . h + c exactly (up to rounding). This works because in that
+    model ln_f feeds nothing but the score head (no LM head); the price is that the exported trunk's last hidden
+    states are shifted by c * w' / |w'|^2. With w' = 0 nothing can be folded: returns the offset to record.
+    Returns (HF tensors, unfolded offset)."""
+    trunk = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
+    out = gpt2_to_hf(trunk, cfg)
+    gain, bias = state["gain"].double(), state["bias"].double()
+    w = state["head.weight"].double() * gain  # (1, n_embd)
+    c = state["head.bias"].double()[0] * gain + bias
+    out["score.weight"] = w.float()
+    norm2 = (w * w).sum()
+    if norm2 == 0:
+        return out, float(c)
+    out["transformer.ln_f.bias"] = (out["transformer.ln_f.bias"].double() + c * w[0] / norm2).float()
+    return out, 0.0
+
+
+def export_hf(run_dir, out_dir, flag: str = "RUN_DIR") -> dict:
+    """Write run_dir (a policy or reward run, or an HF directory) as a transformers GPT-2 directory. The directory
+    is assembled next to out_dir and renamed into place, so out_dir is either complete or absent. Returns info."""
+    from .checkpoint import load_run  # checkpoint imports this module
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise HFError(f"OUT_DIR {out_dir}: exists and is not empty (remove it or choose another)")
+    state, cfg, tok, config = load_run(run_dir, flag)
+    reward = config.get("kind") == "reward"
+    if reward:
+        tensors, offset = fold_score(state, cfg)
+    else:
+        tensors, offset = gpt2_to_hf(state, cfg), 0.0
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        write_safetensors(stage / "model.safetensors", tensors, {"format": "pt"})  # transformers checks "format"
+        c = hf_config(cfg, tok, reward)
+        if offset:
+            c["minirlhf_score_offset"] = offset  # add this to transformers' score to get minirlhf's reward
+        write_json(stage / "config.json", c)
+        tok.save(stage / "tokenizer.json")
+        specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
+        # PreTrainedTokenizerFast reads tokenizer.json as is; it does not add BOS: prepend it yourself (minirlhf
+        # sequences are BOS + prompt + response + EOS)
+        write_json(stage / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+                                                     "model_max_length": cfg.block_size, "padding_side": "right",
+                                                     "clean_up_tokenization_spaces": False})
+        write_json(stage / "special_tokens_map.json", specials)
+        if not reward:
+            write_json(stage / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                                                          "pad_token_id": tok.pad_id})
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return {"kind": config.get("kind"), "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
+            "score_offset": offset}
