@@ -3,6 +3,7 @@
 The GPT-2-format directories here are written by the test itself from a tiny random model, in HF names and Conv1D
 layout, with a naive converter independent of minirlhf/hf.py."""
 import json
+import math
 import os
 import pickle
 import struct
@@ -434,13 +435,31 @@ def test_generation_stops_at_eos_when_bos_is_eos(tmp_path, source):
 
 
 # ------------------------------------------------------------------------------------------------ the whole chain
+def pretrained_like(tok_path, seed=0) -> GPT:
+    """A tiny "pretrained" GPT-2 for the task: whatever the context it puts its mass on the task's words and on
+    <|endoftext|> (p ~ 1/4), so the chain's samples end with EOS without a long SFT (as test_rm.py's fixture)."""
+    model, _ = tiny_source(tok_path.parent, seed=seed)
+    tok, task = Tokenizer.load(tok_path), get_task()
+    words = task.NOUNS + task.VERBS + list(task.ADVERBS) + list(task.ADJECTIVES) + task.CONNECTIVES + ["the", "."]
+    word_ids = sorted({i for w in words for i in tok.encode(" " + w)})
+    target = torch.full((model.config.vocab_size,), -30.0)
+    target[word_ids] = 0.0
+    target[tok.eos_id] = math.log(len(word_ids) / 3)
+    with torch.no_grad():  # hidden state ~ 10 * e_0 + small, tied lm_head: logit_j ~ 10 * wte[j, 0]
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 10.0
+        model.transformer.wte.weight[:, 0] = target / 10.0
+    return model
+
+
 def test_sft_rm_ppo_dpo_chain_from_an_imported_gpt2_directory(tmp_path, source):
-    model, tok_path = source
+    _, tok_path = source
+    model = pretrained_like(tok_path)
     g = write_gpt2_dir(tmp_path / "gpt2", model, tok_path)
     sft, rm, ppo, dpo = (tmp_path / n for n in ("sft", "rm", "ppo", "dpo"))
     run_script("train_sft.py", "--init-from", g, "--out-dir", sft, "--steps", 6, "--n-train", 64, "--n-val", 8,
                "--n-samples", 4, "--batch-size", 8, "--device", "cpu", "--max-new-tokens", 8, "--block-size", 48,
-               "--lr", 3e-3)
+               "--lr", 1e-4)
     cfg = json.loads((sft / "config.json").read_text())
     assert cfg["model"]["block_size"] == 48 and cfg["model"]["n_layer"] == 2 and cfg["args"]["init_from"] == str(g)
     policy, tok, _ = load_policy(sft)
