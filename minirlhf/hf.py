@@ -430,6 +430,10 @@ def export_hf(run_dir, out_dir, flag: str = "RUN_DIR") -> dict:
         if not reward:
             write_json(stage / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                                                           "pad_token_id": tok.pad_id})
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in stage.iterdir():  # temp files are created 0600; an export is meant to be shared
+            f.chmod(0o644 & ~umask)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(stage, out_dir)
