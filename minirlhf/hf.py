@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .model import GPTConfig
-from .tokenizer import Tokenizer
+from .tokenizer import ENDOFTEXT, Tokenizer
 from .utils import UserError, write_json
 
 
@@ -288,6 +288,24 @@ def read_weights(d: Path, where: str) -> dict:
     raise HFError(f"{where}: no model.safetensors there")
 
 
+def load_tokenizer(d: Path, where: str) -> Tokenizer:
+    """tokenizer.json, or GPT-2's original pair vocab.json + merges.txt rebuilt as the same byte-level BPE."""
+    if (d / "tokenizer.json").is_file():
+        return Tokenizer.load(d / "tokenizer.json")
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        try:
+            t = HFTokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise HFError(f"{where}: vocab.json / merges.txt are not a BPE vocabulary ({e})") from None
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT2TokenizerFast's defaults
+        t.decoder = decoders.ByteLevel()
+        if t.token_to_id(ENDOFTEXT) is not None:
+            t.add_special_tokens([ENDOFTEXT])
+        return Tokenizer(t)
+    raise HFError(f"{where}: no tokenizer.json (nor vocab.json + merges.txt) there")
+
+
 def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropout: float = 0.0) -> tuple:
     """Read a Hugging Face GPT-2 directory like a run directory (checkpoint.load_run's return values):
     (state_dict, GPTConfig, Tokenizer, config dict with kind / model / tokenizer_fingerprint).
@@ -302,10 +320,7 @@ def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropo
     except (OSError, ValueError) as e:
         raise HFError(f"{where}: cannot read config.json ({e})") from None
     check_gpt2_config(hf, where)
-    if not (d / "tokenizer.json").is_file():
-        raise HFError(f"{where}: no tokenizer.json (save the tokenizer with transformers' "
-                      f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR), which writes it)")
-    tokenizer = Tokenizer.load(d / "tokenizer.json")
+    tokenizer = load_tokenizer(d, where)
     state, score = gpt2_from_hf(read_weights(d, where), hf, where)
     is_reward = score is not None
     if kind is not None and kind != ("reward" if is_reward else "policy"):
@@ -353,7 +368,8 @@ def resolve_source(source: str, flag: str) -> Path:
                       f"Hub id (pip install huggingface_hub); or {local}") from None
     try:
         d = huggingface_hub.snapshot_download(
-            source, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"])
+            source, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                                    "vocab.json", "merges.txt"])
     except Exception as e:  # offline, unknown repo, gated, disk full: the library raises many types
         msg = (str(e).strip().splitlines() or [""])[0][:200]
         raise HFError(f"{flag} {source}: no such directory, and downloading it from the Hugging Face Hub failed "

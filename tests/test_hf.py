@@ -251,6 +251,37 @@ def test_import_transposes_every_conv1d_including_square_attn_c_proj(tmp_path, s
         assert (wrong(idx)[..., :model.config.vocab_size] - model(idx)).abs().max() > 1e-3
 
 
+def test_sharded_weights_and_vocab_merges_tokenizer(tmp_path, source):
+    """model.safetensors.index.json + shards, and GPT-2's original vocab.json + merges.txt instead of
+    tokenizer.json, load to the same model and the same token ids."""
+    model, tok_path = source
+    d = write_gpt2_dir(tmp_path / "gpt2", model, tok_path)
+    tensors, _ = read_safetensors(d / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        write_safetensors(d / f, {k: tensors[k] for k in keys}, {"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    (d / "model.safetensors").unlink()
+    from tokenizers import Tokenizer as HFTok
+    HFTok.from_file(str(tok_path)).model.save(str(d))  # writes vocab.json and merges.txt
+    vocab = json.loads((d / "vocab.json").read_text())
+    (d / "vocab.json").write_text(json.dumps({**vocab, ENDOFTEXT: len(vocab)}))  # GPT-2's vocab.json has it last
+    (d / "tokenizer.json").unlink()
+    imported, tok, _ = load_policy(d)
+    ref_tok = Tokenizer.load(tok_path)
+    text = " the food was very good . but the service felt slow ."
+    assert tok.encode(text) == ref_tok.encode(text) and len(ref_tok.encode(text)) < len(text.encode())  # merges used
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref_tok.bos_id, ref_tok.eos_id, ref_tok.pad_id)
+    idx = random_ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(idx)[..., :model.config.vocab_size], model(idx), rtol=0, atol=1e-6)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {names[0]: "../evil.safetensors"}}))
+    with pytest.raises(HFError, match="outside the directory"):
+        load_policy(d)
+
+
 def test_block_size_cut_keeps_logits(tmp_path, source):
     model, tok_path = source
     d = write_gpt2_dir(tmp_path / "gpt2", model, tok_path)
