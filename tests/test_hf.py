@@ -282,6 +282,31 @@ def test_sharded_weights_and_vocab_merges_tokenizer(tmp_path, source):
         load_policy(d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_import_as_float32(tmp_path, source, dtype):
+    model, tok_path = source
+    tensors = {k: v.to(dtype) for k, v in naive_hf_tensors(model, mask_buffers=False).items()}
+    imported, _, _ = load_policy(write_gpt2_dir(tmp_path / "gpt2", model, tok_path, tensors))
+    w = imported.transformer.h[1].mlp.c_fc.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, model.transformer.h[1].mlp.c_fc.weight.to(dtype).float())
+
+
+def test_export_of_a_model_without_biases(tmp_path, source):
+    """bias=False has no GPT-2 equivalent except zero biases: the same function."""
+    tok = Tokenizer.load(source[1])
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=False)).eval()
+    save_run(tmp_path / "run", model, tok, None, kind="policy")
+    hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    tensors, _ = read_safetensors(tmp_path / "hf/model.safetensors")
+    assert tensors["transformer.h.0.attn.c_attn.bias"].shape == (96,) and not tensors["transformer.ln_f.bias"].any()
+    back, _, _ = load_policy(tmp_path / "hf")
+    idx = random_ids(tok.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), model(idx), rtol=0, atol=1e-6)
+
+
 def test_block_size_cut_keeps_logits(tmp_path, source):
     model, tok_path = source
     d = write_gpt2_dir(tmp_path / "gpt2", model, tok_path)
