@@ -291,7 +291,10 @@ def read_weights(d: Path, where: str) -> dict:
 def load_tokenizer(d: Path, where: str) -> Tokenizer:
     """tokenizer.json, or GPT-2's original pair vocab.json + merges.txt rebuilt as the same byte-level BPE."""
     if (d / "tokenizer.json").is_file():
-        return Tokenizer.load(d / "tokenizer.json")
+        try:
+            return Tokenizer.load(d / "tokenizer.json")
+        except ValueError as e:
+            raise HFError(f"{where}: {e}") from None
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
         try:

@@ -102,7 +102,7 @@ def test_malformed_safetensors_give_one_clear_line(tmp_path, kind):
 
 
 def test_malformed_weights_through_a_script_is_one_line_exit_2(tmp_path):
-    d = write_gpt2_dir(tmp_path / "g", *tiny_source())
+    d = write_gpt2_dir(tmp_path / "g", *tiny_source(tmp_path))
     (d / "model.safetensors").write_bytes(MALFORMED["overlap"][0])
     proc = run_script("export_hf.py", d, tmp_path / "out", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -126,18 +126,21 @@ def gpt2_tokenizer(tmp_path, vocab_size=300) -> Path:
     return path
 
 
-def tiny_source(tmp_path_tok=None, n_positions=64, seed=0):
-    """A random tiny GPT whose vocabulary is exactly a GPT-2-style tokenizer's (no PAD: like GPT-2 itself)."""
-    import tempfile
-    tok_path = gpt2_tokenizer(Path(tmp_path_tok or tempfile.mkdtemp()))
-    n_tokens = json.loads(tok_path.read_text())["model"]["vocab"].__len__() + 1  # + <|endoftext|>
+def random_gpt(n_tokens: int, n_positions=64, seed=0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=n_tokens, block_size=n_positions, n_layer=2, n_head=2, n_embd=32))
     with torch.no_grad():  # GPT-2's init leaves biases and LayerNorms trivial: make every parameter matter
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    return model, tok_path
+    return model
+
+
+def tiny_source(tok_dir: Path, n_positions=64, seed=0):
+    """A random tiny GPT whose vocabulary is exactly a GPT-2-style tokenizer's (no PAD: like GPT-2 itself)."""
+    tok_path = gpt2_tokenizer(tok_dir)
+    n_tokens = len(json.loads(tok_path.read_text())["model"]["vocab"]) + 1  # + <|endoftext|>
+    return random_gpt(n_tokens, n_positions, seed), tok_path
 
 
 def naive_hf_tensors(model: GPT, prefix="transformer.", lm_head=False, mask_buffers=True) -> dict:
@@ -191,7 +194,7 @@ def random_ids(n_tokens, B=3, T=20, seed=1):
 def test_gpt2_tokenizer_convention(source):
     _, tok_path = source
     raw = Tokenizer.load(tok_path)
-    n = json.loads(tok_path.read_text())["model"]["vocab"].__len__() + 1
+    n = len(json.loads(tok_path.read_text())["model"]["vocab"]) + 1
     eot = n - 1
     assert raw.bos_id == raw.eos_id == eot  # <|endoftext|> is both, as GPT-2 was pretrained
     assert raw.pad_id == n and raw.vocab_size == n + 1 and raw.pad_id != raw.eos_id  # PAD added, distinct
@@ -343,6 +346,10 @@ def test_wrong_weights_are_refused(tmp_path, source):
         load_policy(write_gpt2_dir(tmp_path / "b", model, tok_path, t))
     with pytest.raises(HFError, match="unexpected tensor 'h.1.*n_layer 1"):  # config says 1 layer fewer
         load_policy(write_gpt2_dir(tmp_path / "c", model, tok_path, naive_hf_tensors(model), n_layer=1))
+    d = write_gpt2_dir(tmp_path / "e", model, tok_path)
+    (d / "tokenizer.json").write_text("{not json")
+    with pytest.raises(HFError, match="not a readable tokenizer.json"):
+        load_policy(d)
     t = naive_hf_tensors(model)
     t["transformer.h.0.mlp.c_fc.weight"] = t["transformer.h.0.mlp.c_fc.weight"].t().contiguous()  # Linear layout
     with pytest.raises(HFError, match=r"shape \(128, 32\), config.json implies \(32, 128\)"):
@@ -494,8 +501,8 @@ def test_generation_stops_at_eos_when_bos_is_eos(tmp_path, source):
 def pretrained_like(tok_path, seed=0) -> GPT:
     """A tiny "pretrained" GPT-2 for the task: whatever the context it puts its mass on the task's words and on
     <|endoftext|> (p ~ 1/4), so the chain's samples end with EOS without a long SFT (as test_rm.py's fixture)."""
-    model, _ = tiny_source(tok_path.parent, seed=seed)
     tok, task = Tokenizer.load(tok_path), get_task()
+    model = random_gpt(tok.vocab_size - 1, seed=seed)  # the file's tokens, without the PAD minirlhf adds
     words = task.NOUNS + task.VERBS + list(task.ADVERBS) + list(task.ADJECTIVES) + task.CONNECTIVES + ["the", "."]
     word_ids = sorted({i for w in words for i in tok.encode(" " + w)})
     target = torch.full((model.config.vocab_size,), -30.0)
