@@ -314,6 +314,7 @@ def test_block_size_cut_keeps_logits(tmp_path, source):
     model, tok_path = source
     d = write_gpt2_dir(tmp_path / "gpt2", model, tok_path)
     state, cfg, tok, _ = hf.load_hf_dir(d, "--init-from", "policy", block_size=24)
+    assert cfg.block_size == 24 and state["transformer.wpe.weight"].shape == (24, 32)
     short = GPT(cfg)
     short.load_state_dict(state)
     idx = random_ids(model.config.vocab_size, T=24)
