@@ -539,10 +539,11 @@ def test_sft_rm_ppo_dpo_chain_from_an_imported_gpt2_directory(tmp_path, source):
     for d in (ppo, dpo):
         out, tok2, _ = load_policy(d)
         assert tok2.fingerprint() == tok.fingerprint() and out.config == policy.config
-    # the imported directory itself is accepted where a policy run is: as the reference of the evaluation
-    proc = run_script("evaluate.py", "--policies", ppo, "--ref", sft, "--reward", rm, "--out-dir", tmp_path / "ev",
-                      "--n-prompts", 4, "--max-new-tokens", 8, "--device", "cpu")
-    assert (tmp_path / "ev/report.json").is_file(), proc.stdout[-2000:]
+    # the GPT-2 directory itself is accepted where a policy run is, e.g. as one of the evaluated policies
+    proc = run_script("evaluate.py", "--policies", ppo, dpo, g, "--ref", sft, "--reward", rm, "--out-dir",
+                      tmp_path / "ev", "--n-prompts", 4, "--max-new-tokens", 8, "--device", "cpu")
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    assert set(report["policies"]) == {"ppo", "dpo", "gpt2"}, proc.stdout[-2000:]
     # and a mismatch between the raw directory (block 64) and the SFT run (block 48) is named, in one line
     proc = run_script("train_ppo.py", "--policy", g, "--reward", rm, "--out-dir", tmp_path / "x", "--device", "cpu",
                       check=False)
