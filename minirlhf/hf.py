@@ -360,7 +360,7 @@ def resolve_source(source: str, flag: str) -> Path:
     p = Path(source)
     if p.is_dir():
         return p
-    local = ("download it where there is network (huggingface-cli download openai-community/gpt2 --local-dir "
+    local = ("download it where there is network (hf download openai-community/gpt2 --local-dir "
              "gpt2) and pass that directory (config.json, model.safetensors, tokenizer.json)")
     if p.exists() or not HUB_ID.fullmatch(source):
         raise HFError(f"{flag} {source}: not a directory; {local}")
