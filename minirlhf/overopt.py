@@ -1,0 +1,79 @@
+"""Reward over-optimisation: the functional forms of Gao, Schulman & Hilton 2022 ("Scaling Laws for Reward Model
+Overoptimization", 2210.10760), fitted by least squares.
+
+Gao et al. measure a policy's distance from the initial policy by d = sqrt(KL(pi || pi_init)) and find that the gold
+reward gain over the initial policy follows, for the two ways of optimising a learned (proxy) reward,
+
+    best-of-n:  R_bon(d) = d * (alpha - beta * d)          (eq. 1)
+    RL:         R_rl(d)  = d * (alpha - beta * log d)      (eq. 2)
+
+alpha is the initial slope (how fast gold rises while the proxy is still right), beta how fast the proxy's errors
+take over. Both forms are linear in (alpha, beta), so ordinary least squares on the measured points fits them
+exactly, with no optimiser: R = alpha * f1(d) - beta * f2(d) with f1 = d and f2 = d^2 or d * log d.
+The gold gain peaks where dR/dd = 0:
+    best-of-n:  d* = alpha / (2 beta)
+    RL:         alpha - beta * (log d + 1) = 0   ->   d* = exp(alpha / beta - 1)
+and the KL at the peak is d*^2 (reported when beta > 0, i.e. when the fit does turn over).
+"""
+import math
+
+import numpy as np
+
+FORMS = ("bon", "rl")
+
+
+def _features(d, form: str):
+    """The two regressors of R = alpha * f1 - beta * f2 for `form`; d (N,) >= 0."""
+    d = np.asarray(d, dtype=np.float64)
+    if form == "bon":
+        return d, d * d
+    if form == "rl":
+        # d * log d -> 0 as d -> 0 (the form's own limit), so the initial policy itself (d = 0) is a valid point
+        safe = np.where(d > 0, d, 1.0)
+        return d, np.where(d > 0, d * np.log(safe), 0.0)
+    raise ValueError(f"unknown form {form!r} (choose from {', '.join(FORMS)})")
+
+
+def gao_curve(d, alpha: float, beta: float, form: str):
+    """R(d) of the given form, (N,) float64."""
+    f1, f2 = _features(d, form)
+    return alpha * f1 - beta * f2
+
+
+def peak_distance(alpha: float, beta: float, form: str):
+    """d at which R(d) is largest, or None when the fitted curve never turns over (beta <= 0)."""
+    if beta <= 0:
+        return None
+    if form == "bon":
+        return alpha / (2.0 * beta)
+    if form == "rl":
+        return math.exp(alpha / beta - 1.0)
+    raise ValueError(f"unknown form {form!r}")
+
+
+def fit_gao(kl, gain, form: str) -> dict:
+    """Least-squares fit of R(d) = d (alpha - beta * g(d)) to measured points.
+
+    kl (N,): KL(pi || pi_init) of each point in nats (d = sqrt(kl)); gain (N,): gold reward minus the initial
+    policy's gold at each point. Needs at least two points with d > 0.
+    Returns {"form", "alpha", "beta", "rmse" (root mean squared residual), "n", "peak_d", "peak_kl",
+    "peak_gain"} (peak_* are None when beta <= 0: no turnover within the form)."""
+    kl = np.asarray(kl, dtype=np.float64)
+    gain = np.asarray(gain, dtype=np.float64)
+    if kl.shape != gain.shape or kl.ndim != 1:
+        raise ValueError("kl and gain must be 1-D arrays of the same length")
+    if np.any(kl < 0):
+        raise ValueError("KL values must be >= 0")
+    d = np.sqrt(kl)
+    if int((d > 0).sum()) < 2:
+        raise ValueError("need at least two points with KL > 0 to fit alpha and beta")
+    f1, f2 = _features(d, form)
+    design = np.stack([f1, -f2], axis=1)  # (N, 2): R = design @ [alpha, beta]
+    (alpha, beta), *_ = np.linalg.lstsq(design, gain, rcond=None)
+    resid = gain - design @ np.array([alpha, beta])
+    peak_d = peak_distance(alpha, beta, form)
+    return {"form": form, "alpha": float(alpha), "beta": float(beta),
+            "rmse": float(np.sqrt(np.mean(resid ** 2))), "n": int(len(d)),
+            "peak_d": peak_d, "peak_kl": None if peak_d is None else peak_d ** 2,
+            "peak_gain": None if peak_d is None else float(gao_curve([peak_d], alpha, beta, form)[0])}
+
