@@ -37,7 +37,8 @@ from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
 from minirlhf.data import read_jsonl
 from minirlhf.evaluation import estimate_frontier, fraction_of_optimal, policy_metrics, sample_policy
 from minirlhf.tasks import get_task
-from minirlhf.utils import UserError, arg, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, resolve_device,
+                            resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -139,8 +140,8 @@ def write_markdown(report, path):
                           f"the optimum at that KL {'is at most' if m['frontier_extrapolated'] else 'is'} "
                           f"{m['frontier_gold'] - fi['ref_gold']:+.3f}")
         md.append("")
-    md.append(f"Plot: `{report['plot']}`" if report["plot"] else
-              "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
+    md.append(f"Plot: `{report['plot']}`" if report["plot"] else "No plot: no gold reward on user prompts." if
+              not report["gold"] else "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
               "only.")
     md += ["", "## Samples", ""]
     for name, m in report["policies"].items():
@@ -168,7 +169,10 @@ def training_path(run_dir, smooth: int = 10):
 
 
 def write_plot(report, path):
-    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib."""
+    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib
+    or without a gold reward (user prompts: nothing to put on the y axis)."""
+    if not report["gold"]:
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -223,23 +227,27 @@ def load_models(a: Args, device):
     return ref.eval(), tok, policies, rm
 
 
-def main():
-    a = parse_args(Args)
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(bool(a.policies), "--policies: name at least one policy run directory")
+    check_flags(a, {"n_prompts": (lambda v: v >= 2, ">= 2 (standard errors need two samples)"),
+                    "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "n_show": NON_NEGATIVE,
+                    "frontier_prompts": POSITIVE,
+                    "frontier_samples": (lambda v: v >= 2, ">= 2 (the frontier reweights several samples)"),
+                    "min_ess": (lambda v: v >= 1, ">= 1 (an effective sample size)")})
+    check(all(b > 0 for b in a.betas), f"--betas {' '.join(map(str, a.betas))}: must all be > 0")
+    check(not (a.frontier and a.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
+                                          "--prompts data")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     t0 = time.time()
-    if not a.policies:
-        raise UserError("--policies: name at least one policy run directory")
-    if a.n_prompts < 2:
-        raise UserError("--n-prompts must be at least 2 (standard errors need two samples)")
     task = None if a.prompts else get_task(a.task)
-    if a.frontier and task is None:
-        raise UserError("--frontier needs the gold reward of a built-in task; it cannot run on --prompts data")
-    if a.frontier and (a.frontier_samples < 2 or a.frontier_prompts < 1):
-        raise UserError("--frontier-samples must be >= 2 and --frontier-prompts >= 1")
-    if any(b <= 0 for b in a.betas):
-        raise UserError("--betas must all be > 0")
 
     ref, tok, policies, rm = load_models(a, device)
     if a.prompts:
@@ -302,7 +310,7 @@ def main():
     if report["gold"]:
         print("gold = hidden true reward (± s.e.); KL in nats vs the reference; win = paired gold win rate vs the "
               "reference, ties half")
-    if report["plot"] is None:
+    if report["plot"] is None and report["gold"]:
         print("(matplotlib not installed: no report.png, text report only)")
     print(f"wrote {out}/report.json, report.md{', report.png' if report['plot'] else ''} "
           f"({report['seconds']:.0f}s)")

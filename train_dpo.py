@@ -39,8 +39,8 @@ from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import preference_loss, token_logps
 from minirlhf.preferences import bayes_accuracy, has_gold_columns, split_prefs
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, adamw, cosine_lr, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
-                            set_seed, write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, UserError, arg, autocast,
+                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -200,16 +200,22 @@ def test_pair_stats(model, pairs, ref, a: Args, tok, device, dtype):
     return {f"test/{k}": v for k, v in stats.items()}
 
 
-def main():
-    a = parse_args(Args)
-    if a.loss not in LOSSES:
-        raise UserError(f"--loss {a.loss}: choose one of {', '.join(LOSSES)}")
-    if not 0.0 <= a.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
-    if a.label_smoothing and a.loss != "sigmoid":
-        raise UserError("--label-smoothing only applies to --loss sigmoid")
-    if a.beta <= 0:
-        raise UserError(f"--beta {a.beta}: must be > 0")
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(a.loss in LOSSES, f"--loss {a.loss}: choose one of {', '.join(LOSSES)}")
+    check_flags(a, {"beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+                    "nll_coef": NON_NEGATIVE, "test_frac": FRACTION, "max_pairs": NON_NEGATIVE,
+                    "max_test_pairs": NON_NEGATIVE, "epochs": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
+                    "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+                    "grad_clip": NON_NEGATIVE, "log_interval": POSITIVE, "eval_interval": POSITIVE,
+                    "eval_batch_size": POSITIVE, "n_eval_prompts": (lambda v: v >= 2, ">= 2 (standard errors)"),
+                    "max_new_tokens": POSITIVE})
+    check(not a.label_smoothing or a.loss == "sigmoid", "--label-smoothing only applies to --loss sigmoid")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)

@@ -28,8 +28,8 @@ from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_pref
                                   pairwise_accuracy, pearson, sample_many, set_normalisation,
                                   spearman, split_prefs, has_gold_columns)
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, adamw, cosine_lr, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
-                            write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast, check,
+                            check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -69,14 +69,25 @@ class Args:
     n_eval: int = arg(1024, "fresh SFT samples on test prompts for the RM-vs-gold correlations (built-in task)")
 
 
-def main():
-    a = parse_args(Args)
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(a.k >= 2, f"--k {a.k}: must be >= 2 (need at least 2 samples per prompt to form a pair)")
+    check_flags(a, {"n_prompts": POSITIVE, "n_test_prompts": POSITIVE, "max_new_tokens": POSITIVE,
+                    "gen_batch_size": POSITIVE, "test_frac": FRACTION, "epochs": POSITIVE, "batch_size": POSITIVE,
+                    "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
+                    "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "margin": NON_NEGATIVE,
+                    "center_coef": NON_NEGATIVE, "log_interval": POSITIVE, "eval_interval": POSITIVE,
+                    "eval_batch_size": POSITIVE, "n_norm": (lambda v: v >= 2, ">= 2 (a standard deviation)"),
+                    "n_eval": (lambda v: v >= 2, ">= 2 (a correlation)")})
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     task = get_task(a.task)
-    if a.k < 2:
-        raise DataError(f"--k {a.k}: need at least 2 samples per prompt to form a pair")
     t_start = time.time()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

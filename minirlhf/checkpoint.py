@@ -101,6 +101,9 @@ def _load_state(model, state, where):
     return model
 
 
+load_state = _load_state  # public name: model.load_state_dict(state), a mismatch as one line naming `where`
+
+
 def load_policy(run_dir, flag: str = "--policy", device="cpu"):
     """A GPT from a policy run directory (SFT, PPO, DPO). Returns (model, tokenizer, config dict)."""
     state, model_config, tokenizer, config = load_run(run_dir, flag, kind="policy")

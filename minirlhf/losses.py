@@ -144,7 +144,9 @@ def explained_variance(values, returns, mask):
 class AdaptiveKLController:
     """Ziegler et al. 2019, sec. 2.2: nudge beta so the observed KL tracks a target,
         e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon),
-    where n is the number of episodes since the last update (lm-human-preferences' K = n / horizon)."""
+    where n is the number of episodes since the last update (lm-human-preferences' K = n / horizon).
+    Over a run of N episodes beta can move by at most a factor of about exp(0.2 * N / horizon), so the horizon
+    must be a fraction of the run for the controller to reach its target (default_kl_horizon)."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
@@ -153,6 +155,15 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+def default_kl_horizon(total_episodes: int, batch_size: int, fraction: float = 0.1) -> int:
+    """The adaptive controller's horizon for a run of `total_episodes` episodes in batches of `batch_size`:
+    `fraction` of the run (10% by default), so beta can move by up to a factor of exp(0.2 / fraction) = e^2 ~ 7
+    over the run (up to 4% per update with the default 50 iterations). lm-human-preferences' 10,000 episodes was
+    sized for runs of millions of episodes; against a run of 3,200 it lets beta move by at most x1.07. Never
+    below one batch, so K = n / horizon <= 1 and a single update changes beta by at most 20% (it stays > 0)."""
+    return max(batch_size, round(fraction * total_episodes))
 
 
 class FixedKLController:
