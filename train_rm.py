@@ -25,7 +25,7 @@ from minirlhf.losses import bradley_terry_loss
 from minirlhf.evaluation import reward_model_scores
 from minirlhf.model import ScalarModel
 from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of, pair_rewards,
-                                  pairwise_accuracy, pearson, sample_many, set_normalisation,
+                                  fit_normalisation, pairwise_accuracy, pearson, sample_many,
                                   spearman, split_prefs, has_gold_columns)
 from minirlhf.tasks import get_task
 from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast, check,
@@ -206,10 +206,13 @@ def main(argv=None):
                                                      [r["rejected_gold"] for r in test_recs])
         metrics["accuracy_vs_bayes"] = test_acc / metrics["bayes_accuracy"]
 
-    # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences)
+    # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences), on the samples
+    # that ended with EOS only (the RM never saw cut-off responses; PPO replaces their score)
     norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
-    raw_mean, raw_std = set_normalisation(rm, reward_model_scores(rm, tok, norm_samples, a.eval_batch_size, device, dtype))
-    metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item())
+    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype)
+    print(f"reward normalised on {n_norm_used} of {len(norm_samples)} fresh SFT samples (those that ended with EOS)")
+    metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item(),
+                   n_norm_used=n_norm_used)
 
     # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does?
     if not a.prefs:
@@ -222,7 +225,8 @@ def main(argv=None):
     metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
                    train_seconds=train_seconds, total_seconds=time.time() - t_start)
     save_run(out, rm, tok, a, kind="reward", stage="rm", sft=a.sft, normalisation={
-        "fit_on": f"{len(norm_samples)} fresh SFT samples of train prompts", "raw_mean": raw_mean,
+        "fit_on": f"{n_norm_used} EOS-ended of {len(norm_samples)} fresh SFT samples of train prompts",
+        "n_samples": n_norm_used, "raw_mean": raw_mean,
         "raw_std": raw_std})
     write_json(out / "metrics.json", metrics)
 

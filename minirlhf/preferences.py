@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .data import DataError, encode_prompt, encode_response, right_pad
-from .evaluation import sample_policy
+from .evaluation import reward_model_scores, sample_policy
 from .utils import autocast
 
 
@@ -203,6 +203,19 @@ def set_normalisation(rm, rewards):
     rm.gain.copy_(rm.gain / std)
     rm.bias.copy_((rm.bias - mean) / std)
     return mean, std
+
+
+def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32"):
+    """set_normalisation on the reward model's scores of the EOS-ended `samples` (dicts from sample_policy) only:
+    the RM never trained on responses that were cut off, and PPO replaces their score by a fixed penalty anyway,
+    so their (meaningless) scores must not set the units. Returns (raw mean, raw std, number of samples used);
+    a DataError when none of the samples ended."""
+    ended = [s for s in samples if s["eos"]]
+    if not ended:
+        raise DataError(f"none of the {len(samples)} normalisation samples ended with EOS within the budget "
+                        "(raise --max-new-tokens, or train the SFT model longer)")
+    mean, std = set_normalisation(rm, reward_model_scores(rm, tok, ended, batch_size, device, dtype))
+    return mean, std, len(ended)
 
 
 # ----------------------------------------------------------------------------------------------- statistics

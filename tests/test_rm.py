@@ -12,7 +12,10 @@ from minirlhf.checkpoint import load_scalar, save_run
 from minirlhf.data import left_pad, right_pad
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.preferences import label_pairs, pair_rewards, sequence_rewards, set_normalisation, spearman
+from minirlhf.data import DataError
+from minirlhf.evaluation import reward_model_scores
+from minirlhf.preferences import (fit_normalisation, label_pairs, pair_rewards, sequence_rewards, set_normalisation,
+                                  spearman)
 from minirlhf.scoring import reward_at_eos
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -117,6 +120,28 @@ def test_normalisation_gives_mean0_std1_on_its_samples():
         r = sequence_rewards(rm, seqs, PAD).double()
     assert abs(r.mean().item()) < 1e-5
     assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_normalisation_uses_only_eos_ended_samples():
+    rm = tiny_rm(seed=6)
+    tok = type("Tok", (), {"pad_id": PAD, "bos_id": 1, "eos_id": EOS, "encode": lambda self, t: [5, 6]})()
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for i in range(40):
+        ended = i % 3 != 0  # every third sample was cut off by the budget: no EOS, a long run of one token
+        toks = torch.randint(3, 40, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        samples.append({"prompt": "p", "tokens": toks + [EOS] if ended else [39] * 20, "eos": ended})
+    with torch.no_grad():
+        rm.bias.fill_(0.0)
+        mean, std, n_used = fit_normalisation(rm, tok, samples, batch_size=16)
+        ended = [s for s in samples if s["eos"]]
+        r = torch.tensor(reward_model_scores(rm, tok, ended), dtype=torch.float64)
+        r_all = torch.tensor(reward_model_scores(rm, tok, samples), dtype=torch.float64)
+    assert n_used == len(ended) == 26
+    assert abs(r.mean().item()) < 1e-5 and r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert abs(r_all.mean().item()) > 0.05  # the cut-off samples score differently: including them would shift it
+    with pytest.raises(DataError, match="none of the 2 normalisation samples ended with EOS"):
+        fit_normalisation(rm, tok, [dict(s, eos=False) for s in samples[:2]])
 
 
 def test_spearman_handles_ties():
