@@ -34,10 +34,11 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.checkpoint import load_policy, save_run
-from minirlhf.data import collate_sft, encode_prompt, encode_response, load_pref_jsonl
+from minirlhf.data import collate_sft, encode_prompt, load_pref_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import preference_loss, token_logps
-from minirlhf.preferences import bayes_accuracy, has_gold_columns, split_prefs
+from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, response_ids, split_prefs,
+                                  token_id_counts)
 from minirlhf.tasks import get_task
 from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, UserError, arg, autocast,
                             check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
@@ -96,12 +97,14 @@ def subsample(records, n: int, seed: int):
 
 def encode_pairs(records, tok, block_size: int):
     """[(prompt_ids, chosen_ids, rejected_ids)] with BOS + prompt and response + EOS, each sequence cut to fit the
-    context (a cut response has no EOS). Returns (pairs, number of responses cut)."""
-    pairs, n_cut = [], 0
+    context (a cut response has no EOS). The responses are the sampled token ids when the record carries them for
+    this tokenizer (train_rm.py's prefs.jsonl), else the encoded text (preferences.response_ids).
+    Returns (pairs, number of responses cut)."""
+    pairs, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
         p = encode_prompt(tok, r["prompt"], block_size, r["_where"], reserve=2)
-        c, cut_c = encode_response(tok, r["chosen"], block_size + 1 - len(p))
-        rj, cut_r = encode_response(tok, r["rejected"], block_size + 1 - len(p))
+        c, cut_c = response_ids(tok, r, "chosen", block_size + 1 - len(p), fp)
+        rj, cut_r = response_ids(tok, r, "rejected", block_size + 1 - len(p), fp)
         pairs.append((p, c, rj))
         n_cut += cut_c + cut_r
     return pairs, n_cut
@@ -229,10 +232,16 @@ def main(argv=None):
     train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
     n_all = len(train_recs), len(test_recs)
     train_recs, test_recs = subsample(train_recs, a.max_pairs, a.seed), subsample(test_recs, a.max_test_pairs, a.seed)
+    n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
+    if n_other:
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {a.policy}'s; their "
+              f"text is re-encoded instead")
     train_pairs, n_cut = encode_pairs(train_recs, tok, block_size)
     test_pairs, n_cut_test = encode_pairs(test_recs, tok, block_size)
     if n_cut + n_cut_test:
         print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS)")
+    train_recs, train_pairs, n_same = informative_pairs(train_recs, train_pairs, "train pairs")
+    test_recs, test_pairs, n_same_test = informative_pairs(test_recs, test_pairs, "test pairs")
     print(f"{len(train_pairs)} train / {len(test_pairs)} test pairs (of {n_all[0]} / {n_all[1]}) from {a.prefs}, "
           f"policy {a.policy} "
           f"({model.num_params() / 1e6:.2f}M parameters), loss {a.loss}, beta {a.beta}, device {device} ({dtype})")
@@ -286,6 +295,7 @@ def main(argv=None):
     # ---- final numbers: implicit-reward accuracy on test pairs beside the Bayes ceiling, then gold vs reference
     metrics = {"train_loss": stats["loss"], "train_accuracy": stats["rewards/accuracy"],
                "n_train_pairs": len(train_pairs), "n_test_pairs": len(test_pairs), "n_file_pairs": sum(n_all),
+               "n_pairs_from_ids": n_ids, "n_uninformative_pairs": n_same + n_same_test,
                "train_seconds": train_seconds}
     if test_pairs:
         metrics["test_accuracy"] = test_stats["test/rewards/accuracy"]

@@ -24,7 +24,8 @@ from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.evaluation import reward_model_scores
 from minirlhf.model import ScalarModel
-from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of, pair_rewards,
+from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of,
+                                  informative_pairs, pair_rewards, token_id_counts,
                                   fit_normalisation, pairwise_accuracy, pearson, sample_many,
                                   spearman, split_prefs, has_gold_columns)
 from minirlhf.tasks import get_task
@@ -127,11 +128,19 @@ def main(argv=None):
         for r in train_recs + test_recs:
             f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
 
+    # the sampled token ids when the file has them for this tokenizer, else the text re-encoded
+    n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
+    if n_other:
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --sft {a.sft}'s; their text is "
+              f"re-encoded instead")
     train_pairs, n_cut = encode_pairs(train_recs, tok, cfg.block_size)
     test_pairs, n_cut_test = encode_pairs(test_recs, tok, cfg.block_size)
     if n_cut + n_cut_test:
         print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS; "
               f"scored at their last token)")
+    train_recs, train_pairs, n_same = informative_pairs(train_recs, train_pairs, "train pairs")
+    test_recs, test_pairs, n_same_test = informative_pairs(test_recs, test_pairs, "test pairs")
+    stats.update(n_pairs_from_ids=n_ids, n_uninformative_pairs=n_same + n_same_test)
     groups = groups_of(train_recs)
     print(f"{len(train_pairs)} train pairs ({len(groups)} prompts) / {len(test_pairs)} test pairs, "
           f"collected in {time.time() - t_start:.1f}s" + (f"; {stats}" if stats else ""))

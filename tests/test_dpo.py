@@ -202,6 +202,20 @@ def test_split_holds_out_whole_prompts_and_validates():
         split_prefs([recs[0]] + with_split[1:], 0.2, 0)
 
 
+def test_dpo_pairs_use_the_sampled_ids_when_the_tokenizer_matches():
+    from minirlhf.tokenizer import Tokenizer
+    tok = Tokenizer.train(get_task("reviews").corpus(300), 300)
+    sampled = [tok.hf.token_to_id(c) for c in "Ġgood"] + [tok.eos_id]  # "Ġ g o o d": BPE would merge "oo"
+    assert tok.encode(tok.decode(sampled)) != sampled[:-1]
+    rec = {"prompt": "the food was", "chosen": " good", "rejected": " bad .", "chosen_ids": sampled,
+           "rejected_ids": tok.encode(" bad .") + [tok.eos_id], "tokenizer_fingerprint": tok.fingerprint(),
+           "_where": "f:1"}
+    (p, c, r), = train_dpo.encode_pairs([rec], tok, 64)[0]
+    assert p == [tok.bos_id] + tok.encode("the food was") and c == sampled
+    (_, c, _), = train_dpo.encode_pairs([dict(rec, tokenizer_fingerprint="other")], tok, 64)[0]
+    assert c == tok.encode(" good") + [tok.eos_id]  # another tokenizer's ids: the text is encoded
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def run_script(*args, check=True, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV,

@@ -14,8 +14,8 @@ from minirlhf.losses import bradley_terry_loss
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.data import DataError
 from minirlhf.evaluation import reward_model_scores
-from minirlhf.preferences import (fit_normalisation, label_pairs, pair_rewards, sequence_rewards, set_normalisation,
-                                  spearman)
+from minirlhf.preferences import (encode_pairs, fit_normalisation, informative_pairs, label_pairs, pair_rewards,
+                                  sequence_rewards, set_normalisation, spearman, token_id_counts)
 from minirlhf.scoring import reward_at_eos
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -197,6 +197,69 @@ def test_labels_are_drawn_with_the_annotator_probability():
     freq = sum(r["chosen"] == a for r in records) / n
     assert 0.05 < p < 0.95
     assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+# ----------------------------------------------------------------------------------------------- token ids
+def unmerged_ids(tok, text=" good"):
+    """Character-level ids of `text` (byte-level alphabet): what a sampler can emit, but BPE re-encodes
+    differently (merges), so encode(decode(ids)) != ids."""
+    ids = [tok.hf.token_to_id(c) for c in text.replace(" ", "Ġ")]
+    assert tok.decode(ids) == text and tok.encode(text) != ids
+    return ids
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    return Tokenizer.train(get_task("reviews").corpus(300), 300)
+
+
+def test_pairs_train_on_the_sampled_ids_not_the_re_encoded_text(small_tok, capsys):
+    tok = small_tok
+    sampled = unmerged_ids(tok) + [tok.eos_id]
+    rec = {"prompt": "the food was", "chosen": " good", "rejected": " bad .", "chosen_ids": sampled,
+           "rejected_ids": tok.encode(" bad .") + [tok.eos_id], "tokenizer_fingerprint": tok.fingerprint(),
+           "_where": "f:1"}
+    prompt = [tok.bos_id] + tok.encode("the food was")
+    (chosen, rejected), = encode_pairs([rec], tok, 64)[0]
+    assert chosen == prompt + sampled and rejected == prompt + tok.encode(" bad .") + [tok.eos_id]
+    assert chosen != prompt + tok.encode(" good") + [tok.eos_id]
+    # the same record from another tokenizer: its ids mean nothing here, the text is encoded (and counted)
+    other = dict(rec, tokenizer_fingerprint="0123456789abcdef")
+    (chosen, _), = encode_pairs([other], tok, 64)[0]
+    assert chosen == prompt + tok.encode(" good") + [tok.eos_id]
+    assert token_id_counts([rec, other, {"prompt": "x", "chosen": "a", "rejected": "b"}], tok) == (1, 1)
+    # malformed ids are a FILE:LINE error
+    with pytest.raises(DataError, match="f:1: field 'chosen_ids' must be a non-empty list"):
+        encode_pairs([dict(rec, chosen_ids=[1.5])], tok, 64)
+    with pytest.raises(DataError, match="f:1: field 'chosen_ids' holds PAD or BOS"):
+        encode_pairs([dict(rec, chosen_ids=[tok.eos_id, 5, tok.eos_id])], tok, 64)
+
+
+def test_label_pairs_keeps_the_sampled_ids_and_dedups_on_them(small_tok):
+    tok, task = small_tok, get_task("reviews")
+    good_a = unmerged_ids(tok) + [tok.eos_id]
+    good_b = tok.encode(" good") + [tok.eos_id]  # same text, other tokens: a distinct sample
+    bad = tok.encode(" bad .") + [tok.eos_id]
+    samples = [{"response": tok.decode(t), "eos": True, "tokens": t} for t in (good_a, good_b, bad, list(bad))]
+    records, stats = label_pairs(task, ["the food was"], samples, 4, "train", tokenizer_fingerprint=tok.fingerprint())
+    assert stats["n_duplicates"] == 1 and len(records) == 3  # bad twice (same ids); good_a vs good_b distinct
+    for r in records:
+        assert r["tokenizer_fingerprint"] == tok.fingerprint()
+        assert tok.decode(r["chosen_ids"]) == r["chosen"] and tok.decode(r["rejected_ids"]) == r["rejected"]
+    assert sorted(map(tuple, [r["chosen_ids"] for r in records] + [r["rejected_ids"] for r in records])) == \
+        sorted(map(tuple, [good_a, good_a, good_b, good_b, bad, bad]))
+
+
+def test_uninformative_pairs_are_dropped_with_a_warning(capsys):
+    recs = [{"prompt": "p", "chosen": "a", "rejected": "a", "_where": "f:1"},  # same text
+            {"prompt": "p", "chosen": "a", "rejected": "b", "_where": "f:2"},
+            {"prompt": "p", "chosen": "a ", "rejected": "a", "_where": "f:3"}]  # text differs, tokens the same
+    pairs = [([1, 5, 2], [1, 5, 2]), ([1, 5, 2], [1, 6, 2]), ([1, 5, 2], [1, 5, 2])]
+    kept, kept_pairs, n = informative_pairs(recs, pairs, "train pairs")
+    assert n == 2 and [r["_where"] for r in kept] == ["f:2"] and kept_pairs == [pairs[1]]
+    assert "warning: 2 of 3 train pairs have chosen == rejected" in capsys.readouterr().out
+    with pytest.raises(DataError, match="f: none of the 2 train pairs is informative"):
+        informative_pairs([recs[0], recs[2]], [pairs[0], pairs[2]], "train pairs")
 
 
 # ----------------------------------------------------------------------------------------------- the script
