@@ -311,9 +311,16 @@ def test_tiny_run_writes_every_output(tiny_sft, tmp_path):
     records = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "test"}
     assert len(records) == metrics["n_train_pairs"] + metrics["n_test_pairs"]
+    _, tok, _ = load_scalar(out)
     for r in records:
         assert {"prompt", "chosen", "rejected", "split", "chosen_gold", "rejected_gold", "label_prob",
-                "chosen_eos", "rejected_eos"} <= set(r)
+                "chosen_eos", "rejected_eos", "chosen_ids", "rejected_ids", "tokenizer_fingerprint"} <= set(r)
+        # the sampled ids, EOS included, of this tokenizer; they decode to the stored text
+        assert r["tokenizer_fingerprint"] == tok.fingerprint()
+        for key in ("chosen", "rejected"):
+            assert r[f"{key}_ids"][-1] == tok.eos_id and tok.decode(r[f"{key}_ids"]) == r[key]
+    assert metrics["n_pairs_from_ids"] == len(records) and metrics["n_uninformative_pairs"] == 0
+    assert 0 < metrics["n_norm_used"] <= 32
     task = get_task("reviews")
     check_records(records, task)
     test_prompts = set(task.sample_prompts("test", 8, seed=0))
@@ -332,7 +339,10 @@ def test_user_prefs_file_trains_and_reports_accuracy(tiny_sft, tmp_path):
                  "--epochs", 2, "--batch-size", 4, "--n-norm", 16)
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test_pairs"] == 5 and metrics["n_train_pairs"] == 15
+    assert metrics["n_test_pairs"] == 5 and metrics["n_train_pairs"] == 15
+    # it learned: the labels are consistent (fluent/positive chosen), so the fit must beat chance clearly
+    assert metrics["train_loss"] < math.log(2) - 0.1 and metrics["train_accuracy"] >= 0.75
+    assert metrics["test_accuracy"] > 0.5
     assert metrics["bayes_accuracy"] is None and metrics["gold_spearman"] is None  # no gold columns in the file
     assert "test_accuracy" in res.stdout
     assert len((out / "prefs.jsonl").read_text().splitlines()) == 20
