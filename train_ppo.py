@@ -27,8 +27,8 @@ from minirlhf.data import encode_prompt, left_pad, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.generation import generate
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
-                             gae_advantages, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
-                             ppo_value_loss)
+                             gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten, ppo_policy_loss,
+                             ppo_value_loss, score_with_eos_penalty)
 from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
 from minirlhf.tasks import get_task
 from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, UserError, arg, autocast, check, check_flags,
@@ -176,7 +176,7 @@ def main(argv=None):
         # EOS trick (N+ details; lm-human-preferences): a response cut off by the budget is not a finished answer
         # and the RM never saw such text, so its score is replaced by a fixed -penalty in normalised RM units
         # (instead of added to an unreliable score). -2 sits below ~98% of SFT samples' scores.
-        score = torch.where(has_eos, rm_score, torch.full_like(rm_score, -a.missing_eos_penalty))
+        score = score_with_eos_penalty(rm_score, has_eos, a.missing_eos_penalty)
         rewards, kl, non_score = kl_shaped_rewards(score, old_logp, ref_logp, mask, beta)  # (B, R) each
         if a.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -188,6 +188,8 @@ def main(argv=None):
                "score_mean": score.mean().item(), "kl": seq_kl.mean().item(),
                "non_score_reward": non_score.sum(1).mean().item(),
                "total_reward": (score + non_score.sum(1)).mean().item(),
+               # per-token rewards as trained on (after --whiten-rewards): mean and std over valid tokens
+               "reward_mean": masked_mean(rewards, mask).item(), "reward_std": masked_var(rewards, mask).sqrt().item(),
                "resp_len": resp_mask.sum(1).float().mean().item(), "eos_rate": has_eos.float().mean().item(),
                "explained_var": explained_variance(old_values, returns, mask).item(),
                "value_mean": masked_mean(old_values, mask).item(),

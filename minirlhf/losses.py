@@ -63,6 +63,14 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     return out * mask
 
 
+def score_with_eos_penalty(rm_score, has_eos, penalty: float):
+    """The sequence score PPO trains on (the "EOS trick": lm-human-preferences; N+ details, 2403.17031): the RM score
+    for a response that ended with EOS, a fixed -penalty for one cut off by the budget. The RM never saw unfinished
+    text, so its score there is unreliable; replacing (not adding to) it gives every cut-off row the same, known
+    low score. rm_score (B,) float, has_eos (B,) bool. Returns (B,)."""
+    return torch.where(has_eos, rm_score, torch.full_like(rm_score, -penalty))
+
+
 def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef: float):
     """Per-token rewards of Ziegler et al. 2019: r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) on every valid
     token, plus the sequence score on the row's last valid token (its EOS; N+ details use the EOS token).
