@@ -311,3 +311,18 @@ def test_user_file_without_split_or_gold_and_clear_errors(sft_run, tmp_path):
     proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir",
                       str(tmp_path / "z"), "--loss", "kto", check=False)
     assert proc.returncode == 2 and "--loss kto" in proc.stderr
+    # a file whose pairs all have chosen == rejected carries no preference: refused, not trained at loss ln 2
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"the food {i}", "chosen": " was good .", "rejected": " was good .",
+                                        "split": "test" if i % 4 == 0 else "train"}) + "\n" for i in range(8)))
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(same), "--out-dir",
+                      str(tmp_path / "s"), *TINY_DPO, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "warning: 6 of 6 train pairs have chosen == rejected" in proc.stdout
+    assert f"{same}: none of the 6 train pairs is informative" in proc.stderr
+    # label_prob NaN is not a number a metrics file can carry: FILE:LINE error
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text(same.read_text().replace('"split"', '"label_prob": NaN, "split"', 1))
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(nan), "--out-dir",
+                      str(tmp_path / "n"), *TINY_DPO, check=False)
+    assert proc.returncode == 2 and f"{nan}:1: NaN is not a finite number" in proc.stderr
