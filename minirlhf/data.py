@@ -64,7 +64,8 @@ def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             except _NonFinite as e:
-                raise DataError(f"{where}: {e} is not a finite number (NaN and infinities are not valid data)") from None
+                raise DataError(f"{where}: {e} is not a finite number (NaN and infinities are not valid "
+                                "data)") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             # a record with any of the required fields is judged against them, otherwise against the alternative

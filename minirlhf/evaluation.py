@@ -14,8 +14,9 @@ maximises E[g] - beta * KL(pi || pi_ref) is pi*(y|x) = pi_ref(y|x) exp(g(y)/beta
 follow from reference samples by self-normalised importance weighting (see optimal_policy_estimate), which traces
 the best gold reward any policy can reach at each KL -- the yardstick for PPO and DPO.
 
-The pure estimators (mean_sem, paired_win_rate, paired_win_rate_sem, paired_gain, distinct_n, optimal_policy_estimate, frontier_points,
-frontier_gold_at) take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
+The pure estimators (mean_sem, paired_win_rate, paired_win_rate_sem, paired_gain, distinct_n,
+optimal_policy_estimate, frontier_points, frontier_gold_at) take lists/tensors and are unit-tested against exact
+enumeration or naive computations in tests/test_evaluate.py.
 """
 import math
 

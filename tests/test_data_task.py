@@ -78,7 +78,8 @@ def test_bad_jsonl_gives_file_and_line(tmp_path, tok):
 
 def test_non_utf8_and_non_finite_numbers_give_file_and_line(tmp_path):
     good = json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}).encode()
-    bad_byte = json.dumps({"prompt": "caf\u00e9", "chosen": " b", "rejected": " c"}).encode().replace(b"\\u00e9", b"\xe9")
+    bad_byte = json.dumps({"prompt": "caf\u00e9", "chosen": " b", "rejected": " c"}).encode()
+    bad_byte = bad_byte.replace(b"\\u00e9", b"\xe9")  # Latin-1 e-acute: not UTF-8
     (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + bad_byte + b"\n")
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
         load_pref_jsonl(tmp_path / "latin1.jsonl")
