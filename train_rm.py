@@ -102,7 +102,9 @@ def main(argv=None):
     # ---- preference pairs: collected from the simulated human, or the user's file
     stats = {}
     if a.prefs:
-        train_recs, test_recs = split_prefs(load_pref_jsonl(a.prefs), a.test_frac, a.seed)
+        records = load_pref_jsonl(a.prefs)
+        has_gold_columns(records)  # checks the optional numeric columns now (FILE:LINE), not after training
+        train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
         if not test_recs:
             raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
         norm_prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
