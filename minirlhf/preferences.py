@@ -52,11 +52,13 @@ def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, token
     the sampled response ids, EOS included), i.e. samples[g*k:(g+1)*k] answer prompts[g]. With tokens, the records
     keep them as chosen_ids / rejected_ids (the exact sequences the RM and DPO then train on) and distinctness is
     judged on the ids; tokenizer_fingerprint names the tokenizer they belong to. Without tokens (text only),
-    distinctness is judged on the text. Returns (records, stats) with stats = {"n_samples", "n_dropped_no_eos",
-    "n_duplicates"}."""
+    distinctness is judged on the text. Two distinct id sequences can still decode to the same text (BPE has
+    several spellings of a word): they have the same gold reward, so their label would be a coin flip and the pair
+    is not formed (counted as n_same_text_pairs). Returns (records, stats) with stats = {"n_samples",
+    "n_dropped_no_eos", "n_duplicates", "n_same_text_pairs"}."""
     assert len(samples) == k * len(prompts)
     rng = random.Random(f"annotate-{split}-{seed}")
-    records, n_no_eos, n_dup = [], 0, 0
+    records, n_no_eos, n_dup, n_same_text = [], 0, 0, 0
     for g, prompt in enumerate(prompts):
         responses, seen = [], set()
         for s in samples[g * k:(g + 1) * k]:
@@ -70,6 +72,9 @@ def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, token
                 responses.append(s)
         gold = [task.gold_reward(prompt, s["response"], True) for s in responses]
         for i, j in itertools.combinations(range(len(responses)), 2):
+            if responses[i]["response"] == responses[j]["response"]:
+                n_same_text += 1
+                continue
             c, r = (i, j) if task.annotate(gold[i], gold[j], rng) else (j, i)
             rec = {"prompt": prompt, "chosen": responses[c]["response"], "rejected": responses[r]["response"],
                    "split": split, "chosen_gold": gold[c], "rejected_gold": gold[r],
@@ -79,7 +84,8 @@ def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, token
                 rec.update(chosen_ids=list(responses[c]["tokens"]), rejected_ids=list(responses[r]["tokens"]),
                            tokenizer_fingerprint=tokenizer_fingerprint)
             records.append(rec)
-    return records, {"n_samples": len(samples), "n_dropped_no_eos": n_no_eos, "n_duplicates": n_dup}
+    return records, {"n_samples": len(samples), "n_dropped_no_eos": n_no_eos, "n_duplicates": n_dup,
+                     "n_same_text_pairs": n_same_text}
 
 
 def collect_preferences(policy, tok, task, prompts, k: int, max_new_tokens: int, split: str, seed: int = 0,

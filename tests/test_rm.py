@@ -182,7 +182,7 @@ def test_label_prob_matches_the_annotator_formula():
     records, stats = label_pairs(task, prompts, samples, k, "train", seed=0)
     check_records(records, task)
     # distinct, EOS-ended responses only: 3 for the first prompt (" bad ." twice), 3 for the second
-    assert stats == {"n_samples": 10, "n_dropped_no_eos": 2, "n_duplicates": 2}
+    assert stats == {"n_samples": 10, "n_dropped_no_eos": 2, "n_duplicates": 2, "n_same_text_pairs": 0}
     assert len(records) == 3 + 3
     assert all(" great" != r["chosen"] and " great" != r["rejected"] for r in records)
 
@@ -242,12 +242,14 @@ def test_label_pairs_keeps_the_sampled_ids_and_dedups_on_them(small_tok):
     bad = tok.encode(" bad .") + [tok.eos_id]
     samples = [{"response": tok.decode(t), "eos": True, "tokens": t} for t in (good_a, good_b, bad, list(bad))]
     records, stats = label_pairs(task, ["the food was"], samples, 4, "train", tokenizer_fingerprint=tok.fingerprint())
-    assert stats["n_duplicates"] == 1 and len(records) == 3  # bad twice (same ids); good_a vs good_b distinct
+    # bad twice (same ids): one duplicate; good_a and good_b are distinct samples, each paired with bad, but not
+    # with each other (same text, same gold: a coin-flip label)
+    assert stats["n_duplicates"] == 1 and stats["n_same_text_pairs"] == 1 and len(records) == 2
     for r in records:
         assert r["tokenizer_fingerprint"] == tok.fingerprint()
         assert tok.decode(r["chosen_ids"]) == r["chosen"] and tok.decode(r["rejected_ids"]) == r["rejected"]
     assert sorted(map(tuple, [r["chosen_ids"] for r in records] + [r["rejected_ids"] for r in records])) == \
-        sorted(map(tuple, [good_a, good_a, good_b, good_b, bad, bad]))
+        sorted(map(tuple, [good_a, good_b, bad, bad]))
 
 
 def test_uninformative_pairs_are_dropped_with_a_warning(capsys):
