@@ -95,16 +95,17 @@ def subsample(records, n: int, seed: int):
     return [records[i] for i in keep]
 
 
-def encode_pairs(records, tok, block_size: int):
+def encode_pairs(records, tok, block_size: int, vocab_size: int = None):
     """[(prompt_ids, chosen_ids, rejected_ids)] with BOS + prompt and response + EOS, each sequence cut to fit the
     context (a cut response has no EOS). The responses are the sampled token ids when the record carries them for
-    this tokenizer (train_rm.py's prefs.jsonl), else the encoded text (preferences.response_ids).
+    this tokenizer (train_rm.py's prefs.jsonl), else the encoded text (preferences.response_ids; vocab_size = the
+    model's, which bounds the ids).
     Returns (pairs, number of responses cut)."""
     pairs, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
         p = encode_prompt(tok, r["prompt"], block_size, r["_where"], reserve=2)
-        c, cut_c = response_ids(tok, r, "chosen", block_size + 1 - len(p), fp)
-        rj, cut_r = response_ids(tok, r, "rejected", block_size + 1 - len(p), fp)
+        c, cut_c = response_ids(tok, r, "chosen", block_size + 1 - len(p), fp, vocab_size)
+        rj, cut_r = response_ids(tok, r, "rejected", block_size + 1 - len(p), fp, vocab_size)
         pairs.append((p, c, rj))
         n_cut += cut_c + cut_r
     return pairs, n_cut
@@ -236,8 +237,9 @@ def main(argv=None):
     if n_other:
         print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {a.policy}'s; their "
               f"text is re-encoded instead")
-    train_pairs, n_cut = encode_pairs(train_recs, tok, block_size)
-    test_pairs, n_cut_test = encode_pairs(test_recs, tok, block_size)
+    vocab_size = model.config.vocab_size
+    train_pairs, n_cut = encode_pairs(train_recs, tok, block_size, vocab_size)
+    test_pairs, n_cut_test = encode_pairs(test_recs, tok, block_size, vocab_size)
     if n_cut + n_cut_test:
         print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS)")
     train_recs, train_pairs, n_same = informative_pairs(train_recs, train_pairs, "train pairs")

@@ -135,8 +135,8 @@ def main(argv=None):
     if n_other:
         print(f"warning: {n_other} pairs carry token ids of another tokenizer than --sft {a.sft}'s; their text is "
               f"re-encoded instead")
-    train_pairs, n_cut = encode_pairs(train_recs, tok, cfg.block_size)
-    test_pairs, n_cut_test = encode_pairs(test_recs, tok, cfg.block_size)
+    train_pairs, n_cut = encode_pairs(train_recs, tok, cfg.block_size, cfg.vocab_size)
+    test_pairs, n_cut_test = encode_pairs(test_recs, tok, cfg.block_size, cfg.vocab_size)
     if n_cut + n_cut_test:
         print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS; "
               f"scored at their last token)")

@@ -160,35 +160,37 @@ def token_id_counts(records, tok) -> tuple:
     return n_same, len(has_ids) - n_same
 
 
-def response_ids(tok, rec, key: str, max_len: int, fingerprint: str = None) -> tuple:
+def response_ids(tok, rec, key: str, max_len: int, fingerprint: str = None, vocab_size: int = None) -> tuple:
     """Response tokens of rec[key] ("chosen" or "rejected"), cut to max_len. Returns (ids, truncated).
 
     The sampled ids rec[key + "_ids"] (EOS included) when the record carries them for this tokenizer
     (rec["tokenizer_fingerprint"]): BPE re-encoding of decoded text is not the identity (sampled "Ġ g o o d" comes
     back as "Ġ g oo d"), and the RM/DPO must learn on the sequences the policy produced and PPO scores. Otherwise
     (text-only files, or ids of another tokenizer) the text is encoded + EOS. fingerprint: tok.fingerprint(),
-    computed once by the caller."""
+    computed once by the caller. vocab_size: the model's (rounded up past the tokenizer's, so the sampler may
+    have drawn ids the tokenizer does not use); ids must lie below it (else tok.vocab_size)."""
     ids = rec.get(f"{key}_ids")
     if ids is None or rec.get("tokenizer_fingerprint") != (fingerprint or tok.fingerprint()):
         return encode_response(tok, rec[key], max_len)
-    where, V = rec.get("_where", "preference record"), tok.vocab_size
+    where, V = rec.get("_where", "preference record"), vocab_size or tok.vocab_size
     if not (isinstance(ids, list) and ids and all(type(i) is int and 0 <= i < V for i in ids)):
         raise DataError(f"{where}: field '{key}_ids' must be a non-empty list of token ids in [0, {V})")
-    if tok.pad_id in ids or tok.bos_id in ids or tok.eos_id in ids[:-1]:
-        raise DataError(f"{where}: field '{key}_ids' holds PAD or BOS, or EOS before its last token")
+    if tok.eos_id in ids[:-1]:
+        raise DataError(f"{where}: field '{key}_ids' has EOS before its last token")
     return ids[:max_len], len(ids) > max_len
 
 
-def encode_pairs(records, tok, block_size: int):
+def encode_pairs(records, tok, block_size: int, vocab_size: int = None):
     """Token sequences BOS + prompt + response (+ EOS) for each record's chosen and rejected response, the response
-    from its sampled ids when present for this tokenizer (response_ids), else from its text + EOS.
-    Returns ([(chosen_seq, rejected_seq)], number of responses cut to fit block_size, which then lack EOS)."""
+    from its sampled ids when present for this tokenizer (response_ids; vocab_size = the model's), else from its
+    text + EOS. Returns ([(chosen_seq, rejected_seq)], number of responses cut to fit block_size, which then
+    lack EOS)."""
     out, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
         p = encode_prompt(tok, r["prompt"], block_size, r.get("_where", "prompt"))
         pair = []
         for key in ("chosen", "rejected"):
-            ids, cut = response_ids(tok, r, key, block_size - len(p), fp)
+            ids, cut = response_ids(tok, r, key, block_size - len(p), fp, vocab_size)
             n_cut += cut
             pair.append(p + ids)
         out.append(tuple(pair))

@@ -231,7 +231,11 @@ def test_pairs_train_on_the_sampled_ids_not_the_re_encoded_text(small_tok, capsy
     # malformed ids are a FILE:LINE error
     with pytest.raises(DataError, match="f:1: field 'chosen_ids' must be a non-empty list"):
         encode_pairs([dict(rec, chosen_ids=[1.5])], tok, 64)
-    with pytest.raises(DataError, match="f:1: field 'chosen_ids' holds PAD or BOS"):
+    with pytest.raises(DataError, match=r"f:1: field 'chosen_ids' must be a non-empty list of token ids in \[0, 320\)"):
+        encode_pairs([dict(rec, chosen_ids=[5, 320, tok.eos_id])], tok, 64, vocab_size=320)
+    assert encode_pairs([dict(rec, chosen_ids=[5, 319, tok.eos_id])], tok, 64, vocab_size=320)[0][0][0][-3:] == \
+        [5, 319, tok.eos_id]  # an id past the tokenizer's but inside the model's vocabulary is a valid token
+    with pytest.raises(DataError, match="f:1: field 'chosen_ids' has EOS before its last token"):
         encode_pairs([dict(rec, chosen_ids=[tok.eos_id, 5, tok.eos_id])], tok, 64)
 
 
