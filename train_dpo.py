@@ -40,7 +40,7 @@ from minirlhf.losses import preference_loss, token_logps
 from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, response_ids, split_prefs,
                                   token_id_counts)
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, UserError, arg, autocast,
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast,
                             check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")

@@ -27,11 +27,11 @@ from minirlhf.data import encode_prompt, left_pad, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.generation import generate
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
-                             gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten, ppo_policy_loss,
-                             ppo_value_loss, score_with_eos_penalty)
+                             gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten,
+                             ppo_policy_loss, ppo_value_loss, score_with_eos_penalty)
 from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
 from minirlhf.tasks import get_task
-from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, UserError, arg, autocast, check, check_flags,
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, arg, autocast, check, check_flags,
                             parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
@@ -189,7 +189,8 @@ def main(argv=None):
                "non_score_reward": non_score.sum(1).mean().item(),
                "total_reward": (score + non_score.sum(1)).mean().item(),
                # per-token rewards as trained on (after --whiten-rewards): mean and std over valid tokens
-               "reward_mean": masked_mean(rewards, mask).item(), "reward_std": masked_var(rewards, mask).sqrt().item(),
+               "reward_mean": masked_mean(rewards, mask).item(),
+               "reward_std": masked_var(rewards, mask).sqrt().item(),
                "resp_len": resp_mask.sum(1).float().mean().item(), "eos_rate": has_eos.float().mean().item(),
                "explained_var": explained_variance(old_values, returns, mask).item(),
                "value_mean": masked_mean(old_values, mask).item(),
@@ -273,8 +274,8 @@ def main(argv=None):
     save_run(out, policy, tok, a, kind="policy", stage="ppo")
 
     # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1)
-    metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev, "final_beta": kl_ctl.value, "kl_horizon": kl_horizon,
-               "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
+    metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev, "final_beta": kl_ctl.value,
+               "kl_horizon": kl_horizon, "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
     if task is not None:
         test_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed)
         cmp, samples = compare_to_reference(policy, ref, tok, task, test_prompts, a.max_new_tokens, seed=a.seed,
