@@ -13,10 +13,12 @@ Writes report.json, report.md and (when matplotlib is installed) report.png into
 minirlhf/evaluation.py for the estimators.
 
 report.json keys:
-    policies.<name>.{run_dir, gold_mean, gold_sem, kl_mean, kl_sem, win_rate, ref_gold_mean, ref_gold_sem,
-                     eos_rate, mean_len,
+    policies.<name>.{run_dir, gold_mean, gold_sem, kl_mean, kl_sem, win_rate, win_rate_sem, gold_gain,
+                     gold_gain_sem, ref_gold_mean, ref_gold_sem, eos_rate, mean_len,
                      distinct_2, n_prompts, samples[{prompt, response, eos, length, kl, gold, rm}]}
-                    + {rm_mean, rm_sem, rm_win_rate} with --reward
+                    (win_rate_sem: s.e. of the mean per-prompt outcome 1 / 0.5 / 0; gold_gain = gold_mean -
+                    ref_gold_mean with the paired s.e. of the per-prompt differences)
+                    + {rm_mean, rm_sem, rm_win_rate, rm_win_rate_sem} with --reward
                     + {frontier_gold, frontier_extrapolated, frac_optimal} with --frontier
     (no gold_* / win_rate / frontier keys on user prompts, which have no gold reward)
     frontier [{beta, kl, gold, ess, ess_min}], frontier_dropped [same], frontier_info {ref_gold, kl_cap,
@@ -24,7 +26,6 @@ report.json keys:
     ref, task, gold (bool), plot (file name or null), args, seconds
 """
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +38,8 @@ from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
 from minirlhf.data import read_jsonl
 from minirlhf.evaluation import estimate_frontier, fraction_of_optimal, policy_metrics, sample_policy
 from minirlhf.tasks import get_task
-from minirlhf.utils import UserError, arg, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, resolve_device,
+                            resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def table_rows(report):
     """Header and rows of the summary table (strings), shared by the console and report.md."""
     pols = report["policies"]
     gold, rm, fr = report["gold"], any("rm_mean" in m for m in pols.values()), bool(report.get("frontier"))
-    head = ["policy"] + (["gold ± se"] if gold else []) + ["KL ± se"] + (["win vs ref"] if gold else []) \
+    head = ["policy"] + (["gold ± se"] if gold else []) + ["KL ± se"] + (["win vs ref ± se"] if gold else []) \
         + (["RM score", "RM win"] if rm else []) + ["EOS", "len", "distinct-2"] + (["% of optimal"] if fr else [])
     rows = []
     for name, m in pols.items():
@@ -82,9 +84,9 @@ def table_rows(report):
             r.append(fmt_pm(m["gold_mean"], m["gold_sem"]))
         r.append(f"{m['kl_mean']:.2f} ± {m['kl_sem']:.2f}")
         if gold:
-            r.append(f"{m['win_rate']:.3f}")
+            r.append(f"{m['win_rate']:.3f} ± {m['win_rate_sem']:.3f}")
         if rm:
-            r += [fmt_pm(m["rm_mean"], m["rm_sem"]), f"{m['rm_win_rate']:.3f}"]
+            r += [fmt_pm(m["rm_mean"], m["rm_sem"]), f"{m['rm_win_rate']:.3f} ± {m['rm_win_rate_sem']:.3f}"]
         r += [f"{m['eos_rate']:.3f}", f"{m['mean_len']:.1f}", f"{m['distinct_2']:.3f}"]
         if fr:
             f = m.get("frac_optimal")
@@ -112,7 +114,8 @@ def write_markdown(report, path):
           "- **KL**: KL(policy ‖ reference) in nats, sum over response tokens of log π − log π_ref on the policy's "
           "own samples. The reference is 0 by construction.",
           "- **win vs ref**: paired by prompt against a fresh reference sample under the gold reward, ties count "
-          "half (0.5 = no better than the reference)." if report["gold"] else None,
+          "half (0.5 = no better than the reference); ± is the s.e. of the mean per-prompt outcome (1 / 0.5 / 0)."
+          if report["gold"] else None,
           "- **RM score / RM win**: the same under the learned reward model (the proxy that PPO optimised); RM up "
           "while gold falls is reward hacking (Gao et al. 2022)." if any("rm_mean" in m for m in
                                                                          report["policies"].values()) else None,
@@ -135,12 +138,13 @@ def write_markdown(report, path):
                                 f"{p['ess']:.1f} / {p['ess_min']:.1f}"] for p in report["frontier"]]), ""]
         for name, m in report["policies"].items():
             if m.get("frac_optimal") is not None:
-                md.append(f"- {name}: KL {m['kl_mean']:.2f}, gold gain {m['gold_mean'] - m['ref_gold_mean']:+.3f}; "
+                md.append(f"- {name}: KL {m['kl_mean']:.2f}, gold gain {m['gold_gain']:+.3f} ± "
+                          f"{m['gold_gain_sem']:.3f} (paired s.e.); "
                           f"the optimum at that KL {'is at most' if m['frontier_extrapolated'] else 'is'} "
                           f"{m['frontier_gold'] - fi['ref_gold']:+.3f}")
         md.append("")
-    md.append(f"Plot: `{report['plot']}`" if report["plot"] else
-              "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
+    md.append(f"Plot: `{report['plot']}`" if report["plot"] else "No plot: no gold reward on user prompts." if
+              not report["gold"] else "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
               "only.")
     md += ["", "## Samples", ""]
     for name, m in report["policies"].items():
@@ -168,7 +172,10 @@ def training_path(run_dir, smooth: int = 10):
 
 
 def write_plot(report, path):
-    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib."""
+    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib
+    or without a gold reward (user prompts: nothing to put on the y axis)."""
+    if not report["gold"]:
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -223,23 +230,27 @@ def load_models(a: Args, device):
     return ref.eval(), tok, policies, rm
 
 
-def main():
-    a = parse_args(Args)
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(bool(a.policies), "--policies: name at least one policy run directory")
+    check_flags(a, {"n_prompts": (lambda v: v >= 2, ">= 2 (standard errors need two samples)"),
+                    "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "n_show": NON_NEGATIVE,
+                    "frontier_prompts": POSITIVE,
+                    "frontier_samples": (lambda v: v >= 2, ">= 2 (the frontier reweights several samples)"),
+                    "min_ess": (lambda v: v >= 1, ">= 1 (an effective sample size)")})
+    check(all(b > 0 for b in a.betas), f"--betas {' '.join(map(str, a.betas))}: must all be > 0")
+    check(not (a.frontier and a.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
+                                          "--prompts data")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     t0 = time.time()
-    if not a.policies:
-        raise UserError("--policies: name at least one policy run directory")
-    if a.n_prompts < 2:
-        raise UserError("--n-prompts must be at least 2 (standard errors need two samples)")
     task = None if a.prompts else get_task(a.task)
-    if a.frontier and task is None:
-        raise UserError("--frontier needs the gold reward of a built-in task; it cannot run on --prompts data")
-    if a.frontier and (a.frontier_samples < 2 or a.frontier_prompts < 1):
-        raise UserError("--frontier-samples must be >= 2 and --frontier-prompts >= 1")
-    if any(b <= 0 for b in a.betas):
-        raise UserError("--betas must all be > 0")
 
     ref, tok, policies, rm = load_models(a, device)
     if a.prompts:
@@ -267,7 +278,7 @@ def main():
         ref_scorer = compiled.setdefault(id(ref), torch.compile(ref)) if a.compile else ref
         m = policy_metrics(scorer, ref_scorer, tok, samples, ref_samples, task, rm, **kw)
         if "win_rate_vs_ref" in m:
-            m["win_rate"] = m.pop("win_rate_vs_ref")
+            m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
         keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
         m["samples"] = [{k: s[k] for k in keep if k in s} for s in samples[:a.n_show]]
         report["policies"][name] = {"run_dir": run_dir, **m}
@@ -281,7 +292,7 @@ def main():
         report["frontier"], report["frontier_dropped"] = fr.pop("frontier"), fr.pop("dropped")
         report["frontier_info"] = fr
         for m in report["policies"].values():
-            noise = math.hypot(m["gold_sem"], m["ref_gold_sem"])
+            noise = m["gold_gain_sem"]  # the gain's s.e., paired by prompt (not the unpaired hypot of the two)
             frac, opt, extrapolated = fraction_of_optimal(m["gold_mean"], m["ref_gold_mean"], m["kl_mean"],
                                                           report["frontier"], fr["ref_gold"], noise)
             m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac)
@@ -302,7 +313,7 @@ def main():
     if report["gold"]:
         print("gold = hidden true reward (± s.e.); KL in nats vs the reference; win = paired gold win rate vs the "
               "reference, ties half")
-    if report["plot"] is None:
+    if report["plot"] is None and report["gold"]:
         print("(matplotlib not installed: no report.png, text report only)")
     print(f"wrote {out}/report.json, report.md{', report.png' if report['plot'] else ''} "
           f"({report['seconds']:.0f}s)")

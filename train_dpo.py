@@ -34,13 +34,14 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.checkpoint import load_policy, save_run
-from minirlhf.data import collate_sft, encode_prompt, encode_response, load_pref_jsonl
+from minirlhf.data import collate_sft, encode_prompt, load_pref_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import preference_loss, token_logps
-from minirlhf.preferences import bayes_accuracy, has_gold_columns, split_prefs
+from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, response_ids, split_prefs,
+                                  token_id_counts)
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, adamw, cosine_lr, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
-                            set_seed, write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast,
+                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -94,14 +95,17 @@ def subsample(records, n: int, seed: int):
     return [records[i] for i in keep]
 
 
-def encode_pairs(records, tok, block_size: int):
+def encode_pairs(records, tok, block_size: int, vocab_size: int = None):
     """[(prompt_ids, chosen_ids, rejected_ids)] with BOS + prompt and response + EOS, each sequence cut to fit the
-    context (a cut response has no EOS). Returns (pairs, number of responses cut)."""
-    pairs, n_cut = [], 0
+    context (a cut response has no EOS). The responses are the sampled token ids when the record carries them for
+    this tokenizer (train_rm.py's prefs.jsonl), else the encoded text (preferences.response_ids; vocab_size = the
+    model's, which bounds the ids).
+    Returns (pairs, number of responses cut)."""
+    pairs, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
         p = encode_prompt(tok, r["prompt"], block_size, r["_where"], reserve=2)
-        c, cut_c = encode_response(tok, r["chosen"], block_size + 1 - len(p))
-        rj, cut_r = encode_response(tok, r["rejected"], block_size + 1 - len(p))
+        c, cut_c = response_ids(tok, r, "chosen", block_size + 1 - len(p), fp, vocab_size)
+        rj, cut_r = response_ids(tok, r, "rejected", block_size + 1 - len(p), fp, vocab_size)
         pairs.append((p, c, rj))
         n_cut += cut_c + cut_r
     return pairs, n_cut
@@ -200,16 +204,22 @@ def test_pair_stats(model, pairs, ref, a: Args, tok, device, dtype):
     return {f"test/{k}": v for k, v in stats.items()}
 
 
-def main():
-    a = parse_args(Args)
-    if a.loss not in LOSSES:
-        raise UserError(f"--loss {a.loss}: choose one of {', '.join(LOSSES)}")
-    if not 0.0 <= a.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
-    if a.label_smoothing and a.loss != "sigmoid":
-        raise UserError("--label-smoothing only applies to --loss sigmoid")
-    if a.beta <= 0:
-        raise UserError(f"--beta {a.beta}: must be > 0")
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(a.loss in LOSSES, f"--loss {a.loss}: choose one of {', '.join(LOSSES)}")
+    check_flags(a, {"beta": POSITIVE, "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+                    "nll_coef": NON_NEGATIVE, "test_frac": FRACTION, "max_pairs": NON_NEGATIVE,
+                    "max_test_pairs": NON_NEGATIVE, "epochs": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
+                    "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+                    "grad_clip": NON_NEGATIVE, "log_interval": POSITIVE, "eval_interval": POSITIVE,
+                    "eval_batch_size": POSITIVE, "n_eval_prompts": (lambda v: v >= 2, ">= 2 (standard errors)"),
+                    "max_new_tokens": POSITIVE})
+    check(not a.label_smoothing or a.loss == "sigmoid", "--label-smoothing only applies to --loss sigmoid")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
@@ -223,10 +233,17 @@ def main():
     train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
     n_all = len(train_recs), len(test_recs)
     train_recs, test_recs = subsample(train_recs, a.max_pairs, a.seed), subsample(test_recs, a.max_test_pairs, a.seed)
-    train_pairs, n_cut = encode_pairs(train_recs, tok, block_size)
-    test_pairs, n_cut_test = encode_pairs(test_recs, tok, block_size)
+    n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
+    if n_other:
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {a.policy}'s; their "
+              f"text is re-encoded instead")
+    vocab_size = model.config.vocab_size
+    train_pairs, n_cut = encode_pairs(train_recs, tok, block_size, vocab_size)
+    test_pairs, n_cut_test = encode_pairs(test_recs, tok, block_size, vocab_size)
     if n_cut + n_cut_test:
         print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS)")
+    train_recs, train_pairs, n_same = informative_pairs(train_recs, train_pairs, "train pairs")
+    test_recs, test_pairs, n_same_test = informative_pairs(test_recs, test_pairs, "test pairs")
     print(f"{len(train_pairs)} train / {len(test_pairs)} test pairs (of {n_all[0]} / {n_all[1]}) from {a.prefs}, "
           f"policy {a.policy} "
           f"({model.num_params() / 1e6:.2f}M parameters), loss {a.loss}, beta {a.beta}, device {device} ({dtype})")
@@ -280,6 +297,7 @@ def main():
     # ---- final numbers: implicit-reward accuracy on test pairs beside the Bayes ceiling, then gold vs reference
     metrics = {"train_loss": stats["loss"], "train_accuracy": stats["rewards/accuracy"],
                "n_train_pairs": len(train_pairs), "n_test_pairs": len(test_pairs), "n_file_pairs": sum(n_all),
+               "n_pairs_from_ids": n_ids, "n_uninformative_pairs": n_same + n_same_test,
                "train_seconds": train_seconds}
     if test_pairs:
         metrics["test_accuracy"] = test_stats["test/rewards/accuracy"]

@@ -26,13 +26,13 @@ from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save
 from minirlhf.data import encode_prompt, left_pad, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.generation import generate
-from minirlhf.losses import (AdaptiveKLController, FixedKLController, explained_variance,
-                             gae_advantages, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
-                             ppo_value_loss)
+from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
+                             gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten,
+                             ppo_policy_loss, ppo_value_loss, score_with_eos_penalty)
 from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
-                            set_seed, write_json)
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, arg, autocast, check, check_flags,
+                            parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -57,7 +57,9 @@ class Args:
     # reward shaping
     kl_coef: float = arg(0.07, "beta of the per-token KL penalty (the initial value when --target-kl is set)")
     target_kl: float = arg(0.0, "adaptive beta: target sequence KL in nats (0 = fixed beta)")
-    kl_horizon: int = arg(10000, "adaptive beta: horizon in episodes (Ziegler et al. 2019)")
+    kl_horizon: int = arg(0, "adaptive beta: horizon in episodes (Ziegler et al. 2019); 0 = 10%% of the run's "
+                             "episodes (--iterations x --batch-size, at least one batch), so beta can change by up "
+                             "to ~x7 within the run (a fixed 10,000 would allow x1.07 in a default run)")
     whiten_rewards: bool = arg(False, "rescale per-token rewards to unit std over the batch (no mean shift)")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
@@ -65,10 +67,11 @@ class Args:
     ppo_epochs: int = arg(4, "passes over each rollout batch")
     minibatches: int = arg(4, "minibatches per pass")
     lr: float = arg(1e-4, "policy learning rate (linearly annealed to 0)")
-    value_lr: float = arg(1e-4, "value-model learning rate (linearly annealed to 0)")
+    value_lr: float = arg(1e-4, "value-model learning rate (linearly annealed to 0): the knob for how fast the "
+                                "value model learns (there is no value-loss weight: with separate networks and Adam "
+                                "it would only rescale gradients that Adam normalises away)")
     clip: float = arg(0.2, "policy ratio clip epsilon")
     value_clip: float = arg(0.2, "value clip epsilon (normalised RM units)")
-    vf_coef: float = arg(0.1, "weight of the value loss")
     grad_clip: float = arg(1.0, "gradient norm clip, per model (0 = off)")
     approx_kl_stop: float = arg(0.0, "stop the epoch loop when an epoch's mean approx_kl exceeds this (0 = off)")
     log_interval: int = arg(10, "iterations between console lines (metrics.jsonl gets every iteration)")
@@ -76,15 +79,29 @@ class Args:
     n_eval: int = arg(512, "held-out test prompts for the final paired comparison with the SFT policy")
 
 
-def main():
-    a = parse_args(Args)
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(a.temperature > 0, f"--temperature {a.temperature}: must be > 0 (PPO needs the log-probs of a sampling "
+                             "distribution)")
+    check_flags(a, {"iterations": POSITIVE, "batch_size": POSITIVE, "max_new_tokens": POSITIVE,
+                    "missing_eos_penalty": NON_NEGATIVE, "kl_coef": NON_NEGATIVE, "target_kl": NON_NEGATIVE,
+                    "kl_horizon": NON_NEGATIVE, "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                    "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ppo_epochs": POSITIVE, "minibatches": POSITIVE,
+                    "lr": POSITIVE, "value_lr": POSITIVE, "clip": POSITIVE, "value_clip": POSITIVE,
+                    "grad_clip": NON_NEGATIVE, "approx_kl_stop": NON_NEGATIVE, "log_interval": POSITIVE,
+                    "n_eval": (lambda v: v >= 2, ">= 2 (standard errors need two samples)")})
+    check(a.batch_size % a.minibatches == 0, f"--batch-size {a.batch_size} must be divisible by --minibatches "
+                                             f"{a.minibatches}")
+    check(a.target_kl == 0 or a.kl_coef > 0, "--kl-coef 0 with --target-kl: the adaptive controller scales beta, "
+                                             "so it must start > 0")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
-    if a.batch_size % a.minibatches:
-        raise UserError(f"--batch-size {a.batch_size} must be divisible by --minibatches {a.minibatches}")
-    if a.temperature <= 0:
-        raise UserError("--temperature must be > 0 (PPO needs the log-probs of a sampling distribution)")
 
     # ---- the four models. load_run turns dropout off in all of them: with dropout the rollout and training
     # forwards disagree, the first ratio is not 1 and the KL is noise (TRL #3500). eval() everywhere for the same
@@ -121,7 +138,8 @@ def main():
     base_lrs = [g["lr"] for g in opt.param_groups]
     train_policy = torch.compile(policy) if a.compile else policy
     train_value = torch.compile(value_model) if a.compile else value_model
-    kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon) if a.target_kl > 0 \
+    kl_horizon = a.kl_horizon or default_kl_horizon(a.iterations * a.batch_size, a.batch_size)
+    kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, kl_horizon) if a.target_kl > 0 \
         else FixedKLController(a.kl_coef)
 
     out = Path(a.out_dir)
@@ -158,7 +176,7 @@ def main():
         # EOS trick (N+ details; lm-human-preferences): a response cut off by the budget is not a finished answer
         # and the RM never saw such text, so its score is replaced by a fixed -penalty in normalised RM units
         # (instead of added to an unreliable score). -2 sits below ~98% of SFT samples' scores.
-        score = torch.where(has_eos, rm_score, torch.full_like(rm_score, -a.missing_eos_penalty))
+        score = score_with_eos_penalty(rm_score, has_eos, a.missing_eos_penalty)
         rewards, kl, non_score = kl_shaped_rewards(score, old_logp, ref_logp, mask, beta)  # (B, R) each
         if a.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -170,6 +188,9 @@ def main():
                "score_mean": score.mean().item(), "kl": seq_kl.mean().item(),
                "non_score_reward": non_score.sum(1).mean().item(),
                "total_reward": (score + non_score.sum(1)).mean().item(),
+               # per-token rewards as trained on (after --whiten-rewards): mean and std over valid tokens
+               "reward_mean": masked_mean(rewards, mask).item(),
+               "reward_std": masked_var(rewards, mask).sqrt().item(),
                "resp_len": resp_mask.sum(1).float().mean().item(), "eos_rate": has_eos.float().mean().item(),
                "explained_var": explained_variance(old_values, returns, mask).item(),
                "value_mean": masked_mean(old_values, mask).item(),
@@ -201,7 +222,10 @@ def main():
                 pg_loss, pg = ppo_policy_loss(logp, old_logp[idx, :R], advantages[idx, :R], mb_mask, a.clip)
                 vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[idx, :R], returns[idx, :R], mb_mask,
                                                       a.value_clip)
-                loss = pg_loss + a.vf_coef * vf_loss
+                # Policy and value model share no parameters, so the sum backpropagates each loss into its own
+                # model only; a weight on vf_loss would only rescale the value gradients, which Adam's per-parameter
+                # normalisation (and the per-model clip) undo: --value-lr is the value model's knob.
+                loss = pg_loss + vf_loss
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"non-finite loss at iteration {it} (pg {pg_loss.item()}, vf {vf_loss.item()})")
                 opt.zero_grad(set_to_none=True)
@@ -251,7 +275,7 @@ def main():
 
     # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1)
     metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev, "final_beta": kl_ctl.value,
-               "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
+               "kl_horizon": kl_horizon, "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
     if task is not None:
         test_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed)
         cmp, samples = compare_to_reference(policy, ref, tok, task, test_prompts, a.max_new_tokens, seed=a.seed,

@@ -24,12 +24,13 @@ from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.evaluation import reward_model_scores
 from minirlhf.model import ScalarModel
-from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of, pair_rewards,
-                                  pairwise_accuracy, pearson, sample_many, set_normalisation,
+from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of,
+                                  informative_pairs, pair_rewards, token_id_counts,
+                                  fit_normalisation, pairwise_accuracy, pearson, sample_many,
                                   spearman, split_prefs, has_gold_columns)
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, adamw, cosine_lr, arg, autocast, parse_args, resolve_device, resolve_dtype, run, set_seed,
-                            write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast, check,
+                            check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -69,14 +70,25 @@ class Args:
     n_eval: int = arg(1024, "fresh SFT samples on test prompts for the RM-vs-gold correlations (built-in task)")
 
 
-def main():
-    a = parse_args(Args)
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check(a.k >= 2, f"--k {a.k}: must be >= 2 (need at least 2 samples per prompt to form a pair)")
+    check_flags(a, {"n_prompts": POSITIVE, "n_test_prompts": POSITIVE, "max_new_tokens": POSITIVE,
+                    "gen_batch_size": POSITIVE, "test_frac": FRACTION, "epochs": POSITIVE, "batch_size": POSITIVE,
+                    "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
+                    "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "margin": NON_NEGATIVE,
+                    "center_coef": NON_NEGATIVE, "log_interval": POSITIVE, "eval_interval": POSITIVE,
+                    "eval_batch_size": POSITIVE, "n_norm": (lambda v: v >= 2, ">= 2 (a standard deviation)"),
+                    "n_eval": (lambda v: v >= 2, ">= 2 (a correlation)")})
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     task = get_task(a.task)
-    if a.k < 2:
-        raise DataError(f"--k {a.k}: need at least 2 samples per prompt to form a pair")
     t_start = time.time()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +102,9 @@ def main():
     # ---- preference pairs: collected from the simulated human, or the user's file
     stats = {}
     if a.prefs:
-        train_recs, test_recs = split_prefs(load_pref_jsonl(a.prefs), a.test_frac, a.seed)
+        records = load_pref_jsonl(a.prefs)
+        has_gold_columns(records)  # checks the optional numeric columns now (FILE:LINE), not after training
+        train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
         if not test_recs:
             raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
         norm_prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
@@ -116,11 +130,19 @@ def main():
         for r in train_recs + test_recs:
             f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
 
-    train_pairs, n_cut = encode_pairs(train_recs, tok, cfg.block_size)
-    test_pairs, n_cut_test = encode_pairs(test_recs, tok, cfg.block_size)
+    # the sampled token ids when the file has them for this tokenizer, else the text re-encoded
+    n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
+    if n_other:
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --sft {a.sft}'s; their text is "
+              f"re-encoded instead")
+    train_pairs, n_cut = encode_pairs(train_recs, tok, cfg.block_size, cfg.vocab_size)
+    test_pairs, n_cut_test = encode_pairs(test_recs, tok, cfg.block_size, cfg.vocab_size)
     if n_cut + n_cut_test:
         print(f"warning: {n_cut + n_cut_test} responses were longer than the context and were cut (no EOS; "
               f"scored at their last token)")
+    train_recs, train_pairs, n_same = informative_pairs(train_recs, train_pairs, "train pairs")
+    test_recs, test_pairs, n_same_test = informative_pairs(test_recs, test_pairs, "test pairs")
+    stats.update(n_pairs_from_ids=n_ids, n_uninformative_pairs=n_same + n_same_test)
     groups = groups_of(train_recs)
     print(f"{len(train_pairs)} train pairs ({len(groups)} prompts) / {len(test_pairs)} test pairs, "
           f"collected in {time.time() - t_start:.1f}s" + (f"; {stats}" if stats else ""))
@@ -195,10 +217,13 @@ def main():
                                                      [r["rejected_gold"] for r in test_recs])
         metrics["accuracy_vs_bayes"] = test_acc / metrics["bayes_accuracy"]
 
-    # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences)
+    # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences), on the samples
+    # that ended with EOS only (the RM never saw cut-off responses; PPO replaces their score)
     norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
-    raw_mean, raw_std = set_normalisation(rm, reward_model_scores(rm, tok, norm_samples, a.eval_batch_size, device, dtype))
-    metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item())
+    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype)
+    print(f"reward normalised on {n_norm_used} of {len(norm_samples)} fresh SFT samples (those that ended with EOS)")
+    metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item(),
+                   n_norm_used=n_norm_used)
 
     # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does?
     if not a.prefs:
@@ -211,7 +236,8 @@ def main():
     metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
                    train_seconds=train_seconds, total_seconds=time.time() - t_start)
     save_run(out, rm, tok, a, kind="reward", stage="rm", sft=a.sft, normalisation={
-        "fit_on": f"{len(norm_samples)} fresh SFT samples of train prompts", "raw_mean": raw_mean,
+        "fit_on": f"{n_norm_used} EOS-ended of {len(norm_samples)} fresh SFT samples of train prompts",
+        "n_samples": n_norm_used, "raw_mean": raw_mean,
         "raw_std": raw_std})
     write_json(out / "metrics.json", metrics)
 

@@ -4,6 +4,7 @@
     python train_sft.py --data my.jsonl          # your {"prompt", "completion"} or {"text"} records
     python train_sft.py --device cuda --n-layer 12 --n-embd 768 --batch-size 128   # same script, bigger
 """
+import dataclasses
 import math
 import random
 import time
@@ -15,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minirlhf.checkpoint import load_policy, save_run
+from minirlhf.checkpoint import load_run, load_state, save_run
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
 from minirlhf.evaluation import sample_policy
 from minirlhf.hf import load_hf_dir, resolve_source
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.utils import (MetricsLog, adamw, cosine_lr, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
-                            set_seed, write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, UserError, arg, autocast,
+                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -74,8 +75,25 @@ def sft_loss(model, batch):
     return (nll * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
 
 
-def main():
-    a = parse_args(Args)
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check_flags(a, {"vocab_size": (lambda v: v >= 259, ">= 259 (256 byte tokens + PAD, BOS, EOS)"),
+                    "block_size": (lambda v: v >= 2, ">= 2"), "n_layer": POSITIVE, "n_head": POSITIVE,
+                    "n_embd": POSITIVE, "dropout": FRACTION, "n_train": POSITIVE, "n_val": POSITIVE,
+                    "steps": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE, "min_lr": NON_NEGATIVE,
+                    "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+                    "log_interval": POSITIVE, "eval_interval": POSITIVE, "n_samples": POSITIVE,
+                    "max_new_tokens": POSITIVE, "temperature": NON_NEGATIVE})
+    check(a.n_embd % a.n_head == 0, f"--n-embd {a.n_embd} must be divisible by --n-head {a.n_head}")
+    check(not (a.init and a.tokenizer), "--tokenizer cannot be combined with --init (the run given to --init "
+                                        "brings its own tokenizer, which its weights were trained with)")
+    check(not (a.init_from and (a.init or a.tokenizer)),
+          "--init-from: the model brings its own tokenizer and weights; drop --init / --tokenizer")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
@@ -95,19 +113,22 @@ def main():
 
     # ---- tokenizer and model
     if a.init_from:  # pretrained GPT-2: <|endoftext|> is BOS and EOS, a PAD is added (see minirlhf/hf.py)
-        if a.init or a.tokenizer:
-            raise UserError("--init-from: the model brings its own tokenizer and weights; drop --init / --tokenizer")
         state, cfg, tok, _ = load_hf_dir(resolve_source(a.init_from, "--init-from"), "--init-from", "policy",
                                          block_size=a.block_size, dropout=a.dropout)
         model = GPT(cfg)
         model.load_state_dict(state)
     elif a.init:
-        model, tok, _ = load_policy(a.init, "--init")
-        model.config.dropout = a.dropout
-        cfg = model.config
+        # Build the model with the requested dropout (load_run returns the config with dropout 0, the setting of
+        # every later stage); setting config.dropout afterwards would not reach the nn.Dropout modules.
+        state, cfg, tok, _ = load_run(a.init, "--init", kind="policy")
+        cfg = dataclasses.replace(cfg, dropout=a.dropout)
+        model = load_state(GPT(cfg), state, f"--init {a.init}")
     else:
         if a.tokenizer:
-            tok = Tokenizer.load(a.tokenizer)
+            try:
+                tok = Tokenizer.load(a.tokenizer)
+            except ValueError as e:  # not a file tokenizers can read: one line naming the flag
+                raise UserError(f"--tokenizer {e}") from None
         else:
             texts = [r["prompt"] + r["completion"] for r in train_recs] if a.data else task.corpus(5000, a.seed)
             tok = Tokenizer.train(texts, a.vocab_size)

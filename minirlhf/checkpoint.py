@@ -38,6 +38,30 @@ def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "polic
     write_json(out_dir / "config.json", config)
 
 
+def check_model_config(cfg: GPTConfig, where: str):
+    """Refuse a model config with wrong field types or impossible shapes (a hand-edited config.json with
+    "n_layer": "4", n_embd not divisible by n_head, ...) with one line, before any tensor is built."""
+    for f in dataclasses.fields(GPTConfig):
+        v, want = getattr(cfg, f.name), type(f.default)  # the type of the field's default
+        if want not in (int, float, bool, str):  # a field without a plain default: nothing to check here
+            continue
+        if want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif want in (int, str):
+            ok = isinstance(v, want) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, want)
+        if not ok:
+            raise CheckpointError(f"{where}: model field {f.name!r} must be {want.__name__}, got {v!r}")
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) < 1:
+            raise CheckpointError(f"{where}: model field {name!r} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise CheckpointError(f"{where}: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise CheckpointError(f"{where}: dropout {cfg.dropout} must be in [0, 1)")
+
+
 def load_run(run_dir, flag: str, kind: str = None):
     """Read a run directory written by save_run. Returns (state_dict, GPTConfig, Tokenizer, config dict).
     The returned GPTConfig has dropout 0: every stage after SFT runs without it (TRL #3500, #744).
@@ -51,13 +75,17 @@ def load_run(run_dir, flag: str, kind: str = None):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{where}: no {name} there (run the stage that writes it first)")
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         model_config = dataclasses.replace(GPTConfig(**config["model"]), dropout=0.0)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: config.json is not a minirlhf run config ({e})") from None
+    check_model_config(model_config, f"{where}: config.json")
     if kind is not None and config.get("kind") != kind:
         raise CheckpointError(f"{where}: holds a {config.get('kind')!r} checkpoint, expected {kind!r}")
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    try:
+        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     if tokenizer.fingerprint() != config.get("tokenizer_fingerprint"):
         raise CheckpointError(f"{where}: tokenizer.json does not match the tokenizer the model was trained with")
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -76,6 +104,9 @@ def _load_state(model, state, where):
     except RuntimeError as e:
         raise CheckpointError(f"{where}: model.pt does not fit its config.json ({str(e).splitlines()[0]})") from None
     return model
+
+
+load_state = _load_state  # public name: model.load_state_dict(state), a mismatch as one line naming `where`
 
 
 def load_policy(run_dir, flag: str = "--policy", device="cpu"):

@@ -11,6 +11,7 @@ Token layout of every sequence: BOS + prompt + response + EOS.
     starts at the same column P and the model sees positions computed from the attention mask.
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,23 @@ class DataError(UserError):
     pass
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name):
+    """json.loads hook for the non-standard NaN / Infinity / -Infinity literals Python's json accepts."""
+    raise _NonFinite(name)
+
+
+def _finite_float(text):
+    """json.loads hook for floats: 1e999 parses to inf, which is no more data than a literal Infinity."""
+    x = float(text)
+    if not math.isfinite(x):
+        raise _NonFinite(text)
+    return x
+
+
 def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
     """Read a JSONL file; every record needs string fields `required` (or all of `alternatives`).
     Each returned dict gets "_where" = "file:line" for later error messages."""
@@ -29,15 +47,25 @@ def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes, decoded per line: a bad byte is reported with its line number
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write: not part of the data
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            except _NonFinite as e:
+                raise DataError(f"{where}: {e} is not a finite number (NaN and infinities are not valid "
+                                "data)") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             # a record with any of the required fields is judged against them, otherwise against the alternative

@@ -14,8 +14,9 @@ maximises E[g] - beta * KL(pi || pi_ref) is pi*(y|x) = pi_ref(y|x) exp(g(y)/beta
 follow from reference samples by self-normalised importance weighting (see optimal_policy_estimate), which traces
 the best gold reward any policy can reach at each KL -- the yardstick for PPO and DPO.
 
-The pure estimators (mean_sem, paired_win_rate, distinct_n, optimal_policy_estimate, frontier_points,
-frontier_gold_at) take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
+The pure estimators (mean_sem, paired_win_rate, paired_win_rate_sem, paired_gain, distinct_n,
+optimal_policy_estimate, frontier_points, frontier_gold_at) take lists/tensors and are unit-tested against exact
+enumeration or naive computations in tests/test_evaluate.py.
 """
 import math
 
@@ -46,6 +47,27 @@ def paired_win_rate(scores_a, scores_b) -> float:
     assert len(scores_a) == len(scores_b) and len(scores_a) > 0
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b))
     return wins / len(scores_a)
+
+
+def win_outcomes(scores_a, scores_b) -> list:
+    """Per-prompt outcome of a against b: 1 (a wins), 0.5 (tie), 0 (a loses)."""
+    assert len(scores_a) == len(scores_b) and len(scores_a) > 0
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
+
+
+def paired_win_rate_sem(scores_a, scores_b):
+    """(win rate, its standard error). The win rate is the mean of the per-prompt outcomes 1 / 0.5 / 0, so its s.e.
+    is the s.e. of that mean (n-1 variance); without ties this is the binomial sqrt(p(1-p)/n) up to n/(n-1)."""
+    return mean_sem(win_outcomes(scores_a, scores_b))
+
+
+def paired_gain(scores, ref_scores):
+    """(mean of scores - ref_scores, paired standard error): the s.e. of the mean of the per-prompt differences.
+    Samples of one prompt share its difficulty, so the paired s.e. is smaller than the unpaired
+    sqrt(se_a^2 + se_b^2) when the two scores are positively correlated across prompts (and never needs them
+    to be independent)."""
+    assert len(scores) == len(ref_scores) and len(scores) > 0
+    return mean_sem([a - b for a, b in zip(scores, ref_scores)])
 
 
 def distinct_n(texts, n: int = 2) -> float:
@@ -197,6 +219,8 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
 
     Adds "kl" (and "gold", "rm" when available) to each sample dict. With task=None (user data) the gold keys are
     absent; with a reward model, rm_mean/rm_sem and rm_win_rate (the same paired comparison under the RM) appear.
+    Error bars: win rates get the s.e. of the mean per-prompt outcome (win_rate_vs_ref_sem, rm_win_rate_sem); the
+    gain over the reference (gold_gain) gets the paired s.e. of the per-prompt differences (gold_gain_sem).
     ref_logp: precomputed reference log-probs of `samples` (when policy is the reference itself, pass the
     policy's own)."""
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
@@ -216,14 +240,15 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
             s["gold"] = g
         m["gold_mean"], m["gold_sem"] = mean_sem(gold)
         m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
-        m["win_rate_vs_ref"] = paired_win_rate(gold, ref_gold)
+        m["win_rate_vs_ref"], m["win_rate_vs_ref_sem"] = paired_win_rate_sem(gold, ref_gold)
+        m["gold_gain"], m["gold_gain_sem"] = paired_gain(gold, ref_gold)  # paired by prompt
     if reward_model is not None:
         rm, ref_rm = reward_model_scores(reward_model, tok, samples, **kw), \
             reward_model_scores(reward_model, tok, ref_samples, **kw)
         for s, r in zip(samples, rm):
             s["rm"] = r
         m["rm_mean"], m["rm_sem"] = mean_sem(rm)
-        m["rm_win_rate"] = paired_win_rate(rm, ref_rm)
+        m["rm_win_rate"], m["rm_win_rate_sem"] = paired_win_rate_sem(rm, ref_rm)
     m["eos_rate"] = sum(s["eos"] for s in samples) / n
     m["mean_len"] = sum(s["length"] for s in samples) / n
     m["distinct_2"] = distinct_n([s["response"] for s in samples], 2)
@@ -238,8 +263,8 @@ def compare_to_reference(policy, ref, tok, task, prompts, max_new_tokens: int, s
     One sample per prompt from each policy at temperature 1 (paired by prompt). KL(policy || ref) is estimated per
     sequence as sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples (unbiased for the sequence KL).
     win_rate_vs_ref compares the two samples of each prompt under the task's gold reward (ties count half).
-    Returns (metrics dict, policy samples); metrics has win_rate_vs_ref, kl_mean, kl_sem, gold_mean, gold_sem,
-    ref_gold_mean, eos_rate, mean_len, distinct_2, n_prompts (+ rm_* with a reward model; no gold keys when
+    Returns (metrics dict, policy samples); metrics has win_rate_vs_ref (+ _sem), kl_mean, kl_sem, gold_mean,
+    gold_sem, ref_gold_mean, gold_gain and gold_gain_sem (policy - reference gold, paired s.e.), eos_rate, mean_len, distinct_2, n_prompts (+ rm_* with a reward model; no gold keys when
     task is None)."""
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
     samples = sample_policy(policy, tok, prompts, max_new_tokens, 1.0, seed=seed, **kw)

@@ -63,6 +63,14 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     return out * mask
 
 
+def score_with_eos_penalty(rm_score, has_eos, penalty: float):
+    """The sequence score PPO trains on (the "EOS trick": lm-human-preferences; N+ details, 2403.17031): the RM score
+    for a response that ended with EOS, a fixed -penalty for one cut off by the budget. The RM never saw unfinished
+    text, so its score there is unreliable; replacing (not adding to) it gives every cut-off row the same, known
+    low score. rm_score (B,) float, has_eos (B,) bool. Returns (B,)."""
+    return torch.where(has_eos, rm_score, torch.full_like(rm_score, -penalty))
+
+
 def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef: float):
     """Per-token rewards of Ziegler et al. 2019: r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) on every valid
     token, plus the sequence score on the row's last valid token (its EOS; N+ details use the EOS token).
@@ -144,7 +152,9 @@ def explained_variance(values, returns, mask):
 class AdaptiveKLController:
     """Ziegler et al. 2019, sec. 2.2: nudge beta so the observed KL tracks a target,
         e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon),
-    where n is the number of episodes since the last update (lm-human-preferences' K = n / horizon)."""
+    where n is the number of episodes since the last update (lm-human-preferences' K = n / horizon).
+    Over a run of N episodes beta can move by at most a factor of about exp(0.2 * N / horizon), so the horizon
+    must be a fraction of the run for the controller to reach its target (default_kl_horizon)."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
@@ -153,6 +163,15 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+def default_kl_horizon(total_episodes: int, batch_size: int, fraction: float = 0.1) -> int:
+    """The adaptive controller's horizon for a run of `total_episodes` episodes in batches of `batch_size`:
+    `fraction` of the run (10% by default), so beta can move by up to a factor of exp(0.2 / fraction) = e^2 ~ 7
+    over the run (up to 4% per update with the default 50 iterations). lm-human-preferences' 10,000 episodes was
+    sized for runs of millions of episodes; against a run of 3,200 it lets beta move by at most x1.07. Never
+    below one batch, so K = n / horizon <= 1 and a single update changes beta by at most 20% (it stays > 0)."""
+    return max(batch_size, round(fraction * total_episodes))
 
 
 class FixedKLController:

@@ -6,14 +6,17 @@ prompt stay together (consecutive records, one "group"), so training can put the
 responses once serves all k(k-1)/2 comparisons, and the pairs of one prompt, which are strongly correlated, are
 not spread over many steps (InstructGPT found that shuffling them in as independent pairs over-fits).
 
-Truncated samples: a response that did not emit EOS within the budget is left out before pairing. The gold reward
-depends on EOS (a penalty when missing), while every consumer of prefs.jsonl (RM, DPO) re-encodes a response as
-text + EOS; dropping them keeps that re-encoding exact. PPO handles the no-EOS case itself (its "EOS trick").
-The count is reported as n_dropped_no_eos.
+Truncated samples: a response that did not emit EOS within the budget is left out before pairing: the gold reward
+depends on EOS (a penalty when missing), and the RM would be trained on unfinished answers that PPO replaces by a
+fixed penalty anyway (its "EOS trick"). The count is reported as n_dropped_no_eos.
+
+Token ids: each record keeps the sampled response ids (chosen_ids / rejected_ids, EOS included) and the fingerprint
+of their tokenizer; the RM and DPO train on those ids (response_ids), since decode -> re-encode is not the identity
+under BPE. Users' own files have text only, which is then encoded.
 
 Record written to prefs.jsonl (one per pair):
     {"prompt", "chosen", "rejected", "split": "train" | "test", "chosen_gold", "rejected_gold", "label_prob",
-     "chosen_eos", "rejected_eos", "group"}
+     "chosen_eos", "rejected_eos", "group", "chosen_ids", "rejected_ids", "tokenizer_fingerprint"}
 chosen/rejected are decoded response texts without EOS (starting with the space the model produced);
 label_prob = P(annotator prefers chosen) = task.preference_prob(chosen_gold, rejected_gold).
 """
@@ -25,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .data import DataError, encode_prompt, encode_response, right_pad
-from .evaluation import sample_policy
+from .evaluation import reward_model_scores, sample_policy
 from .utils import autocast
 
 
@@ -42,31 +45,47 @@ def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_
     return out
 
 
-def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0):
+def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, tokenizer_fingerprint: str = None):
     """The annotator's labels for all pairs of the distinct, EOS-ended responses of each prompt.
 
-    samples: k consecutive samples per prompt (dicts with "response" text and "eos"), i.e. samples[g*k:(g+1)*k]
-    answer prompts[g]. Returns (records, stats) with stats = {"n_samples", "n_dropped_no_eos", "n_duplicates"}."""
+    samples: k consecutive samples per prompt (dicts with "response" text, "eos" and, from sample_policy, "tokens":
+    the sampled response ids, EOS included), i.e. samples[g*k:(g+1)*k] answer prompts[g]. With tokens, the records
+    keep them as chosen_ids / rejected_ids (the exact sequences the RM and DPO then train on) and distinctness is
+    judged on the ids; tokenizer_fingerprint names the tokenizer they belong to. Without tokens (text only),
+    distinctness is judged on the text. Two distinct id sequences can still decode to the same text (BPE has
+    several spellings of a word): they have the same gold reward, so their label would be a coin flip and the pair
+    is not formed (counted as n_same_text_pairs). Returns (records, stats) with stats = {"n_samples",
+    "n_dropped_no_eos", "n_duplicates", "n_same_text_pairs"}."""
     assert len(samples) == k * len(prompts)
     rng = random.Random(f"annotate-{split}-{seed}")
-    records, n_no_eos, n_dup = [], 0, 0
+    records, n_no_eos, n_dup, n_same_text = [], 0, 0, 0
     for g, prompt in enumerate(prompts):
-        responses = []
+        responses, seen = [], set()
         for s in samples[g * k:(g + 1) * k]:
+            key = tuple(s["tokens"]) if "tokens" in s else s["response"]
             if not s["eos"]:
                 n_no_eos += 1
-            elif s["response"] in responses:  # the same text twice: a pair of it carries no preference
+            elif key in seen:  # the same response twice: a pair of it carries no preference
                 n_dup += 1
             else:
-                responses.append(s["response"])
-        gold = [task.gold_reward(prompt, r, True) for r in responses]
+                seen.add(key)
+                responses.append(s)
+        gold = [task.gold_reward(prompt, s["response"], True) for s in responses]
         for i, j in itertools.combinations(range(len(responses)), 2):
+            if responses[i]["response"] == responses[j]["response"]:
+                n_same_text += 1
+                continue
             c, r = (i, j) if task.annotate(gold[i], gold[j], rng) else (j, i)
-            records.append({"prompt": prompt, "chosen": responses[c], "rejected": responses[r], "split": split,
-                            "chosen_gold": gold[c], "rejected_gold": gold[r],
-                            "label_prob": task.preference_prob(gold[c], gold[r]),
-                            "chosen_eos": True, "rejected_eos": True, "group": f"{split}-{g}"})
-    return records, {"n_samples": len(samples), "n_dropped_no_eos": n_no_eos, "n_duplicates": n_dup}
+            rec = {"prompt": prompt, "chosen": responses[c]["response"], "rejected": responses[r]["response"],
+                   "split": split, "chosen_gold": gold[c], "rejected_gold": gold[r],
+                   "label_prob": task.preference_prob(gold[c], gold[r]),
+                   "chosen_eos": True, "rejected_eos": True, "group": f"{split}-{g}"}
+            if "tokens" in responses[c]:
+                rec.update(chosen_ids=list(responses[c]["tokens"]), rejected_ids=list(responses[r]["tokens"]),
+                           tokenizer_fingerprint=tokenizer_fingerprint)
+            records.append(rec)
+    return records, {"n_samples": len(samples), "n_dropped_no_eos": n_no_eos, "n_duplicates": n_dup,
+                     "n_same_text_pairs": n_same_text}
 
 
 def collect_preferences(policy, tok, task, prompts, k: int, max_new_tokens: int, split: str, seed: int = 0,
@@ -75,7 +94,7 @@ def collect_preferences(policy, tok, task, prompts, k: int, max_new_tokens: int,
     # k copies of each prompt next to each other: sample i answers prompt i // k.
     samples = sample_many(policy, tok, [p for p in prompts for _ in range(k)], max_new_tokens, seed, batch_size,
                           device, dtype, desc=f"collect {split}")
-    return label_pairs(task, prompts, samples, k, split, seed)
+    return label_pairs(task, prompts, samples, k, split, seed, tokenizer_fingerprint=tok.fingerprint())
 
 
 def groups_of(records) -> list:
@@ -132,19 +151,67 @@ def bayes_accuracy(records) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- encoding
-def encode_pairs(records, tok, block_size: int):
-    """Token sequences BOS + prompt + response + EOS for each record's chosen and rejected response.
-    Returns ([(chosen_seq, rejected_seq)], number of responses cut to fit block_size, which then lack EOS)."""
-    out, n_cut = [], 0
+def token_id_counts(records, tok) -> tuple:
+    """(records whose response ids are used, records whose ids belong to another tokenizer and are re-encoded).
+    A record's ids are used when its tokenizer_fingerprint is this tokenizer's (see response_ids)."""
+    fp = tok.fingerprint()
+    has_ids = [r for r in records if "chosen_ids" in r or "rejected_ids" in r]
+    n_same = sum(r.get("tokenizer_fingerprint") == fp for r in has_ids)
+    return n_same, len(has_ids) - n_same
+
+
+def response_ids(tok, rec, key: str, max_len: int, fingerprint: str = None, vocab_size: int = None) -> tuple:
+    """Response tokens of rec[key] ("chosen" or "rejected"), cut to max_len. Returns (ids, truncated).
+
+    The sampled ids rec[key + "_ids"] (EOS included) when the record carries them for this tokenizer
+    (rec["tokenizer_fingerprint"]): BPE re-encoding of decoded text is not the identity (sampled "Ġ g o o d" comes
+    back as "Ġ g oo d"), and the RM/DPO must learn on the sequences the policy produced and PPO scores. Otherwise
+    (text-only files, or ids of another tokenizer) the text is encoded + EOS. fingerprint: tok.fingerprint(),
+    computed once by the caller. vocab_size: the model's (rounded up past the tokenizer's, so the sampler may
+    have drawn ids the tokenizer does not use); ids must lie below it (else tok.vocab_size)."""
+    ids = rec.get(f"{key}_ids")
+    if ids is None or rec.get("tokenizer_fingerprint") != (fingerprint or tok.fingerprint()):
+        return encode_response(tok, rec[key], max_len)
+    where, V = rec.get("_where", "preference record"), vocab_size or tok.vocab_size
+    if not (isinstance(ids, list) and ids and all(type(i) is int and 0 <= i < V for i in ids)):
+        raise DataError(f"{where}: field '{key}_ids' must be a non-empty list of token ids in [0, {V})")
+    if tok.eos_id in ids[:-1]:
+        raise DataError(f"{where}: field '{key}_ids' has EOS before its last token")
+    return ids[:max_len], len(ids) > max_len
+
+
+def encode_pairs(records, tok, block_size: int, vocab_size: int = None):
+    """Token sequences BOS + prompt + response (+ EOS) for each record's chosen and rejected response, the response
+    from its sampled ids when present for this tokenizer (response_ids; vocab_size = the model's), else from its
+    text + EOS. Returns ([(chosen_seq, rejected_seq)], number of responses cut to fit block_size, which then
+    lack EOS)."""
+    out, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
         p = encode_prompt(tok, r["prompt"], block_size, r.get("_where", "prompt"))
         pair = []
         for key in ("chosen", "rejected"):
-            ids, cut = encode_response(tok, r[key], block_size - len(p))
+            ids, cut = response_ids(tok, r, key, block_size - len(p), fp, vocab_size)
             n_cut += cut
             pair.append(p + ids)
         out.append(tuple(pair))
     return out, n_cut
+
+
+def informative_pairs(records, pairs, what: str):
+    """Drop the pairs whose chosen and rejected response are the same (same text, or the same token sequence): they
+    carry no preference and only add ln 2 to the loss. Prints a warning with the count; a DataError when nothing
+    is left. pairs[i] encodes records[i] (its last two elements are the chosen and rejected sequences).
+    Returns (records, pairs, number dropped)."""
+    keep = [i for i, (r, p) in enumerate(zip(records, pairs))
+            if r["chosen"] != r["rejected"] and list(p[-2]) != list(p[-1])]
+    n_drop = len(records) - len(keep)
+    if n_drop:
+        print(f"warning: {n_drop} of {len(records)} {what} have chosen == rejected (same text or same tokens); "
+              "they carry no preference and are left out")
+    if records and not keep:
+        where = records[0].get("_where", "preferences").rsplit(":", 1)[0]
+        raise DataError(f"{where}: none of the {len(records)} {what} is informative (chosen == rejected in all)")
+    return [records[i] for i in keep], [pairs[i] for i in keep], n_drop
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -203,6 +270,19 @@ def set_normalisation(rm, rewards):
     rm.gain.copy_(rm.gain / std)
     rm.bias.copy_((rm.bias - mean) / std)
     return mean, std
+
+
+def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32"):
+    """set_normalisation on the reward model's scores of the EOS-ended `samples` (dicts from sample_policy) only:
+    the RM never trained on responses that were cut off, and PPO replaces their score by a fixed penalty anyway,
+    so their (meaningless) scores must not set the units. Returns (raw mean, raw std, number of samples used);
+    a DataError when none of the samples ended."""
+    ended = [s for s in samples if s["eos"]]
+    if not ended:
+        raise DataError(f"none of the {len(samples)} normalisation samples ended with EOS within the budget "
+                        "(raise --max-new-tokens, or train the SFT model longer)")
+    mean, std = set_normalisation(rm, reward_model_scores(rm, tok, ended, batch_size, device, dtype))
+    return mean, std, len(ended)
 
 
 # ----------------------------------------------------------------------------------------------- statistics

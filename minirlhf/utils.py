@@ -20,6 +20,28 @@ class UserError(Exception):
     Scripts print its message in one line instead of a traceback."""
 
 
+def check(ok: bool, message: str):
+    """Validate a flag or input before any work is done: raise UserError(message) unless ok.
+    Message style: "--flag value: must be ..." (one line, names the flag and the bad value)."""
+    if not ok:
+        raise UserError(message)
+
+
+def check_flags(a, rules: dict):
+    """Declarative range checks of an Args instance, run at the top of main() before any work.
+    rules: {field name: (predicate on the value, "what it must be")}; the first failure raises
+    UserError("--field-name value: must be ...")."""
+    for name, (ok, what) in rules.items():
+        value = getattr(a, name)
+        check(ok(value), f"--{name.replace('_', '-')} {value}: must be {what}")
+
+
+# Shorthands for check_flags rules: (predicate, description).
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
 def arg(default, help: str):
     """An Args field with its one-line documentation (shown by --help)."""
     if isinstance(default, (list, dict)):
@@ -103,13 +125,26 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
+def finite_json(obj):
+    """A copy of obj (dicts, lists, tuples, scalars) with every non-finite float (NaN, +-inf) replaced by None, so
+    it serialises as strict JSON: bare NaN/Infinity is not JSON and most readers (browsers, jq, pandas' strict
+    mode) reject the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+    """Write strict JSON atomically (temp file in the same folder, then rename); non-finite floats become null."""
     path = Path(path)
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False)  # before the temp file: nothing left on error
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text + "\n")
     os.replace(tmp, path)
 
 
@@ -120,7 +155,8 @@ class MetricsLog:
         self.f = open(path, "w")
 
     def write(self, row: dict):
-        self.f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+        row = finite_json({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+        self.f.write(json.dumps(row, allow_nan=False) + "\n")
         self.f.flush()
 
     def close(self):

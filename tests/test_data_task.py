@@ -76,6 +76,22 @@ def test_bad_jsonl_gives_file_and_line(tmp_path, tok):
         encode_sft(recs, tok, block_size=32)
 
 
+def test_non_utf8_and_non_finite_numbers_give_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}).encode()
+    bad_byte = json.dumps({"prompt": "caf\u00e9", "chosen": " b", "rejected": " c"}).encode()
+    bad_byte = bad_byte.replace(b"\\u00e9", b"\xe9")  # Latin-1 e-acute: not UTF-8
+    (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + bad_byte + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        load_pref_jsonl(tmp_path / "latin1.jsonl")
+    for name, value in (("nan", "NaN"), ("inf", "Infinity"), ("neginf", "-Infinity"), ("huge", "1e999")):
+        line = json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"})[:-1] + f', "label_prob": {value}}}'
+        with pytest.raises(DataError, match=rf"{name}\.jsonl:2: {value} is not a finite number"):
+            load_pref_jsonl(write(tmp_path / f"{name}.jsonl", [good.decode(), line]))
+    # a UTF-8 byte-order mark (some editors write one) is not an error
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert load_pref_jsonl(tmp_path / "bom.jsonl")[0]["prompt"] == "a"
+
+
 def test_text_records_train_on_everything(tmp_path, tok):
     recs = load_sft_jsonl(write(tmp_path / "t.jsonl", [json.dumps({"text": "the food was good ."})]))
     assert recs[0]["prompt"] == "" and recs[0]["completion"] == "the food was good ."

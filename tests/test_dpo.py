@@ -202,6 +202,20 @@ def test_split_holds_out_whole_prompts_and_validates():
         split_prefs([recs[0]] + with_split[1:], 0.2, 0)
 
 
+def test_dpo_pairs_use_the_sampled_ids_when_the_tokenizer_matches():
+    from minirlhf.tokenizer import Tokenizer
+    tok = Tokenizer.train(get_task("reviews").corpus(300), 300)
+    sampled = [tok.hf.token_to_id(c) for c in "Ġgood"] + [tok.eos_id]  # "Ġ g o o d": BPE would merge "oo"
+    assert tok.encode(tok.decode(sampled)) != sampled[:-1]
+    rec = {"prompt": "the food was", "chosen": " good", "rejected": " bad .", "chosen_ids": sampled,
+           "rejected_ids": tok.encode(" bad .") + [tok.eos_id], "tokenizer_fingerprint": tok.fingerprint(),
+           "_where": "f:1"}
+    (p, c, r), = train_dpo.encode_pairs([rec], tok, 64)[0]
+    assert p == [tok.bos_id] + tok.encode("the food was") and c == sampled
+    (_, c, _), = train_dpo.encode_pairs([dict(rec, tokenizer_fingerprint="other")], tok, 64)[0]
+    assert c == tok.encode(" good") + [tok.eos_id]  # another tokenizer's ids: the text is encoded
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def run_script(*args, check=True, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV,
@@ -297,3 +311,18 @@ def test_user_file_without_split_or_gold_and_clear_errors(sft_run, tmp_path):
     proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir",
                       str(tmp_path / "z"), "--loss", "kto", check=False)
     assert proc.returncode == 2 and "--loss kto" in proc.stderr
+    # a file whose pairs all have chosen == rejected carries no preference: refused, not trained at loss ln 2
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"the food {i}", "chosen": " was good .", "rejected": " was good .",
+                                        "split": "test" if i % 4 == 0 else "train"}) + "\n" for i in range(8)))
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(same), "--out-dir",
+                      str(tmp_path / "s"), *TINY_DPO, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "warning: 6 of 6 train pairs have chosen == rejected" in proc.stdout
+    assert f"{same}: none of the 6 train pairs is informative" in proc.stderr
+    # label_prob NaN is not a number a metrics file can carry: FILE:LINE error
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text(same.read_text().replace('"split"', '"label_prob": NaN, "split"', 1))
+    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(nan), "--out-dir",
+                      str(tmp_path / "n"), *TINY_DPO, check=False)
+    assert proc.returncode == 2 and f"{nan}:1: NaN is not a finite number" in proc.stderr

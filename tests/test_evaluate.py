@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import evaluate
 from minirlhf.checkpoint import save_run
-from minirlhf.evaluation import (distinct_n, estimate_frontier, fraction_of_optimal, frontier_gold_at,
+from minirlhf.evaluation import (distinct_n, estimate_frontier, fraction_of_optimal, frontier_gold_at, paired_gain,
+                                 paired_win_rate_sem,
                                  frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate, policy_metrics,
                                  sample_policy)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
@@ -213,6 +214,33 @@ def test_paired_win_rate_counts_ties_half():
         paired_win_rate([1, 2], [1])
 
 
+def test_win_rate_sem_is_the_sem_of_per_prompt_outcomes():
+    a, b = [3, 1, 2, 2, 5, 0, 1], [1, 1, 4, 0, 2, 3, 1]  # wins: 1, 0.5, 0, 1, 1, 0, 0.5
+    outcomes = [1, 0.5, 0, 1, 1, 0, 0.5]
+    n, p = len(outcomes), sum(outcomes) / len(outcomes)
+    var = sum((o - p) ** 2 for o in outcomes) / (n - 1)
+    rate, sem = paired_win_rate_sem(a, b)
+    assert rate == pytest.approx(p) and rate == pytest.approx(paired_win_rate(a, b))
+    assert sem == pytest.approx(math.sqrt(var / n))
+    # without ties it is the binomial s.e. sqrt(p (1 - p) / n), with the n - 1 variance
+    a, b = [1, 0, 1, 1, 0, 1, 1, 1], [0.5] * 8
+    rate, sem = paired_win_rate_sem(a, b)
+    assert sem == pytest.approx(math.sqrt(rate * (1 - rate) / 8 * 8 / 7))
+
+
+def test_gain_uses_the_paired_sem():
+    # the policy is the reference plus 0.1 on every prompt, with big prompt-to-prompt variation: paired s.e. ~ 0
+    ref = [-2.0, 1.5, 0.3, 3.0, -1.0, 0.7]
+    pol = [r + 0.1 + (0.01 if i % 2 else -0.01) for i, r in enumerate(ref)]
+    gain, sem = paired_gain(pol, ref)
+    d = [x - y for x, y in zip(pol, ref)]
+    mean_d = sum(d) / len(d)
+    assert gain == pytest.approx(mean_d) and gain == pytest.approx(0.1)
+    assert sem == pytest.approx(math.sqrt(sum((x - mean_d) ** 2 for x in d) / (len(d) - 1) / len(d)))
+    unpaired = math.hypot(mean_sem(pol)[1], mean_sem(ref)[1])
+    assert sem < 0.01 < 0.5 < unpaired  # the unpaired s.e. would call a sure +0.1 gain noise
+
+
 def test_mean_sem_and_distinct_n():
     mean, sem = mean_sem([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and sem == pytest.approx(math.sqrt(5 / 3) / 2)
@@ -261,9 +289,13 @@ def test_report_files_have_the_documented_keys(runs, tmp_path, monkeypatch, caps
     report = json.loads((out / "report.json").read_text())
     assert set(report["policies"]) == {"sft", "ppo"}
     for name, m in report["policies"].items():
-        for key in ("gold_mean", "gold_sem", "kl_mean", "kl_sem", "win_rate", "eos_rate", "mean_len", "distinct_2",
-                    "rm_mean", "rm_sem", "rm_win_rate", "frac_optimal", "frontier_gold", "samples"):
+        for key in ("gold_mean", "gold_sem", "kl_mean", "kl_sem", "win_rate", "win_rate_sem", "gold_gain",
+                    "gold_gain_sem", "eos_rate", "mean_len", "distinct_2", "rm_mean", "rm_sem", "rm_win_rate",
+                    "rm_win_rate_sem", "frac_optimal", "frontier_gold", "samples"):
             assert key in m, (name, key)
+        gold = [s["gold"] for s in m["samples"]]  # only n_show of them: check the definitions on the full report
+        assert m["gold_gain"] == pytest.approx(m["gold_mean"] - m["ref_gold_mean"])
+        assert 0 < m["win_rate_sem"] <= 0.5 / math.sqrt(m["n_prompts"] - 1) + 1e-12 and gold
         assert len(m["samples"]) == 3 and {"prompt", "response", "gold", "kl", "rm"} <= set(m["samples"][0])
     assert report["policies"]["sft"]["kl_mean"] == 0.0  # the reference against itself, exactly
     assert report["policies"]["ppo"]["kl_mean"] > 0.1

@@ -115,7 +115,10 @@ def test_top_k_top_p_filtering_against_naive():
         assert torch.isfinite(filter_logits(logits, top_p=top_p))[0].tolist() == naive
 
 
-def test_scalar_model_and_weight_tying():
+def test_tied_embeddings_stable_parameter_names_and_scalar_trunk():
+    """The lm_head is the token embedding (tied), the state_dict keys are the ones checkpoints are saved under
+    (GPT-2's naming scheme, kept stable so old model.pt files load; this is not a GPT-2 weight-loading test), and
+    a ScalarModel's trunk takes a policy's state_dict as is (the RM starts from the SFT weights)."""
     model = tiny_gpt()
     assert model.lm_head.weight is model.transformer.wte.weight
     names = {n for n, _ in model.named_parameters()}

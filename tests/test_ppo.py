@@ -13,8 +13,9 @@ import torch
 
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.generation import generate
-from minirlhf.losses import (AdaptiveKLController, FixedKLController, approx_kl, explained_variance,
-                             gae_advantages, kl_shaped_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from minirlhf.losses import (AdaptiveKLController, FixedKLController, approx_kl, default_kl_horizon,
+                             explained_variance, gae_advantages, kl_shaped_rewards, masked_whiten, ppo_policy_loss,
+                             ppo_value_loss, score_with_eos_penalty)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.scoring import response_logprobs
 from minirlhf.tasks import get_task
@@ -167,6 +168,35 @@ def test_approx_kl_and_explained_variance():
     assert explained_variance(torch.zeros_like(ret), ret, mask).item() == pytest.approx(0.0)  # predicts nothing
 
 
+def test_adaptive_kl_controller_matches_the_formula_and_reaches_its_target_within_a_run():
+    ctl = AdaptiveKLController(0.2, target=4.0, horizon=500)
+    for kl, n in ((5.0, 64), (1.0, 32), (4.4, 64)):  # e = +0.2 (clipped from 0.25), -0.2 (clipped), +0.1
+        before = ctl.value
+        e = min(max(kl / 4.0 - 1, -0.2), 0.2)
+        assert ctl.update(kl, n) == pytest.approx(before * (1 + e * n / 500))
+    # the default horizon is 10% of the run, never below one batch (so one update changes beta by <= 20%)
+    assert default_kl_horizon(3200, 64) == 320 and default_kl_horizon(80, 16) == 16
+    # closed loop on a toy policy whose KL is 3 / beta: the target 6 needs beta 0.5, 3.3x the start. A default-sized
+    # run (50 x 64 episodes) with the default horizon gets there; the old fixed 10,000 ends at ~3x the target.
+    def final_kl(horizon):
+        ctl = AdaptiveKLController(0.15, target=6.0, horizon=horizon)
+        for _ in range(50):
+            ctl.update(3.0 / ctl.value, 64)
+        return 3.0 / ctl.value
+    assert final_kl(default_kl_horizon(50 * 64, 64)) == pytest.approx(6.0, rel=0.1)
+    assert final_kl(10_000) > 2.5 * 6.0
+    # beta never reaches 0 at the smallest horizon the default allows
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=default_kl_horizon(64, 64))
+    for _ in range(100):
+        assert ctl.update(0.0, 64) > 0
+
+
+def test_missing_eos_score_is_replaced_by_the_penalty():
+    rm = torch.tensor([1.5, -0.3, 2.0, 0.7])
+    has_eos = torch.tensor([True, False, True, False])
+    torch.testing.assert_close(score_with_eos_penalty(rm, has_eos, 2.0), torch.tensor([1.5, -2.0, 2.0, -2.0]))
+
+
 def test_adaptive_kl_controller_moves_beta_the_right_way():
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     assert ctl.update(12.0, 64) > 0.1  # KL above target -> stronger penalty
@@ -255,14 +285,18 @@ def tiny_runs(tmp_path_factory):
     return d
 
 
-def test_tiny_subprocess_run_writes_outputs(tiny_runs):
-    out = tiny_runs / "ppo"
+def run_ppo(tiny_runs, out, *flags):
     cmd = [sys.executable, "train_ppo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
            "--out-dir", str(out), "--iterations", "3", "--batch-size", "8", "--minibatches", "2",
-           "--ppo-epochs", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--target-kl", "1"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=ENV)
+           "--ppo-epochs", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", *flags]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_subprocess_run_writes_outputs(tiny_runs):
+    out = tiny_runs / "ppo"
+    run_ppo(tiny_runs, out, "--target-kl", "1")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     need = ["rm_score_mean", "rm_score_std", "kl", "non_score_reward", "beta", "pg_loss", "vf_loss", "approx_kl",
@@ -273,12 +307,34 @@ def test_tiny_subprocess_run_writes_outputs(tiny_runs):
             assert k in row and math.isfinite(row[k]), k
         assert row["first_ratio_dev"] < 1e-5
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = reference before the first update
-    assert rows[0]["beta"] == rows[0]["beta"] and rows[1]["beta"] != rows[0]["beta"]  # adaptive beta moved
+    # adaptive beta starts at --kl-coef and moves towards the target within the run: KL stays far below 1 here, so
+    # beta falls by 20% per update with the default horizon (one batch); a 10,000-episode horizon moved it 0.05%
+    assert rows[0]["beta"] == pytest.approx(0.07)
+    for prev, nxt in zip(rows, rows[1:]):
+        assert prev["kl"] < 0.8 and nxt["beta"] == pytest.approx(prev["beta"] * 0.8, rel=1e-4)
     m = json.loads((out / "metrics.json").read_text())
+    assert m["kl_horizon"] == 8 and m["final_beta"] == pytest.approx(0.07 * 0.8 ** 3, rel=1e-4)
     for k in ("win_rate_vs_ref", "kl_mean", "gold_mean", "ref_gold_mean", "first_ratio_dev"):
         assert k in m and math.isfinite(m[k]), k
     model, _, cfg = load_policy(out)
     assert cfg["stage"] == "ppo" and cfg["kind"] == "policy"
+
+
+def test_missing_eos_penalty_whitening_and_approx_kl_stop_in_a_run(tiny_runs, tmp_path):
+    # an untrained policy rarely says EOS within 8 tokens: those rows must score -100, not their RM score
+    rows = run_ppo(tiny_runs, tmp_path / "a", "--missing-eos-penalty", "100", "--whiten-rewards",
+                   "--approx-kl-stop", "1e-12")
+    for r in rows:
+        assert r["eos_rate"] < 1 and abs(r["rm_score_mean"]) < 10
+        assert abs(r["score_mean"] - (-100) * (1 - r["eos_rate"])) < 10 * r["eos_rate"] + 1e-3
+        # whitened per-token rewards: unit std, but the mean is kept (no shift: it carries the incentive to stop)
+        assert r["reward_std"] == pytest.approx(1.0, abs=1e-3)
+        assert r["reward_mean"] == pytest.approx(r["total_reward"] / r["resp_len"], rel=1e-3, abs=1e-4)
+        assert r["reward_mean"] < -1  # the -100 scores dominate: a mean shift to 0 would fail here
+        # the epoch loop stopped after the first epoch: its mean approx-KL is above the tiny threshold
+        assert r["epochs_done"] == 1
+    rows = run_ppo(tiny_runs, tmp_path / "b")
+    assert all(r["epochs_done"] == 2 and r["reward_std"] != pytest.approx(1.0, abs=1e-3) for r in rows)
 
 
 def test_missing_reward_dir_is_a_clear_error(tiny_runs, tmp_path):

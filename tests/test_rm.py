@@ -12,7 +12,10 @@ from minirlhf.checkpoint import load_scalar, save_run
 from minirlhf.data import left_pad, right_pad
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.preferences import label_pairs, pair_rewards, sequence_rewards, set_normalisation, spearman
+from minirlhf.data import DataError
+from minirlhf.evaluation import reward_model_scores
+from minirlhf.preferences import (encode_pairs, fit_normalisation, informative_pairs, label_pairs, pair_rewards,
+                                  sequence_rewards, set_normalisation, spearman, token_id_counts)
 from minirlhf.scoring import reward_at_eos
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -119,6 +122,28 @@ def test_normalisation_gives_mean0_std1_on_its_samples():
     assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_normalisation_uses_only_eos_ended_samples():
+    rm = tiny_rm(seed=6)
+    tok = type("Tok", (), {"pad_id": PAD, "bos_id": 1, "eos_id": EOS, "encode": lambda self, t: [5, 6]})()
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for i in range(40):
+        ended = i % 3 != 0  # every third sample was cut off by the budget: no EOS, a long run of one token
+        toks = torch.randint(3, 40, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        samples.append({"prompt": "p", "tokens": toks + [EOS] if ended else [39] * 20, "eos": ended})
+    with torch.no_grad():
+        rm.bias.fill_(0.0)
+        mean, std, n_used = fit_normalisation(rm, tok, samples, batch_size=16)
+        ended = [s for s in samples if s["eos"]]
+        r = torch.tensor(reward_model_scores(rm, tok, ended), dtype=torch.float64)
+        r_all = torch.tensor(reward_model_scores(rm, tok, samples), dtype=torch.float64)
+    assert n_used == len(ended) == 26
+    assert abs(r.mean().item()) < 1e-5 and r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert abs(r_all.mean().item()) > 0.05  # the cut-off samples score differently: including them would shift it
+    with pytest.raises(DataError, match="none of the 2 normalisation samples ended with EOS"):
+        fit_normalisation(rm, tok, [dict(s, eos=False) for s in samples[:2]])
+
+
 def test_spearman_handles_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -157,7 +182,7 @@ def test_label_prob_matches_the_annotator_formula():
     records, stats = label_pairs(task, prompts, samples, k, "train", seed=0)
     check_records(records, task)
     # distinct, EOS-ended responses only: 3 for the first prompt (" bad ." twice), 3 for the second
-    assert stats == {"n_samples": 10, "n_dropped_no_eos": 2, "n_duplicates": 2}
+    assert stats == {"n_samples": 10, "n_dropped_no_eos": 2, "n_duplicates": 2, "n_same_text_pairs": 0}
     assert len(records) == 3 + 3
     assert all(" great" != r["chosen"] and " great" != r["rejected"] for r in records)
 
@@ -172,6 +197,75 @@ def test_labels_are_drawn_with_the_annotator_probability():
     freq = sum(r["chosen"] == a for r in records) / n
     assert 0.05 < p < 0.95
     assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+# ----------------------------------------------------------------------------------------------- token ids
+def unmerged_ids(tok, text=" good"):
+    """Character-level ids of `text` (byte-level alphabet): what a sampler can emit, but BPE re-encodes
+    differently (merges), so encode(decode(ids)) != ids."""
+    ids = [tok.hf.token_to_id(c) for c in text.replace(" ", "Ġ")]
+    assert tok.decode(ids) == text and tok.encode(text) != ids
+    return ids
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    return Tokenizer.train(get_task("reviews").corpus(300), 300)
+
+
+def test_pairs_train_on_the_sampled_ids_not_the_re_encoded_text(small_tok, capsys):
+    tok = small_tok
+    sampled = unmerged_ids(tok) + [tok.eos_id]
+    rec = {"prompt": "the food was", "chosen": " good", "rejected": " bad .", "chosen_ids": sampled,
+           "rejected_ids": tok.encode(" bad .") + [tok.eos_id], "tokenizer_fingerprint": tok.fingerprint(),
+           "_where": "f:1"}
+    prompt = [tok.bos_id] + tok.encode("the food was")
+    (chosen, rejected), = encode_pairs([rec], tok, 64)[0]
+    assert chosen == prompt + sampled and rejected == prompt + tok.encode(" bad .") + [tok.eos_id]
+    assert chosen != prompt + tok.encode(" good") + [tok.eos_id]
+    # the same record from another tokenizer: its ids mean nothing here, the text is encoded (and counted)
+    other = dict(rec, tokenizer_fingerprint="0123456789abcdef")
+    (chosen, _), = encode_pairs([other], tok, 64)[0]
+    assert chosen == prompt + tok.encode(" good") + [tok.eos_id]
+    assert token_id_counts([rec, other, {"prompt": "x", "chosen": "a", "rejected": "b"}], tok) == (1, 1)
+    # malformed ids are a FILE:LINE error
+    with pytest.raises(DataError, match="f:1: field 'chosen_ids' must be a non-empty list"):
+        encode_pairs([dict(rec, chosen_ids=[1.5])], tok, 64)
+    with pytest.raises(DataError, match=r"f:1: field 'chosen_ids' must be a non-empty list of token ids in \[0, 320\)"):
+        encode_pairs([dict(rec, chosen_ids=[5, 320, tok.eos_id])], tok, 64, vocab_size=320)
+    assert encode_pairs([dict(rec, chosen_ids=[5, 319, tok.eos_id])], tok, 64, vocab_size=320)[0][0][0][-3:] == \
+        [5, 319, tok.eos_id]  # an id past the tokenizer's but inside the model's vocabulary is a valid token
+    with pytest.raises(DataError, match="f:1: field 'chosen_ids' has EOS before its last token"):
+        encode_pairs([dict(rec, chosen_ids=[tok.eos_id, 5, tok.eos_id])], tok, 64)
+
+
+def test_label_pairs_keeps_the_sampled_ids_and_dedups_on_them(small_tok):
+    tok, task = small_tok, get_task("reviews")
+    good_a = unmerged_ids(tok) + [tok.eos_id]
+    good_b = tok.encode(" good") + [tok.eos_id]  # same text, other tokens: a distinct sample
+    bad = tok.encode(" bad .") + [tok.eos_id]
+    samples = [{"response": tok.decode(t), "eos": True, "tokens": t} for t in (good_a, good_b, bad, list(bad))]
+    records, stats = label_pairs(task, ["the food was"], samples, 4, "train", tokenizer_fingerprint=tok.fingerprint())
+    # bad twice (same ids): one duplicate; good_a and good_b are distinct samples, each paired with bad, but not
+    # with each other (same text, same gold: a coin-flip label)
+    assert stats["n_duplicates"] == 1 and stats["n_same_text_pairs"] == 1 and len(records) == 2
+    for r in records:
+        assert r["tokenizer_fingerprint"] == tok.fingerprint()
+        assert tok.decode(r["chosen_ids"]) == r["chosen"] and tok.decode(r["rejected_ids"]) == r["rejected"]
+    assert sorted(map(tuple, [r["chosen_ids"] for r in records] + [r["rejected_ids"] for r in records])) == \
+        sorted(map(tuple, [good_a, good_b, bad, bad]))
+
+
+def test_uninformative_pairs_are_dropped_with_a_warning(capsys):
+    recs = [{"prompt": "p", "chosen": "a", "rejected": "a", "_where": "f:1"},  # same text
+            {"prompt": "p", "chosen": "a", "rejected": "b", "_where": "f:2"},
+            {"prompt": "p", "chosen": "a ", "rejected": "a", "_where": "f:3"}]  # text differs, tokens the same
+    pairs = [([1, 5, 2], [1, 5, 2]), ([1, 5, 2], [1, 6, 2]), ([1, 5, 2], [1, 5, 2])]
+    kept, kept_pairs, n = informative_pairs(recs, pairs, "train pairs")
+    assert n == 2 and [r["_where"] for r in kept] == ["f:2"] and kept_pairs == [pairs[1]]
+    assert "warning: 2 of 3 train pairs have chosen == rejected" in capsys.readouterr().out
+    with pytest.raises(DataError, match="f: none of the 2 train pairs is informative"):
+        informative_pairs([recs[0], recs[2]], [pairs[0], pairs[2]], "train pairs")
 
 
 # ----------------------------------------------------------------------------------------------- the script
@@ -223,9 +317,16 @@ def test_tiny_run_writes_every_output(tiny_sft, tmp_path):
     records = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "test"}
     assert len(records) == metrics["n_train_pairs"] + metrics["n_test_pairs"]
+    _, tok, _ = load_scalar(out)
     for r in records:
         assert {"prompt", "chosen", "rejected", "split", "chosen_gold", "rejected_gold", "label_prob",
-                "chosen_eos", "rejected_eos"} <= set(r)
+                "chosen_eos", "rejected_eos", "chosen_ids", "rejected_ids", "tokenizer_fingerprint"} <= set(r)
+        # the sampled ids, EOS included, of this tokenizer; they decode to the stored text
+        assert r["tokenizer_fingerprint"] == tok.fingerprint()
+        for key in ("chosen", "rejected"):
+            assert r[f"{key}_ids"][-1] == tok.eos_id and tok.decode(r[f"{key}_ids"]) == r[key]
+    assert metrics["n_pairs_from_ids"] == len(records) and metrics["n_uninformative_pairs"] == 0
+    assert 0 < metrics["n_norm_used"] <= 32
     task = get_task("reviews")
     check_records(records, task)
     test_prompts = set(task.sample_prompts("test", 8, seed=0))
@@ -244,7 +345,10 @@ def test_user_prefs_file_trains_and_reports_accuracy(tiny_sft, tmp_path):
                  "--epochs", 2, "--batch-size", 4, "--n-norm", 16)
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test_pairs"] == 5 and metrics["n_train_pairs"] == 15
+    assert metrics["n_test_pairs"] == 5 and metrics["n_train_pairs"] == 15
+    # it learned: the labels are consistent (fluent/positive chosen), so the fit must beat chance clearly
+    assert metrics["train_loss"] < math.log(2) - 0.1 and metrics["train_accuracy"] >= 0.75
+    assert metrics["test_accuracy"] > 0.5
     assert metrics["bayes_accuracy"] is None and metrics["gold_spearman"] is None  # no gold columns in the file
     assert "test_accuracy" in res.stdout
     assert len((out / "prefs.jsonl").read_text().splitlines()) == 20
