@@ -129,6 +129,14 @@ def fraction_of_optimal(gold: float, ref_gold: float, kl: float, frontier, front
 
 
 # ----------------------------------------------------------------------------------------------- model passes
+def unsampleable_mask(tok, model, device):
+    """(V,) bool mask of tok.unsampleable_ids for `model`'s vocabulary; None for a tokenizer without that method
+    (a duck-typed stand-in), which then bans nothing."""
+    if not hasattr(tok, "unsampleable_ids"):
+        return None
+    return banned_mask(tok.unsampleable_ids(model.config.vocab_size), model.config.vocab_size, device)
+
+
 def _record_padding(stats, key, real: int, total: int):
     """Accumulate real/total token counts in `stats` (a dict or None) and keep stats[key] = the padding share."""
     if stats is None:
@@ -151,7 +159,7 @@ def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float =
     step (generation.generate). stats: a dict that receives "sampling_padding_share" (padding / all positions
     the model computed)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    banned = banned_mask(tok.unsampleable_ids(model.config.vocab_size), model.config.vocab_size, device)
+    banned = unsampleable_mask(tok, model, device)
     encoded = [encode_prompt(tok, p, model.config.block_size) for p in prompts]
     out = [None] * len(prompts)
     for idx in length_batches([len(e) for e in encoded], batch_size, seed=seed):
@@ -200,7 +208,7 @@ def response_logprob_sums(model, tok, samples, batch_size: int = 64, device="cpu
                           stats: dict = None):
     """Sequence log-prob (sum over response tokens, EOS included) of each sample's tokens under `model` at T=1,
     under the same distribution sample_policy samples from (the unsampleable ids banned)."""
-    banned = banned_mask(tok.unsampleable_ids(model.config.vocab_size), model.config.vocab_size, device)
+    banned = unsampleable_mask(tok, model, device)
     batches = scoring_batches(tok, samples, model.config.block_size, batch_size, stats=stats)
     out = [0.0] * len(samples)
     for idx, batch in zip(batches, sample_batches(tok, samples, model.config.block_size, batch_size, device,

@@ -27,6 +27,7 @@ def decode_step(model, tok, pos, key_mask, col, cache: KVCache):
 
 
 _compiled = weakref.WeakKeyDictionary()  # model -> its compiled decode_step (one per model; shapes specialise)
+_static_caches = weakref.WeakKeyDictionary()  # model -> {(B, L, dtype): KVCache} reused by compiled calls
 
 
 def compiled_decode_step(model):
@@ -42,6 +43,25 @@ def compiled_decode_step(model):
             return compiled(ref(), tok, pos, key_mask, col, cache)
         _compiled[model] = step
     return step
+
+
+def reused_cache(model, B: int, L: int, dtype) -> KVCache:
+    """A KVCache for the compiled step whose buffers stay at the same addresses from call to call (CUDA graphs
+    replay fixed addresses; new buffers each call would mean re-recording). Stale columns from an earlier call
+    are never read: the attention mask only opens columns this call has written."""
+    pool = _static_caches.setdefault(model, {})
+    cache = pool.get((B, L, dtype))
+    if cache is None:
+        cfg = model.config
+        cache = KVCache(cfg.n_layer, L)
+        shape = (cfg.n_layer, B, cfg.n_head, L, cfg.n_embd // cfg.n_head)
+        device = next(model.parameters()).device
+        cache.k, cache.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        pool[(B, L, dtype)] = cache
+    return cache
 
 
 @torch.no_grad()
@@ -71,7 +91,12 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
     was_training = model.training
     model.eval()
     L = P + N  # cache columns: prompt | response
-    cache = KVCache(model.config.n_layer, L)
+    if compile:
+        autocast_on = torch.is_autocast_enabled(dev.type)
+        kv_dtype = torch.get_autocast_dtype(dev.type) if autocast_on else next(model.parameters()).dtype
+        cache = reused_cache(model, B, L, kv_dtype)
+    else:
+        cache = KVCache(model.config.n_layer, L)  # buffers allocated by the first write, in the attention's dtype
     key_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)  # (B, L) columns holding real tokens
     key_mask[:, :P] = prompt_mask.bool()
 
@@ -84,9 +109,6 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
     logits = model.logits(h[:, -1])  # (B, V) float32
 
     step = compiled_decode_step(model) if compile else None
-    if compile and cache.k.is_cuda:  # CUDA graphs replay fixed addresses: the cache is written in place
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
     tokens = torch.full((B, N), pad_id, dtype=torch.long, device=dev)
     resp_mask = torch.zeros(B, N, dtype=torch.long, device=dev)
     logprobs = torch.zeros(B, N, device=dev)
