@@ -135,7 +135,8 @@ def test_unsampleable_ids_are_never_sampled_and_text_matches_tokens(tok):
     unbanned, _, _ = generate(model, p_ids, torch.ones_like(p_ids), 20, tok.eos_id, tok.pad_id, 1.0,
                               generator=torch.Generator().manual_seed(0))
     assert set(unbanned[0].tolist()) & set(banned)  # without the ban they are sampled: the test can fail
-    samples = sample_policy(model, tok, prompts, 20, seed=0)
+    samples = sample_policy(model, tok, prompts, 20, seed=0, batch_size=5)  # several length-sorted batches
+    assert [s["prompt"] for s in samples] == prompts  # back in input order
     for s in samples:
         assert not set(s["tokens"]) & set(banned)
         body = s["tokens"][:-1] if s["eos"] else s["tokens"]
@@ -247,3 +248,36 @@ def test_peak_flops_table():
     assert device_peak_flops("NVIDIA L4") == 121e12
     assert device_peak_flops("Some Unknown Card") is None
     assert device_peak_flops("Some Unknown Card", peak_tflops=100) == 100e12
+
+
+def test_length_batched_passes_return_results_in_input_order():
+    """DPO's reference pass and the RM's pair scoring batch by length and put results back in input order: equal
+    to scoring each pair alone, and the padding share is reported."""
+    import random
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train_dpo
+    from minirlhf.model import ScalarModel
+    from minirlhf.preferences import all_pair_rewards, pair_rewards
+    model = tiny_gpt()
+    rng = random.Random(0)
+    rand = lambda k: [rng.randrange(3, 16) for _ in range(k)]  # noqa: E731
+    pairs = [([BOS] + rand(rng.randint(1, 8)), rand(rng.randint(1, 12)) + [EOS], rand(rng.randint(1, 12)) + [EOS])
+             for _ in range(23)]
+    stats = {}
+    logps, lens = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", 4, banned=[PAD, BOS], stats=stats)
+    for i in (0, 7, 22):
+        alone, n = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs[i:i + 1], PAD, "cpu"), "cpu", "float32",
+                                        banned=[PAD, BOS])
+        torch.testing.assert_close(logps[i], alone, atol=1e-5, rtol=0)
+        assert lens[i].tolist() == n.tolist()
+    assert 0 < stats["padding_share"] < 0.5
+    torch.manual_seed(0)
+    rm = ScalarModel(tiny_gpt().config)
+    seq_pairs = [(p + c, p + r) for p, c, r in pairs]
+    rc, rr = all_pair_rewards(rm, seq_pairs, PAD, batch_size=5, stats=stats)
+    with torch.no_grad():
+        ref_c, ref_r = pair_rewards(rm.eval(), seq_pairs, PAD)
+    torch.testing.assert_close(rc, ref_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rr, ref_r, atol=1e-5, rtol=0)
