@@ -81,6 +81,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
     """
     B, P = prompt_ids.shape
     dev = prompt_ids.device
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt_len = prompt_mask.sum(1)  # (B,)
     budget = (model.config.block_size - prompt_len).clamp(max=max_new_tokens)  # (B,) per-row budget
     N, shortest = (int(x) for x in torch.stack([budget.max(), budget.min()]).tolist())  # one sync, before the loop
