@@ -229,7 +229,6 @@ def main():
     rows.append((f"PPO iteration ({Bp} x {N} new, {a.ppo_epochs} x {a.minibatches} mb)",
                  f"rollout {ppo['rollout_s']:.2f}s, scoring {ppo['scoring_s']:.2f}s, update {ppo['update_s']:.2f}s",
                  ppo["total_s"], ppo["peak_gb"]))
-    del opt, value_model, reward_model, ref
 
     # ---- (d) DPO: pairs per second (policy forward + backward on chosen and rejected; reference log-probs cached)
     opt = adamw(policy, 1e-6, 0.0, device)

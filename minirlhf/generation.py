@@ -15,6 +15,7 @@ from .model import KVCache
 from .scoring import banned_mask, sampling_logprobs
 
 CHECK_EVERY = 8  # decode steps between host syncs asking whether every row has finished
+CACHE_ROUND = 32  # compiled steps: cache length rounded up to a multiple of this (fewer shapes to compile)
 
 
 def decode_step(model, tok, pos, key_mask, col, cache: KVCache):
@@ -93,7 +94,8 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
     was_training = model.training
     model.eval()
     L = P + N  # cache columns: prompt | response
-    if compile:
+    if compile:  # round up, so batches of other prompt widths reuse one compiled shape (extra columns stay masked)
+        L = -(-L // CACHE_ROUND) * CACHE_ROUND
         autocast_on = torch.is_autocast_enabled(dev.type)
         kv_dtype = torch.get_autocast_dtype(dev.type) if autocast_on else next(model.parameters()).dtype
         cache = reused_cache(model, B, L, kv_dtype)
