@@ -57,6 +57,8 @@ class Args:
     minibatches: int = arg(4, "PPO minibatches per pass")
     threads: int = arg(1, "CPU threads for torch (0 = torch's default). 1 by default: on a small shared CPU, OpenMP "
                           "threads spin-waiting for a busy core made the tiny model's steps ~20x slower")
+    tf32: bool = arg(False, "allow TF32 for float32 matmuls on CUDA (the float32 lm_head; faster, ~1e-3 relative "
+                            "error in the logits). Off by default: the scripts keep full float32")
     out: str = arg("bench.json", "where to write the numbers")
     seed: int = arg(0, "random seed")
 
@@ -122,9 +124,8 @@ def main():
                     n_embd=s["n_embd"])
     V, it = cfg.vocab_size, s["iters"]
     peak = device_peak_flops(peak_tflops=a.peak_tflops) if device.startswith("cuda") or a.peak_tflops else None
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 lm_head of the log-prob paths runs on TF32
-        torch.backends.cudnn.allow_tf32 = True
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"device {name} ({dtype}), model {cfg.n_layer} x {cfg.n_embd} (heads {cfg.n_head}), vocab {V}, "
           f"block {cfg.block_size}, compile {a.compile}, {torch.get_num_threads()} CPU threads; {it} timed iterations "
@@ -139,18 +140,27 @@ def main():
     B, T = s["sft_batch"], s["sft_seq"]
     idx = torch.randint(3, V, (B, T + 1), device=device, generator=gen)
 
-    def sft_step():
+    def sft_step(head_in_autocast: bool):
         with autocast(device, dtype):
-            loss = F.cross_entropy(fwd(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+            if head_in_autocast:  # nanoGPT's way: lm_head in the autocast dtype (bf16 logits; fine for a CE loss)
+                logits = policy.lm_head(fwd(idx[:, :-1], hidden=True))
+            else:  # what train_sft.py does: GPT.forward, lm_head in float32 (exact logits, slower on tensor cores)
+                logits = fwd(idx[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sec, mem = timed(sft_step, it, device)
-    tps = B * T / sec
-    util = mfu(policy.flops_per_token(T), tps, peak)
-    results["sft"] = {"batch": B, "seq": T, "step_s": sec, "tokens_per_s": tps, "mfu": util, "peak_gb": mem}
-    rows.append((f"SFT step (batch {B} x {T})", f"{tps:,.0f} tok/s" + (f", MFU {util:.1%}" if util else ""),
-                 sec, mem))
+    results["sft"] = []
+    # with fp32 params and no autocast both variants are the same computation: time the second only under bf16
+    for head_in_autocast in ([False, True] if dtype == "bfloat16" else [False]):
+        sec, mem = timed(lambda: sft_step(head_in_autocast), it, device)
+        tps = B * T / sec
+        util = mfu(policy.flops_per_token(T), tps, peak)
+        head = dtype if head_in_autocast else "float32"
+        results["sft"].append({"batch": B, "seq": T, "lm_head": head, "step_s": sec, "tokens_per_s": tps,
+                               "mfu": util, "peak_gb": mem})
+        rows.append((f"SFT step (batch {B} x {T}, {head} lm_head)",
+                     f"{tps:,.0f} tok/s" + (f", MFU {util:.1%}" if util else ""), sec, mem))
     del opt
 
     # ---- (b) sampling: new tokens/s, every row running the whole budget (eos_id -1 never matches)
