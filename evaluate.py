@@ -189,6 +189,8 @@ def write_plot(report, path):
                                                                                   report["frontier"]],
                 "k-", lw=1.5, label=f"optimal π* (estimated, KL < {fi['kl_cap']:.1f})")
     for name, m in report["policies"].items():
+        if "gold_mean" not in m:  # user prompts: no gold reward to draw
+            continue
         point = ax.errorbar(m["kl_mean"], m["gold_mean"], xerr=m["kl_sem"], yerr=m["gold_sem"], fmt="o",
                             capsize=3, label=name)
         path_ = training_path(m["run_dir"])

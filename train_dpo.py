@@ -34,11 +34,12 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.checkpoint import load_policy, save_run
-from minirlhf.data import collate_sft, encode_prompt, load_pref_jsonl
+from minirlhf.data import collate_sft, encode_prompt, length_batches, load_pref_jsonl
 from minirlhf.evaluation import compare_to_reference
-from minirlhf.losses import preference_loss, token_logps
+from minirlhf.losses import preference_loss
 from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, response_ids, split_prefs,
                                   token_id_counts)
+from minirlhf.scoring import token_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast,
                             check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
@@ -119,28 +120,43 @@ def pair_batch(pairs, pad_id: int, device):
     return collate_sft([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id, device)
 
 
-def pair_logps(model, batch, device, dtype):
-    """One forward over chosen and rejected together. Returns summed log-probs (2B,) and response lengths (2B,)."""
+def pair_logps(model, batch, device, dtype, banned=None):
+    """One forward over chosen and rejected together. Returns summed log-probs (2B,) and response lengths (2B,).
+    The log-probs come from scoring.token_logprobs: lm_head in float32, a chunk of positions at a time (no full
+    (2B, T, V) float32 logits), and in training each chunk is recomputed in the backward instead of stored.
+    banned: the unsampleable ids (Tokenizer.unsampleable_ids), so DPO's log-probs are those of the distribution
+    the policy is sampled from."""
     with autocast(device, dtype):
-        logits = model(batch["idx"])  # (2B, T, V)
+        h = model(batch["idx"], hidden=True)  # (2B, T, C)
+        logp = token_logprobs(h, model.lm_head.weight, batch["targets"], banned=banned)  # (2B, T) float32
     mask = batch["loss_mask"]
-    return token_logps(logits, batch["targets"], mask).sum(1), mask.sum(1)
+    return logp.masked_fill(mask == 0, 0.0).sum(1), mask.sum(1)  # masked_fill: PAD targets are banned (-inf)
 
 
 @torch.no_grad()
-def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size):
-    """Log-probs and lengths of every pair: two tensors (N, 2), column 0 = chosen, 1 = rejected."""
+def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None, seed: int = 0, stats: dict = None):
+    """Log-probs and lengths of every pair: two tensors (N, 2), column 0 = chosen, 1 = rejected, in the order of
+    `pairs`. Pairs are batched by length (data.length_batches) so little of each forward is padding; stats
+    receives "padding_share" (padding / all positions of those forwards)."""
     was_training = model.training
     model.eval()
-    logps, lens = [], []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        lp, n = pair_logps(model, pair_batch(chunk, pad_id, device), device, dtype)
-        logps.append(torch.stack(lp.split(len(chunk)), 1))
-        lens.append(torch.stack(n.split(len(chunk)), 1))
+    N = len(pairs)
+    logps, lens = torch.zeros(N, 2, device=device), torch.zeros(N, 2, device=device)
+    lengths = [len(p) + max(len(c), len(r)) - 1 for p, c, r in pairs]  # the batch width this pair needs
+    batches = length_batches(lengths, batch_size, seed=seed)
+    real = total = 0
+    for idx in batches:
+        chunk = [pairs[i] for i in idx]
+        batch = pair_batch(chunk, pad_id, device)
+        lp, n = pair_logps(model, batch, device, dtype, banned)
+        rows = torch.tensor(idx, device=device)
+        logps[rows], lens[rows] = torch.stack(lp.split(len(chunk)), 1), torch.stack(n.split(len(chunk)), 1)
+        real += sum(len(p) + len(c) + len(p) + len(r) - 2 for p, c, r in chunk)
+        total += batch["idx"].numel()
+    if stats is not None:
+        stats["padding_share"] = 1.0 - real / total if total else 0.0
     model.train(was_training)
-    empty = torch.zeros(0, 2, device=device)
-    return (torch.cat(logps) if logps else empty), (torch.cat(lens) if lens else empty)
+    return logps, lens
 
 
 def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype, out: Path):
@@ -150,7 +166,8 @@ def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype,
     h = hashlib.sha256()
     for path in (Path(a.prefs), Path(a.policy) / "model.pt"):
         h.update(path.read_bytes())
-    h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype]).encode())
+    h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype,
+                         "banned-unsampleable"]).encode())  # log-probs over the sampling distribution
     key, cache = h.hexdigest(), out / "ref_logps.pt"
     if cache.is_file():
         try:
@@ -161,10 +178,13 @@ def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype,
             print(f"reference log-probs: reusing {cache}")
             return saved["train"], saved["test"]
     t0 = time.time()
-    ref_train, _ = all_pair_logps(model, train_pairs, tok.pad_id, device, dtype, a.eval_batch_size)
-    ref_test, _ = all_pair_logps(model, test_pairs, tok.pad_id, device, dtype, a.eval_batch_size)
+    pad = {}
+    banned = tok.unsampleable_ids(model.config.vocab_size)
+    ref_train, _ = all_pair_logps(model, train_pairs, tok.pad_id, device, dtype, a.eval_batch_size, banned, stats=pad)
+    ref_test, _ = all_pair_logps(model, test_pairs, tok.pad_id, device, dtype, a.eval_batch_size, banned)
     torch.save({"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()}, cache)
-    print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s -> {cache}")
+    print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s -> {cache} "
+          f"(padding {pad.get('padding_share', 0.0):.0%} of the train pass)")
     return ref_train, ref_test
 
 
@@ -173,7 +193,7 @@ def dpo_step_loss(logps, lens, ref, a: Args):
     """The training objective and the usual DPO diagnostics for one batch.
 
     logps, lens (2B,) = policy log-probs and lengths of [chosen; rejected]; ref (B, 2) reference log-probs.
-    Returns (loss, stats): rewards/* = beta * log-ratio (the implicit reward of Rafailov et al., eq. 5, up to
+    Returns (loss, stats), stats as 0-d tensors (stats_to_host turns them into floats): rewards/* = beta * log-ratio (the implicit reward of Rafailov et al., eq. 5, up to
     beta log Z(x)); accuracy = share of pairs whose implicit reward ranks chosen first (ties half)."""
     B = ref.size(0)
     pi_c, pi_r = logps[:B], logps[B:]
@@ -186,22 +206,29 @@ def dpo_step_loss(logps, lens, ref, a: Args):
     nll = -logps[:B].sum() / lens[:B].sum().clamp(min=1)  # per-token NLL of the chosen responses (as SFT's loss)
     if a.nll_coef:
         loss = loss + a.nll_coef * nll
-    with torch.no_grad():
+    with torch.no_grad():  # tensors, not floats: no host sync per step (stats_to_host once per log step)
         r_c, r_r = a.beta * (pi_c - ref_c), a.beta * (pi_r - ref_r)
-        stats = {"loss": loss.item(), "pref_loss": losses.mean().item(), "nll_chosen": nll.item(),
-                 "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-                 "rewards/accuracy": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().item(),
-                 "rewards/margin": (r_c - r_r).mean().item(),
-                 "logps/chosen": logps[:B].mean().item(), "logps/rejected": logps[B:].mean().item()}
+        stats = {"loss": loss.detach(), "pref_loss": losses.mean(), "nll_chosen": nll.detach(),
+                 "rewards/chosen": r_c.mean(), "rewards/rejected": r_r.mean(),
+                 "rewards/accuracy": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean(),
+                 "rewards/margin": (r_c - r_r).mean(),
+                 "logps/chosen": logps[:B].mean(), "logps/rejected": logps[B:].mean()}
     return loss, stats
+
+
+def stats_to_host(stats: dict) -> dict:
+    """{name: 0-d tensor} -> {name: float} in one device-to-host transfer."""
+    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
 
 
 @torch.no_grad()
 def test_pair_stats(model, pairs, ref, a: Args, tok, device, dtype):
     """The same diagnostics on the test pairs (pair-weighted means over all of them), prefixed 'test/'."""
-    logps, lens = all_pair_logps(model, pairs, tok.pad_id, device, dtype, a.eval_batch_size)
+    pad = {}
+    logps, lens = all_pair_logps(model, pairs, tok.pad_id, device, dtype, a.eval_batch_size,
+                                 tok.unsampleable_ids(model.config.vocab_size), stats=pad)
     _, stats = dpo_step_loss(torch.cat([logps[:, 0], logps[:, 1]]), torch.cat([lens[:, 0], lens[:, 1]]), ref, a)
-    return {f"test/{k}": v for k, v in stats.items()}
+    return {f"test/{k}": v for k, v in {**stats_to_host(stats), **pad}.items()}
 
 
 def validate(a: Args):
@@ -256,6 +283,7 @@ def main(argv=None):
 
     opt = adamw(model, a.lr, a.weight_decay, device)
     train_model = torch.compile(model) if a.compile else model
+    banned = tok.unsampleable_ids(model.config.vocab_size)
 
     # ---- training: shuffled passes over the pairs
     steps_per_epoch = math.ceil(len(train_pairs) / a.batch_size)
@@ -274,7 +302,7 @@ def main(argv=None):
             order = torch.cat([order, torch.randperm(len(train_pairs), generator=gen)])
         idx, order = order[:a.batch_size], order[a.batch_size:]
         logps, lens = pair_logps(train_model, pair_batch([train_pairs[i] for i in idx], tok.pad_id, device),
-                                 device, dtype)
+                                 device, dtype, banned)
         loss, stats = dpo_step_loss(logps, lens, ref_train[idx.to(device)], a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -284,8 +312,9 @@ def main(argv=None):
         if test_pairs and (step % a.eval_interval == 0 or last):
             test_stats = test_pair_stats(model, test_pairs, ref_test, a, tok, device, dtype)
         if step % a.log_interval == 0 or last:
+            stats = stats_to_host({**stats, "grad_norm": grad_norm})
             row = {"step": step, "epoch": (step + 1) / steps_per_epoch, **stats, **test_stats, "lr": lr,
-                   "grad_norm": grad_norm.item(), "elapsed_s": time.time() - t0}
+                   "elapsed_s": time.time() - t0}
             log.write(row)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracy']:.2f}",
                             test_acc=f"{test_stats.get('test/rewards/accuracy', float('nan')):.2f}",

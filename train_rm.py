@@ -154,9 +154,11 @@ def main(argv=None):
     opt = adamw(rm, a.lr, a.weight_decay, device)
     train_rm = torch.compile(rm) if a.compile else rm
 
+    eval_pad = {}  # padding share of the length-batched evaluation passes (all_pair_rewards)
+
     def evaluate(pairs):
         """Raw (unnormalised) BT loss and accuracy over all pairs."""
-        rc, rr = all_pair_rewards(rm, pairs, tok.pad_id, a.eval_batch_size, device, dtype)
+        rc, rr = all_pair_rewards(rm, pairs, tok.pad_id, a.eval_batch_size, device, dtype, stats=eval_pad)
         return bradley_terry_loss(rc, rr, a.margin).item(), pairwise_accuracy(rc, rr)
 
     # Each step takes `batch_size` whole comparison groups (all pairs of a prompt together); an epoch is one
@@ -208,7 +210,8 @@ def main(argv=None):
     # ---- final accuracy, before normalisation (the loss is in the units the model was trained in)
     train_loss, train_acc = evaluate(train_pairs)
     test_loss, test_acc = evaluate(test_pairs)
-    metrics = {"test_accuracy": test_acc, "bayes_accuracy": None, "gold_accuracy": None, "gold_pearson": None,
+    metrics = {"test_accuracy": test_acc, "eval_padding_share": eval_pad.get("padding_share"),
+               "bayes_accuracy": None, "gold_accuracy": None, "gold_pearson": None,
                "gold_spearman": None, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss}
     if has_gold_columns(test_recs):
         # Bayes ceiling: the best any model can do on these noisy labels is to predict the likelier label.

@@ -20,6 +20,7 @@ from minirlhf.checkpoint import load_run, load_state, save_run
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
 from minirlhf.evaluation import sample_policy
 from minirlhf.hf import load_hf_dir, resolve_source
+from minirlhf.perf import device_peak_flops, mfu
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -42,6 +43,8 @@ class Args:
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
+    peak_tflops: float = arg(0.0, "the card's dense bf16 peak for the MFU in metrics.jsonl (0 = look the CUDA device "
+                                  "up in minirlhf.perf's table; no MFU for an unknown card)")
     # model (ignored with --init; with --init-from only --block-size and --dropout apply)
     vocab_size: int = arg(512, "BPE vocabulary size to train (the model rounds it up to a multiple of 64)")
     block_size: int = arg(64, "context length in tokens (prompt + response)")
@@ -184,8 +187,9 @@ def main(argv=None):
             elapsed = time.time() - t0
             row = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
-            if device.startswith("cuda"):  # model FLOPs utilisation against an H100's dense bf16 peak
-                row["mfu"] = model.flops_per_token(batch["idx"].size(1)) * row["tokens_per_s"] / 989e12
+            peak = device_peak_flops(peak_tflops=a.peak_tflops) if device.startswith("cuda") or a.peak_tflops else None
+            if peak:  # model FLOPs utilisation against the detected card's (or --peak-tflops) dense bf16 peak
+                row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)), row["tokens_per_s"], peak)
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
     log.close()

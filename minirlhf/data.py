@@ -158,3 +158,26 @@ def right_pad(seqs, pad_id: int, device="cpu") -> tuple:
         if s:
             ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
     return ids.to(device), mask.to(device)
+
+
+def length_batches(lengths, batch_size: int, window: int = None, seed: int = 0) -> list:
+    """Batches of indices whose sequences have similar lengths, so little of each batch is padding.
+
+    The indices are cut into windows of `window` consecutive items (None = one window of everything), each window
+    is sorted by length (stable), cut into batches of batch_size, and the batches are shuffled with a seeded RNG
+    (a model never sees all short sequences first; the same seed gives the same batches). Every index appears
+    exactly once; put results back in input order with the indices. Returns a list of lists of ints."""
+    n = len(lengths)
+    window = n if not window else max(window, batch_size)
+    batches = []
+    for w in range(0, n, window):
+        idx = sorted(range(w, min(w + window, n)), key=lambda i: lengths[i])
+        batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [batches[i] for i in order]
+
+
+def padding_share(lengths, batches) -> float:
+    """Padding tokens / all tokens when each batch is padded to its longest sequence (0 for no tokens)."""
+    total = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)
+    return 1.0 - sum(lengths) / total if total else 0.0

@@ -1,48 +1,146 @@
-"""Batched sampling with the KV cache: prefill the left-padded prompts once, then one token per step."""
+"""Batched sampling with a static KV cache: prefill the left-padded prompts once, then one token per step.
+
+Layout: the prompts fill columns 0..P-1 of a cache of P + N columns (N = the largest row budget); response token t
+goes to column P + t. Every decode step has the same shapes (one token per row, attention over all P + N columns
+with a boolean mask of the columns written so far, positions and the write column given as tensors), and the loop
+asks the GPU "are all rows done?" only every CHECK_EVERY steps, so nothing stops the device between tokens.
+That makes the step capturable: generate(..., compile=True) runs it through torch.compile (CUDA graphs via
+mode="reduce-overhead" on CUDA); the eager step is the default and the reference.
+"""
+import weakref
+
 import torch
 
 from .model import KVCache
-from .scoring import sampling_logprobs
+from .scoring import banned_mask, sampling_logprobs
+
+CHECK_EVERY = 8  # decode steps between host syncs asking whether every row has finished
+CACHE_ROUND = 32  # compiled steps: cache length rounded up to a multiple of this (fewer shapes to compile)
+
+
+def decode_step(model, tok, pos, key_mask, col, cache: KVCache):
+    """One token per row through the model: tok, pos (B, 1) long; key_mask (B, L) bool = cache columns that hold
+    real tokens, this step's column included; col (1,) long = the column this token is written to.
+    Returns the next-token logits (B, V) float32. Fixed shapes, no host syncs: this is what gets compiled."""
+    mask = key_mask[:, None, None, :]  # (B, 1, 1, L): causal by construction (later columns are not set yet)
+    h = model.trunk(tok, pos, mask, cache, col)  # (B, 1, C)
+    return model.logits(h[:, -1])  # (B, V)
+
+
+_compiled = weakref.WeakKeyDictionary()  # model -> its compiled decode_step (one per model; shapes specialise)
+_static_caches = weakref.WeakKeyDictionary()  # model -> {(B, L, dtype): KVCache} reused by compiled calls
+
+
+def compiled_decode_step(model):
+    """decode_step compiled for `model`, made once per model and reused. On CUDA mode="reduce-overhead" records
+    CUDA graphs (one per batch size / cache length); the cache buffers are marked static in generate()."""
+    step = _compiled.get(model)
+    if step is None:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        compiled = torch.compile(decode_step, mode=mode, dynamic=False)
+        ref = weakref.ref(model)  # no strong reference from the cache value back to its key
+
+        def step(tok, pos, key_mask, col, cache):
+            return compiled(ref(), tok, pos, key_mask, col, cache)
+        _compiled[model] = step
+    return step
+
+
+def reused_cache(model, B: int, L: int, dtype) -> KVCache:
+    """A KVCache for the compiled step whose buffers stay at the same addresses from call to call (CUDA graphs
+    replay fixed addresses; new buffers each call would mean re-recording). Stale columns from an earlier call
+    are never read: the attention mask only opens columns this call has written."""
+    pool = _static_caches.setdefault(model, {})
+    cache = pool.get((B, L, dtype))
+    if cache is None:
+        cfg = model.config
+        cache = KVCache(cfg.n_layer, L)
+        shape = (cfg.n_layer, B, cfg.n_head, L, cfg.n_embd // cfg.n_head)
+        device = next(model.parameters()).device
+        cache.k, cache.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        pool[(B, L, dtype)] = cache
+    return cache
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator = None):
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator = None,
+             banned=None, compile: bool = False):
     """Sample responses to left-padded prompts (B, P).
 
-    temperature 0 = greedy. Each row stops at its EOS; after that it holds PAD with mask 0. The budget is
-    max_new_tokens, cut so that prompt + response fit the model's block_size.
+    temperature 0 = greedy. Each row stops at its EOS; after that it holds PAD with mask 0. Each row has its own
+    budget, min(max_new_tokens, block_size - its prompt length), so whether a row is cut off never depends on the
+    other prompts in the batch. banned: ids or a (V,) bool mask never sampled (see scoring.sampling_logprobs;
+    pass Tokenizer.unsampleable_ids). compile: run the one-token step through torch.compile (same tokens and
+    log-probs as the eager step, which is the default).
     Returns resp_ids (B, N) long, resp_mask (B, N) long (EOS included) and logprobs (B, N) float32: the
-    log-probabilities under the distribution actually sampled from (temperature, top-k, top-p applied; 0 on
-    padding), so a fresh forward pass with the same settings reproduces them.
+    log-probabilities under the distribution actually sampled from (temperature, banned, top-k, top-p applied; 0
+    on padding), so a fresh forward pass with the same settings reproduces them. N = the longest response.
     """
     B, P = prompt_ids.shape
-    N = min(max_new_tokens, model.config.block_size - P)
-    if N < 1:
-        raise ValueError(f"prompts of {P} tokens leave no room to generate in block_size {model.config.block_size}")
+    dev = prompt_ids.device
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt_len = prompt_mask.sum(1)  # (B,)
+    budget = (model.config.block_size - prompt_len).clamp(max=max_new_tokens)  # (B,) per-row budget
+    N, shortest = (int(x) for x in torch.stack([budget.max(), budget.min()]).tolist())  # one sync, before the loop
+    if shortest < 1:
+        raise ValueError(f"a prompt of {model.config.block_size - shortest} tokens leaves no room to generate in "
+                         f"block_size {model.config.block_size}")
+    ban = banned_mask(banned, model.config.vocab_size, dev)
     was_training = model.training
     model.eval()
-    cache = KVCache(model.config.n_layer, P + N)
-    attn = torch.zeros(B, P + N, dtype=torch.long, device=prompt_ids.device)
-    attn[:, :P] = prompt_mask
-    logits = model(prompt_ids, attention_mask=attn[:, :P], cache=cache)[:, -1]  # (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    tokens, logprobs = [], []
+    L = P + N  # cache columns: prompt | response
+    if compile:  # round up, so batches of other prompt widths reuse one compiled shape (extra columns stay masked)
+        L = -(-L // CACHE_ROUND) * CACHE_ROUND
+        autocast_on = torch.is_autocast_enabled(dev.type)
+        kv_dtype = torch.get_autocast_dtype(dev.type) if autocast_on else next(model.parameters()).dtype
+        cache = reused_cache(model, B, L, kv_dtype)
+    else:
+        cache = KVCache(model.config.n_layer, L)  # buffers allocated by the first write, in the attention's dtype
+    key_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)  # (B, L) columns holding real tokens
+    key_mask[:, :P] = prompt_mask.bool()
+
+    # ---- prefill: the whole prompt at once; lm_head only at the last column (the only logits used)
+    pos = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P) positions count real tokens only
+    cols = torch.arange(L, device=dev)
+    causal = cols[None, :] <= cols[:P, None]  # (P, L)
+    mask = (causal[None] & key_mask[:, None, :]) | (cols[None, None, :] == cols[:P, None])  # (B, P, L)
+    h = model.trunk(prompt_ids, pos, mask[:, None], cache, cols[:P])  # (B, P, C)
+    logits = model.logits(h[:, -1])  # (B, V) float32
+
+    step = compiled_decode_step(model) if compile else None
+    tokens = torch.full((B, N), pad_id, dtype=torch.long, device=dev)
+    resp_mask = torch.zeros(B, N, dtype=torch.long, device=dev)
+    logprobs = torch.zeros(B, N, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(N):
-        logp = sampling_logprobs(logits, temperature, top_k, top_p)  # (B, V) float32
+        logp = sampling_logprobs(logits, temperature, top_k, top_p, ban)  # (B, V) float32
         if temperature > 0:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B,)
         else:
             tok = logp.argmax(-1)
-        tok_logp = logp.gather(1, tok[:, None]).squeeze(1)
+        alive = ~done  # (B,) rows still generating at step t
         tok = tok.masked_fill(done, pad_id)
-        tokens.append(tok)
-        logprobs.append(tok_logp.masked_fill(done, 0.0))
-        attn[:, P + t] = (~done).long()
-        done = done | (tok == eos_id)
-        if t == N - 1 or bool(done.all()):
+        tokens[:, t] = tok
+        logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1).masked_fill(done, 0.0)
+        resp_mask[:, t] = alive.long()
+        done = done | (tok == eos_id) | (t + 1 >= budget)  # EOS, or this row's budget is spent
+        if t == N - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(done.all())):
             break
-        logits = model(tok[:, None], attention_mask=attn[:, :P + t + 1], cache=cache)[:, -1]
+        # feed token t at column P + t, position prompt_len + t (finished rows: PAD, garbage outputs, never used)
+        key_mask[:, P + t] = alive
+        pos = (prompt_len + t).clamp(max=model.config.block_size - 1)[:, None]  # (B, 1)
+        col = cols[P + t:P + t + 1]  # (1,)
+        if compile:
+            logits = step(tok[:, None], pos, key_mask, col, cache)
+            if logits.is_cuda:
+                logits = logits.clone()  # a CUDA-graph output is overwritten by the next replay
+        else:
+            logits = decode_step(model, tok[:, None], pos, key_mask, col, cache)
     model.train(was_training)
-    n = len(tokens)
-    return torch.stack(tokens, 1), attn[:, P:P + n].clone(), torch.stack(logprobs, 1)
+    n = int(resp_mask.sum(1).max())  # trailing columns no row used (steps after all rows finished)
+    return tokens[:, :n], resp_mask[:, :n], logprobs[:, :n]

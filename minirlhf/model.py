@@ -27,25 +27,29 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding; storage is allocated on first use with the dtype
-    the attention produces (bf16 under autocast). k, v: (n_layer, B, n_head, max_len, head_dim)."""
+    """A static key/value cache for incremental decoding: every layer's keys and values live in one buffer of fixed
+    length max_len (prompt + budget), allocated on first use with the dtype the attention produces (bf16 under
+    autocast). New k/v are written at column tensors (`index_copy_`), and attention always runs over all max_len
+    columns with a boolean mask hiding the columns not written yet, so one decode step has the same shapes every
+    time (what CUDA graphs and torch.compile need). k, v: (n_layer, B, n_head, max_len, head_dim).
+    `length` counts the columns filled by GPT.hidden_states (the convenience path that appends after them)."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.n_layer, self.max_len = n_layer, max_len
         self.k = self.v = None
-        self.length = 0  # tokens already stored
+        self.length = 0  # tokens already stored (hidden_states' append path)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's k, v (B, nh, T, hd) for `layer`; return all keys/values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write_at: torch.Tensor):
+        """Write this step's k, v (B, nh, T, hd) of `layer` at columns write_at (T,) long; return the layer's whole
+        buffers (B, nh, max_len, hd) (unwritten columns are zeros, hidden by the attention mask)."""
         B, nh, T, hd = k.shape
         if self.k is None:
             shape = (self.n_layer, B, nh, self.max_len, hd)
             self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        end = self.length + T
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer].index_copy_(2, write_at, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, write_at, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,12 +61,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask=None, cache: KVCache = None, layer: int = 0):
+    def forward(self, x, attn_mask=None, cache: KVCache = None, layer: int = 0, write_at=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hd)
+            k, v = cache.update(layer, k, v, write_at)  # (B, nh, max_len, hd)
+            q = q.to(k.dtype)
         # attn_mask: (B, 1, T, S) bool, True = may attend; None = plain causal (no padding, no cache).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -89,24 +94,28 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+    def forward(self, x, attn_mask=None, cache=None, layer=0, write_at=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, write_at)
         return x + self.mlp(self.ln_2(x))
 
 
-def positions_and_mask(attention_mask, past: int, T: int):
+def positions_and_mask(attention_mask, past: int, T: int, S: int = None):
     """Position ids and the SDPA mask for T new tokens after `past` cached ones.
 
     attention_mask: (B, past + T), 1 = real token, 0 = padding. Positions count real tokens only, so left
     padding does not shift them. Every query may also attend to itself, so rows of pure padding stay finite
-    (their outputs are garbage, and masked out by every loss).
-    Returns pos (B, T) long, mask (B, 1, T, past + T) bool.
+    (their outputs are garbage, and masked out by every loss). S (default past + T) is the number of key columns
+    (a static cache's max_len); keys past past + T are hidden.
+    Returns pos (B, T) long, mask (B, 1, T, S) bool.
     """
-    S = past + T
+    S = past + T if S is None else S
+    keys = attention_mask.bool()
+    if S > past + T:
+        keys = torch.cat([keys, keys.new_zeros(keys.size(0), S - past - T)], 1)  # (B, S)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-    q_idx = torch.arange(past, S, device=attention_mask.device)[:, None]
+    q_idx = torch.arange(past, past + T, device=attention_mask.device)[:, None]
     k_idx = torch.arange(S, device=attention_mask.device)[None, :]
-    mask = (k_idx <= q_idx)[None] & attention_mask.bool()[:, None, :]
+    mask = (k_idx <= q_idx)[None] & keys[:, None, :]
     mask = mask | (k_idx == q_idx)[None]
     return pos, mask[:, None]
 
@@ -151,27 +160,52 @@ class GPT(nn.Module):
 
         attention_mask (B, past + T) is needed for padded batches and with a cache (it covers the cached tokens
         too). Without a mask and without a cache the batch must be unpadded or right-padded (plain causal).
+        With a cache the T tokens are appended after the cache.length columns already stored.
+        A padded batch may be wider than block_size (a short prompt's row padded to a long one's width): what
+        must fit is every row's real tokens, i.e. the largest position id.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the model's block_size {self.config.block_size}")
         if attention_mask is None and cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's block_size {self.config.block_size}")
             pos, mask = torch.arange(T, device=idx.device)[None], None
-        else:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
-            pos, mask = positions_and_mask(attention_mask, past, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i)
+            return self.trunk(idx, pos, mask)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
+        pos, mask = positions_and_mask(attention_mask, past, T, cache.max_len if cache is not None else None)
+        if past + T > self.config.block_size:  # only then can a position be too large (one host sync, rare)
+            longest = int(attention_mask.long().sum(1).max())
+            if longest > self.config.block_size:
+                raise ValueError(f"sequence of {longest} tokens exceeds the model's block_size "
+                                 f"{self.config.block_size}")
+        write_at = torch.arange(past, past + T, device=idx.device) if cache is not None else None
+        h = self.trunk(idx, pos, mask, cache, write_at)
         if cache is not None:
             cache.length += T
+        return h
+
+    def trunk(self, idx, pos, mask, cache: KVCache = None, write_at=None):
+        """The transformer on explicit inputs, with no checks and no host syncs (the fixed-shape decode step calls
+        this directly): idx, pos (B, T) long; mask (B, 1, T, S) bool or None (plain causal); with a cache, the
+        new k/v go to columns write_at (T,) long and S = cache.max_len. Returns hidden states (B, T, n_embd)."""
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i, write_at)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, cache: KVCache = None):
-        """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(idx, attention_mask, cache))
+    def logits(self, h):
+        """lm_head in float32 whatever the autocast: (..., n_embd) -> (..., vocab_size) float32. Under bf16 autocast
+        a bf16 lm_head rounds logits of size ~15 to steps of 0.06, about 0.016 nats per token on average, the size
+        of a PPO ratio signal; .float() afterwards cannot bring it back."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.lm_head.weight.float())
+
+    def forward(self, idx, attention_mask=None, cache: KVCache = None, hidden: bool = False):
+        """Logits (B, T, vocab_size) float32; hidden=True returns the hidden states (B, T, n_embd) instead (the
+        chunked log-prob path of scoring.py applies lm_head itself, a few rows at a time)."""
+        h = self.hidden_states(idx, attention_mask, cache)
+        return h if hidden else self.logits(h)
 
 
 class ScalarModel(nn.Module):
@@ -197,4 +231,6 @@ class ScalarModel(nn.Module):
     def forward(self, idx, attention_mask=None):
         """Scalars at every position, (B, T), in float32."""
         h = self.gpt.hidden_states(idx, attention_mask)
-        return self.head(h).squeeze(-1).float() * self.gain + self.bias
+        with torch.autocast(h.device.type, enabled=False):  # the head in float32, like GPT.logits
+            r = F.linear(h.float(), self.head.weight.float(), self.head.bias.float()).squeeze(-1)
+        return r * self.gain + self.bias

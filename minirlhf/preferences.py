@@ -27,21 +27,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import DataError, encode_prompt, encode_response, right_pad
+from .data import DataError, encode_prompt, encode_response, length_batches, padding_share, right_pad
 from .evaluation import reward_model_scores, sample_policy
 from .utils import autocast
 
 
 # ----------------------------------------------------------------------------------------------- collection
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
-                dtype="float32", desc: str = "sampling"):
-    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a tqdm bar;
-    chunk i is sampled with seed (seed, i), so the result depends on the seed and batch size only."""
-    out = []
-    starts = range(0, len(prompts), batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, dynamic_ncols=True, leave=False)):
-        out += sample_policy(policy, tok, prompts[start:start + batch_size], max_new_tokens, temperature=1.0,
-                             batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype)
+                dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None):
+    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a tqdm bar, in the
+    order of `prompts`. Prompts are batched by length (data.length_batches, windows of 16 batches, seeded) and
+    batch i is sampled with seed (seed, i), so the result depends on the seed and batch size only. compile and
+    stats: as in sample_policy."""
+    lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
+    out = [None] * len(prompts)
+    batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)
+    for i, idx in enumerate(tqdm(batches, desc=desc, dynamic_ncols=True, leave=False)):
+        got = sample_policy(policy, tok, [prompts[j] for j in idx], max_new_tokens, temperature=1.0,
+                            batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype,
+                            compile=compile, stats=stats)
+        for j, sample in zip(idx, got):
+            out[j] = sample
     return out
 
 
@@ -241,18 +247,31 @@ def pair_rewards(rm, pairs, pad_id: int, device="cpu"):
 
 
 @torch.no_grad()
-def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu", dtype="float32"):
-    """pair_rewards over a whole list in chunks, eval mode; returns two float32 CPU tensors (B,)."""
+def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu", dtype="float32", seed: int = 0,
+                     stats: dict = None):
+    """Rewards of every pair, eval mode; returns two float32 CPU tensors (B,) (r_chosen, r_rejected).
+    Each distinct sequence is scored once, in batches of batch_size sequences of similar length
+    (data.length_batches); stats receives "padding_share" (padding tokens / all tokens of those batches)."""
     was_training = rm.training
     rm.eval()
-    rc, rr = [], []
-    for i in range(0, len(pairs), batch_size):
+    index, seqs = {}, []
+    for pair in pairs:
+        for seq in pair:
+            if tuple(seq) not in index:
+                index[tuple(seq)] = len(seqs)
+                seqs.append(seq)
+    lengths = [len(seq) for seq in seqs]
+    batches = length_batches(lengths, batch_size, seed=seed)
+    r = torch.zeros(len(seqs))
+    for idx in batches:
         with autocast(device, dtype):
-            c, r = pair_rewards(rm, pairs[i:i + batch_size], pad_id, device)
-        rc.append(c.float().cpu())
-        rr.append(r.float().cpu())
+            r[idx] = sequence_rewards(rm, [seqs[i] for i in idx], pad_id, device).float().cpu()
+    if stats is not None:
+        stats["padding_share"] = padding_share(lengths, batches)
     rm.train(was_training)
-    return torch.cat(rc), torch.cat(rr)
+    ic = torch.tensor([index[tuple(c)] for c, _ in pairs], dtype=torch.long)
+    ir = torch.tensor([index[tuple(rj)] for _, rj in pairs], dtype=torch.long)
+    return r[ic], r[ir]
 
 
 # ----------------------------------------------------------------------------------------------- normalisation

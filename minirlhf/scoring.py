@@ -6,6 +6,7 @@ the one sampled with, shows up as a PPO ratio != 1 at the first step or a negati
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
@@ -23,13 +24,84 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
-def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+# How far the first PPO ratio pi_new / pi_old (and exp of the gap between the KV-cache sampling log-probs and the
+# full-forward scoring pass) may stray from 1 before it means a bug rather than rounding, per autocast dtype: the
+# largest |ratio - 1| over the valid tokens of the first minibatch (same weights, nothing updated yet).
+# float32: both passes are exact up to summation order (~1e-6).
+# bfloat16: the lm_head is float32 (GPT.logits) but the trunk's activations are rounded to bf16 (relative step
+# 2^-8) in matmuls whose shapes and reduction order differ between the one-token cached step and the full forward.
+# Measured on the CPU (tests/test_gpu_paths.py and models up to 4 x 128 wide, vocab 512, 40 tokens): largest gap
+# 0.004-0.008 nats, mean 1e-4 (with a bf16 lm_head the mean is 30x larger, 3e-3); trimmed minibatch vs full
+# batch: 0 on the CPU. 0.05 leaves 6x headroom for GPU kernels choosing other reduction orders per shape, and still
+# catches real mismatches: a wrong temperature, an off-by-one column or shifted positions move log-probs by tenths
+# to whole nats.
+RATIO_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.05}
+
+# Float32 logits held at once by the chunked log-prob path: 2^24 values = 64 MB, 333 rows at vocab 50,304
+# (the full (B, T, V) tensor at B 64, T 256 would be 3.3 GB); a CPU-sized model fits in one chunk.
+LOGIT_CHUNK_ELEMENTS = 1 << 24
+
+
+def banned_mask(banned, vocab_size: int, device=None):
+    """The ids never to sample, as a (V,) bool mask: from a list/tensor of ids or a (V,) bool mask; None stays None."""
+    if banned is None:
+        return None
+    if isinstance(banned, torch.Tensor) and banned.dtype == torch.bool:
+        assert banned.shape == (vocab_size,), f"banned mask of shape {tuple(banned.shape)} for vocab {vocab_size}"
+        return banned.to(device)
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[torch.as_tensor(banned, dtype=torch.long)] = True
+    return mask.to(device)
+
+
+def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, banned=None):
     """Log-probs (..., V) of the distribution actually sampled from, in float32 (bf16 log-softmax loses the
-    small differences the KL and the PPO ratio are made of; TRL #878). temperature 0 (greedy) scores at T=1."""
+    small differences the KL and the PPO ratio are made of; TRL #878). temperature 0 (greedy) scores at T=1.
+    banned: ids (list / long tensor) or a (V,) bool mask of tokens never to sample (PAD, BOS and the unused ids
+    past the tokenizer's vocabulary: Tokenizer.unsampleable_ids); their logits become -inf before top-k/top-p,
+    so sampling and every scoring pass that gets the same `banned` use one distribution."""
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
+    if banned is not None:
+        logits = logits.masked_fill(banned_mask(banned, logits.size(-1), logits.device), float("-inf"))
     return F.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
+
+
+def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, banned=None,
+                   with_entropy: bool = False, chunk_rows: int = None):
+    """Log-probs (B, T) float32 of `targets` under sampling_logprobs(h @ weight.T), without ever holding the full
+    (B, T, V) float32 logits: the B*T positions go through lm_head (in float32) a chunk of rows at a time, each
+    chunk giving log pi(y) = logit[y] - logsumexp(logits) with temperature/banned/top-k/top-p applied.
+    With gradients on, each chunk runs under activation checkpointing (its logits are recomputed in the backward
+    instead of kept), so training memory is bounded the same way.
+    h (B, T, C) hidden states; weight (V, C) (lm_head); targets (B, T) long; chunk_rows default:
+    LOGIT_CHUNK_ELEMENTS // V. with_entropy also returns the per-position entropy (B, T) of the same distribution.
+    Targets that are banned or filtered get -inf: mask them with masked_fill (not `* mask`: -inf * 0 = nan)."""
+    B, T, C = h.shape
+    V = weight.size(0)
+    rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // V)
+    ban = banned_mask(banned, V, h.device)
+    h_flat, y_flat = h.reshape(B * T, C), targets.reshape(B * T)
+
+    def chunk(hc, yc):  # hc (n, C), yc (n,) -> log-probs (n,) [, entropy (n,)]
+        with torch.autocast(hc.device.type, enabled=False):
+            logits = F.linear(hc.float(), weight.float())  # (n, V) float32
+        logp_all = sampling_logprobs(logits, temperature, top_k, top_p, ban)
+        logp = logp_all.gather(1, yc[:, None]).squeeze(1)
+        if not with_entropy:
+            return logp
+        p = logp_all.exp()
+        return logp, -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+
+    remat = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and B * T > rows
+    outs = []
+    for s in range(0, B * T, rows):
+        args = (h_flat[s:s + rows], y_flat[s:s + rows])
+        outs.append(checkpoint(chunk, *args, use_reentrant=False) if remat else chunk(*args))
+    if not with_entropy:
+        return torch.cat(outs).view(B, T)
+    return torch.cat([o[0] for o in outs]).view(B, T), torch.cat([o[1] for o in outs]).view(B, T)
 
 
 def concat(prompt_ids, prompt_mask, resp_ids, resp_mask):
@@ -38,25 +110,27 @@ def concat(prompt_ids, prompt_mask, resp_ids, resp_mask):
 
 
 def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """Logits (B, R, V) predicting each response token."""
+    """Logits (B, R, V) predicting each response token (the full tensor: for inspection and tests; the scoring
+    passes use response_logprobs, which never builds it)."""
     ids, mask = concat(prompt_ids, prompt_mask, resp_ids, resp_mask)
     P, R = prompt_ids.size(1), resp_ids.size(1)
     return model(ids, attention_mask=mask)[:, P - 1:P + R - 1]
 
 
 def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, with_entropy: bool = False):
-    """Per-token log-probs (B, R) of the response tokens (0 on padding); with_entropy also returns the
-    per-token entropy (B, R) of the same distribution."""
-    logp_all = sampling_logprobs(response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask),
-                                 temperature, top_k, top_p)
-    logp = logp_all.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1)
-    logp = logp.masked_fill(resp_mask == 0, 0.0)  # not `* mask`: PAD may be filtered out (-inf), and -inf * 0 = nan
-    if not with_entropy:
-        return logp
-    p = logp_all.exp()
-    entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
-    return logp, entropy
+                      top_k: int = 0, top_p: float = 1.0, with_entropy: bool = False, banned=None,
+                      chunk_rows: int = None):
+    """Per-token log-probs (B, R) float32 of the response tokens (0 on padding); with_entropy also returns the
+    per-token entropy (B, R) of the same distribution. banned: as in sampling_logprobs (pass what generate got).
+    Chunked over positions with a float32 lm_head (token_logprobs): no (B, R, V) tensor, exact under bf16."""
+    ids, mask = concat(prompt_ids, prompt_mask, resp_ids, resp_mask)
+    P, R = prompt_ids.size(1), resp_ids.size(1)
+    h = model(ids, attention_mask=mask, hidden=True)[:, P - 1:P + R - 1]  # (B, R, C)
+    out = token_logprobs(h, model.lm_head.weight, resp_ids, temperature, top_k, top_p, banned, with_entropy,
+                         chunk_rows)
+    logp, entropy = out if with_entropy else (out, None)
+    logp = logp.masked_fill(resp_mask == 0, 0.0)  # not `* mask`: PAD is banned/filtered (-inf), and -inf * 0 = nan
+    return (logp, entropy) if with_entropy else logp
 
 
 def response_values(value_model, prompt_ids, prompt_mask, resp_ids, resp_mask):

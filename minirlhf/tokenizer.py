@@ -58,6 +58,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    def unsampleable_ids(self, vocab_size: int) -> list:
+        """Ids a policy with `vocab_size` outputs must never sample: PAD, BOS (unless BOS is also EOS, as in GPT-2's
+        single <|endoftext|>) and every id past this tokenizer's vocabulary (the model's is rounded up to a
+        multiple of 64). decode() drops them silently, so sampling one would make the text (and its gold reward)
+        disagree with the tokens. EOS is never banned. Pass the result as `banned=` to sampling and scoring."""
+        ids = {self.pad_id, self.bos_id} | set(range(self.vocab_size, vocab_size))
+        ids.discard(self.eos_id)
+        return sorted(i for i in ids if i < vocab_size)
+
     def fingerprint(self) -> str:
         """A hash of the full tokenizer definition: later stages refuse checkpoints whose tokenizer differs."""
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]

@@ -298,7 +298,8 @@ def test_report_files_have_the_documented_keys(runs, tmp_path, monkeypatch, caps
         assert 0 < m["win_rate_sem"] <= 0.5 / math.sqrt(m["n_prompts"] - 1) + 1e-12 and gold
         assert len(m["samples"]) == 3 and {"prompt", "response", "gold", "kl", "rm"} <= set(m["samples"][0])
     assert report["policies"]["sft"]["kl_mean"] == 0.0  # the reference against itself, exactly
-    assert report["policies"]["ppo"]["kl_mean"] > 0.1
+    # the perturbed policy's true KL is ~0.035 (200-prompt estimate; PAD, BOS and unused ids are not sampled)
+    assert report["policies"]["ppo"]["kl_mean"] > 0.02
     assert report["frontier"] and all(set(p) >= {"beta", "kl", "gold", "ess"} for p in report["frontier"])
     assert all(p["ess"] >= 2 for p in report["frontier"]) and all(p["ess"] < 2 for p in report["frontier_dropped"])
     assert set(report["frontier_info"]) >= {"ref_gold", "kl_cap", "n_prompts", "samples_per_prompt", "min_ess"}

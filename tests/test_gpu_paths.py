@@ -1,0 +1,283 @@
+"""The GPU-shaped code paths, checked on the CPU: the static-cache (and compiled) decode step against a naive
+sampler, per-row budgets, banned ids, chunked float32 log-probs (values and gradients), bf16 agreement between
+sampling and scoring, length batching, and the MFU peak table."""
+import math
+
+import pytest
+import torch
+
+from minirlhf.data import length_batches, padding_share
+from minirlhf.evaluation import response_logprob_sums, sample_policy
+from minirlhf.generation import generate
+from minirlhf.losses import ppo_policy_loss
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, sampling_logprobs, token_logprobs
+from minirlhf.tasks import get_task
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.perf import device_peak_flops
+from minirlhf.utils import autocast
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_gpt(seed=0, vocab=16, block_size=32, n_layer=2, n_embd=32, scale=0.3):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd)).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init: peaked, position-dependent distributions
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, scale)
+    return model
+
+
+def ragged_prompts(vocab=16):
+    lens = [2, 6, 4, 5]
+    g = torch.Generator().manual_seed(1)
+    P = max(lens)
+    ids = torch.full((len(lens), P), PAD)
+    for i, n in enumerate(lens):
+        ids[i, P - n:] = torch.randint(3, vocab, (n,), generator=g)
+    return ids, (ids != PAD).long()
+
+
+@torch.no_grad()
+def naive_generate(model, p_ids, p_mask, n_new, eos_id, temperature, top_k, generator):
+    """The sampler before the static cache, without any cache: one full forward over [prompt | response so far]
+    per token, positions from the attention mask, the whole batch stopping together."""
+    B = p_ids.size(0)
+    ids, mask = p_ids.clone(), p_mask.clone()
+    done = torch.zeros(B, dtype=torch.bool)
+    toks, logps = [], []
+    for _ in range(n_new):
+        logp = sampling_logprobs(model(ids, attention_mask=mask)[:, -1], temperature, top_k)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1) if temperature > 0 else logp.argmax(-1)
+        lp = logp.gather(1, tok[:, None]).squeeze(1)
+        tok = tok.masked_fill(done, PAD)
+        toks.append(tok)
+        logps.append(lp.masked_fill(done, 0.0))
+        ids = torch.cat([ids, tok[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        done = done | (tok == eos_id)
+        if done.all():
+            break
+    P = p_ids.size(1)
+    return torch.stack(toks, 1), mask[:, P:], torch.stack(logps, 1)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.8, 5)])
+def test_static_cache_matches_the_naive_sampler(temperature, top_k):
+    model = tiny_gpt()
+    p_ids, p_mask = ragged_prompts()
+    ref = naive_generate(model, p_ids, p_mask, 12, EOS, temperature, top_k, torch.Generator().manual_seed(0))
+    got = generate(model, p_ids, p_mask, 12, EOS, PAD, temperature, top_k, generator=torch.Generator().manual_seed(0))
+    lengths = ref[1].sum(1)
+    if temperature > 0:
+        assert (ref[0] == EOS).any() and lengths.min() < lengths.max()  # EOS and ragged rows are exercised
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2], atol=1e-5, rtol=0)
+
+
+def test_compiled_decode_step_gives_the_same_tokens_and_logprobs():
+    model = tiny_gpt(n_layer=1, n_embd=16)
+    p_ids, p_mask = ragged_prompts()
+    eager = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3))
+    compiled = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3),
+                        compile=True)
+    naive = naive_generate(model, p_ids, p_mask, 12, EOS, 1.0, 0, torch.Generator().manual_seed(3))
+    assert eager[1].sum(1).min() < eager[1].sum(1).max()  # ragged: some rows stopped at EOS
+    for out in (compiled, naive):
+        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+        torch.testing.assert_close(out[2], eager[2], atol=1e-5, rtol=0)
+
+
+def test_each_row_has_its_own_budget():
+    """A short prompt's row gets min(max_new_tokens, block_size - its own length) tokens whatever its neighbours,
+    even when the padded width + budget exceeds block_size (positions come from the mask)."""
+    model = tiny_gpt(block_size=16)
+    short, long_ = torch.tensor([5, 6, 7]), torch.randint(3, 16, (12,))
+    alone = generate(model, short[None], torch.ones(1, 3, dtype=torch.long), 13, -1, PAD, 0.0)
+    ids = torch.stack([torch.cat([torch.full((9,), PAD), short]), long_])
+    mask = (ids != PAD).long()
+    mask[1] = 1
+    batched = generate(model, ids, mask, 13, -1, PAD, 0.0)
+    assert alone[1].sum() == 13 and batched[1][0].sum() == 13  # 3 + 13 = 16 = block_size for the short row
+    assert batched[1][1].sum() == 4  # the long row is cut at its own budget, 16 - 12
+    assert torch.equal(batched[0][0], alone[0][0])
+    torch.testing.assert_close(batched[2][0], alone[2][0], atol=1e-5, rtol=0)
+    # the fresh full forward (width 12 + 13 > block_size) scores the same and a real overflow is still refused
+    fresh = response_logprobs(model, ids, mask, batched[0], batched[1])
+    torch.testing.assert_close(fresh, batched[2], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.randint(3, 16, (1, 17)), attention_mask=torch.ones(1, 17, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(get_task("reviews").corpus(300, seed=0), 300)
+
+
+def test_unsampleable_ids_are_never_sampled_and_text_matches_tokens(tok):
+    V = 64 * math.ceil(tok.vocab_size / 64)
+    banned = tok.unsampleable_ids(V)
+    assert tok.pad_id in banned and tok.bos_id in banned and tok.eos_id not in banned
+    assert set(range(tok.vocab_size, V)) <= set(banned) and len(banned) == 2 + V - tok.vocab_size
+    tok.bos_id, bos = tok.eos_id, tok.bos_id  # GPT-2's convention: BOS == EOS is never banned
+    try:
+        assert tok.eos_id not in tok.unsampleable_ids(V) and tok.pad_id in tok.unsampleable_ids(V)
+    finally:
+        tok.bos_id = bos
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():  # make the banned ids the likeliest tokens
+        model.transformer.wte.weight[banned] += 3 * model.transformer.wte.weight.std()
+    prompts = ["the food was", "the room", "we stayed"] * 4
+    p_ids = torch.tensor([[tok.bos_id] + tok.encode("the food was")])
+    unbanned, _, _ = generate(model, p_ids, torch.ones_like(p_ids), 20, tok.eos_id, tok.pad_id, 1.0,
+                              generator=torch.Generator().manual_seed(0))
+    assert set(unbanned[0].tolist()) & set(banned)  # without the ban they are sampled: the test can fail
+    samples = sample_policy(model, tok, prompts, 20, seed=0, batch_size=5)  # several length-sorted batches
+    assert [s["prompt"] for s in samples] == prompts  # back in input order
+    for s in samples:
+        assert not set(s["tokens"]) & set(banned)
+        body = s["tokens"][:-1] if s["eos"] else s["tokens"]
+        assert tok.eos_id not in body and tok.decode(body) == s["response"]
+        assert all(t < tok.vocab_size for t in body)  # only ids decode() keeps: the text is the tokens
+    # scoring uses the same distribution: summed sampling log-probs == a fresh scoring pass
+    fresh = response_logprob_sums(model, tok, samples)
+    for s, f in zip(samples, fresh):
+        assert abs(sum(s["logprobs"]) - f) < 1e-4
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.0, 0, 0.9)])
+def test_chunked_logprobs_equal_full_values_and_gradients(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 8, dtype=torch.float64).float().requires_grad_()
+    w = (torch.randn(20, 8) * 2).requires_grad_()
+    y = torch.randint(0, 18, (3, 7))
+    banned = [18, 19]
+
+    def full():
+        logp_all = sampling_logprobs(h @ w.T, temperature, top_k, top_p, banned)  # (B, T, V)
+        logp = logp_all.gather(-1, y[..., None]).squeeze(-1)
+        p = logp_all.exp()
+        return logp, -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+
+    ref_lp, ref_ent = full()
+    weights = torch.randn(3, 7)
+    finite = torch.isfinite(ref_lp)
+    (ref_lp.masked_fill(~finite, 0) * weights).sum().add(ref_ent.sum()).backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    lp, ent = token_logprobs(h, w, y, temperature, top_k, top_p, banned, with_entropy=True, chunk_rows=4)
+    assert torch.equal(torch.isfinite(lp), finite)
+    torch.testing.assert_close(lp[finite], ref_lp[finite], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=1e-6)
+    (lp.masked_fill(~finite, 0) * weights).sum().add(ent.sum()).backward()
+    torch.testing.assert_close(h.grad, ref_gh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, ref_gw, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_path_never_builds_full_logits(monkeypatch):
+    """At most chunk_rows rows of float32 logits exist at once (recorded through F.linear's output)."""
+    import minirlhf.scoring as scoring
+    seen = []
+    real_linear = scoring.F.linear
+
+    def spy(x, w, b=None):
+        out = real_linear(x, w, b)
+        seen.append(out.shape)
+        return out
+    monkeypatch.setattr(scoring.F, "linear", spy)
+    h, w, y = torch.randn(4, 10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True), torch.randint(30, (4, 10))
+    token_logprobs(h, w, y, chunk_rows=16).sum().backward()
+    assert seen and max(s[0] for s in seen) == 16 and all(s[-1] == 30 for s in seen)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_bf16_sampling_and_scoring_logprobs_agree_within_the_ratio_tolerance(temperature):
+    """Under bf16 autocast on the CPU: the KV-cache sampling log-probs, the full-batch scoring pass (PPO's old
+    log-probs) and a trimmed, permuted minibatch (PPO's first update) agree within RATIO_TOLERANCE["bfloat16"],
+    and the float32 lm_head matters: the same comparison with a bf16 head is measurably worse."""
+    model = tiny_gpt(vocab=64, n_layer=2, n_embd=64, scale=0.15)
+    p_ids, p_mask = ragged_prompts(64)
+    with autocast("cpu", "bfloat16"):
+        resp, r_mask, sample_lp = generate(model, p_ids, p_mask, 16, EOS, PAD, temperature,
+                                           generator=torch.Generator().manual_seed(0))
+        old = response_logprobs(model, p_ids, p_mask, resp, r_mask, temperature)
+        idx = torch.tensor([2, 0, 3])
+        R = int(r_mask[idx].sum(1).max())
+        new = response_logprobs(model, p_ids[idx], p_mask[idx], resp[idx, :R], r_mask[idx, :R], temperature)
+    valid = r_mask.bool()
+    assert valid.sum() > 20
+    gap_sample = (sample_lp - old)[valid].abs().max().item()
+    _, st = ppo_policy_loss(new, old[idx, :R], torch.zeros(3, R), r_mask[idx, :R].float())
+    ratio_dev = (st["ratio"][r_mask[idx, :R].bool()] - 1).abs().max().item()
+    tol = RATIO_TOLERANCE["bfloat16"]
+    assert math.expm1(gap_sample) < tol and ratio_dev < tol, (gap_sample, ratio_dev)
+    # the float32 lm_head keeps the typical gap far below a bf16 head's (~3e-3 nats on this model)
+    assert (sample_lp - old)[valid].abs().mean().item() < 5e-4
+    # float32 reference: the bf16 passes are close to the exact log-probs too
+    exact = response_logprobs(model, p_ids, p_mask, resp, r_mask, temperature)
+    assert (old - exact)[valid].abs().max().item() < tol
+
+
+def test_length_batches_cover_every_index_once_and_cut_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(1, 200, (1000,), generator=g)]
+    batches = length_batches(lengths, 32, window=256, seed=1)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000)) and all(len(b) <= 32 for b in batches)
+    assert batches == length_batches(lengths, 32, window=256, seed=1)  # deterministic per seed
+    assert batches != length_batches(lengths, 32, window=256, seed=2)  # and the seed shuffles the batches
+    plain = [list(range(i, min(i + 32, 1000))) for i in range(0, 1000, 32)]
+    assert padding_share(lengths, batches) < 0.5 * padding_share(lengths, plain)
+    values = [l * 10 for l in lengths]  # results put back in input order through the indices
+    restored = [None] * 1000
+    for b in batches:
+        for i in b:
+            restored[i] = values[i]
+    assert restored == values
+    assert padding_share([3, 3], [[0, 1]]) == 0.0 and abs(padding_share([1, 3], [[0, 1]]) - 1 / 3) < 1e-12
+
+
+def test_peak_flops_table():
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA H200") == 989e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert device_peak_flops("NVIDIA GeForce RTX 4090") == 165e12
+    assert device_peak_flops("NVIDIA L4") == 121e12
+    assert device_peak_flops("Some Unknown Card") is None
+    assert device_peak_flops("Some Unknown Card", peak_tflops=100) == 100e12
+
+
+def test_length_batched_passes_return_results_in_input_order():
+    """DPO's reference pass and the RM's pair scoring batch by length and put results back in input order: equal
+    to scoring each pair alone, and the padding share is reported."""
+    import random
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train_dpo
+    from minirlhf.model import ScalarModel
+    from minirlhf.preferences import all_pair_rewards, pair_rewards
+    model = tiny_gpt()
+    rng = random.Random(0)
+    rand = lambda k: [rng.randrange(3, 16) for _ in range(k)]  # noqa: E731
+    pairs = [([BOS] + rand(rng.randint(1, 8)), rand(rng.randint(1, 12)) + [EOS], rand(rng.randint(1, 12)) + [EOS])
+             for _ in range(23)]
+    stats = {}
+    logps, lens = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", 4, banned=[PAD, BOS], stats=stats)
+    for i in (0, 7, 22):
+        alone, n = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs[i:i + 1], PAD, "cpu"), "cpu", "float32",
+                                        banned=[PAD, BOS])
+        torch.testing.assert_close(logps[i], alone, atol=1e-5, rtol=0)
+        assert lens[i].tolist() == n.tolist()
+    assert 0 < stats["padding_share"] < 0.5
+    torch.manual_seed(0)
+    rm = ScalarModel(tiny_gpt().config)
+    seq_pairs = [(p + c, p + r) for p, c, r in pairs]
+    rc, rr = all_pair_rewards(rm, seq_pairs, PAD, batch_size=5, stats=stats)
+    with torch.no_grad():
+        ref_c, ref_r = pair_rewards(rm.eval(), seq_pairs, PAD)
+    torch.testing.assert_close(rc, ref_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rr, ref_r, atol=1e-5, rtol=0)
