@@ -6,15 +6,14 @@ missing or mismatched checkpoint with one message naming the flag and the direct
 """
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .model import GPT, GPTConfig, ScalarModel
+from .runs import recover, unfinished_message
 from .tokenizer import Tokenizer
-from .utils import UserError, write_json
+from .utils import UserError, atomic_write, torch_save, write_json
 
 
 class CheckpointError(UserError):
@@ -22,15 +21,13 @@ class CheckpointError(UserError):
 
 
 def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "policy", **extra):
-    """Write model.pt atomically (temp file + rename), config.json and tokenizer.json into out_dir."""
+    """Write model.pt, config.json and tokenizer.json into out_dir, each atomically; the same weights give the same
+    model.pt bytes (utils.atomic_write). The stage scripts pass their Run's staging folder (minirlhf/runs.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix="model.pt", suffix=".tmp")
-    os.close(fd)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / "model.pt")
-    tokenizer.save(out_dir / "tokenizer.json")
+    torch_save(out_dir / "model.pt", state)
+    atomic_write(out_dir / "tokenizer.json", tokenizer.save)
     config = {"kind": kind, "model": dataclasses.asdict(model.config),
               "tokenizer_fingerprint": tokenizer.fingerprint(),
               "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args, **extra}
@@ -42,6 +39,10 @@ def load_run(run_dir, flag: str, kind: str = None):
     The returned GPTConfig has dropout 0: every stage after SFT runs without it (TRL #3500, #744)."""
     run_dir = Path(run_dir)
     where = f"{flag} {run_dir}"
+    recover(run_dir)  # a swap interrupted by a crash (runs.py)
+    unfinished = unfinished_message(run_dir, flag)
+    if unfinished:
+        raise CheckpointError(unfinished)
     for name in ("model.pt", "config.json", "tokenizer.json"):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{where}: no {name} there (run the stage that writes it first)")

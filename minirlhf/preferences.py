@@ -22,21 +22,20 @@ import random
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .data import DataError, encode_prompt, encode_response, right_pad
 from .evaluation import sample_policy
-from .utils import autocast
+from .utils import autocast, progress
 
 
 # ----------------------------------------------------------------------------------------------- collection
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
                 dtype="float32", desc: str = "sampling"):
-    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a tqdm bar;
+    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a progress bar on a terminal;
     chunk i is sampled with seed (seed, i), so the result depends on the seed and batch size only."""
     out = []
     starts = range(0, len(prompts), batch_size)
-    for i, start in enumerate(tqdm(starts, desc=desc, dynamic_ncols=True, leave=False)):
+    for i, start in enumerate(progress(starts, desc=desc, leave=False)):
         out += sample_policy(policy, tok, prompts[start:start + batch_size], max_new_tokens, temperature=1.0,
                              batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype)
     return out
