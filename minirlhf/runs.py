@@ -211,6 +211,8 @@ class Run:
         """Swap the finished staging folder into place (see the module docstring). Call after the last file."""
         for name in (RESUME, RUN_JSON):
             (self.dir / name).unlink(missing_ok=True)
+        for leftover in self.dir.glob(".*.tmp"):  # temp folders of writes a kill -9 interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
         old = replaced_dir(self.out)
         try:
             if self.out.exists():

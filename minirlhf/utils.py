@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import typing
@@ -30,7 +31,12 @@ def arg(default, help: str):
 
 
 def parse_args(args_cls, argv=None):
-    """Build an argparse parser from an Args dataclass: field `out_dir` becomes `--out-dir`."""
+    """Build an argparse parser from an Args dataclass (field `out_dir` becomes `--out-dir`) and parse argv."""
+    return args_cls(**vars(build_parser(args_cls).parse_args(argv)))
+
+
+def build_parser(args_cls) -> argparse.ArgumentParser:
+    """The argparse parser of an Args dataclass (pipeline.py also uses it to check flags before running)."""
     parser = argparse.ArgumentParser(description=(args_cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(args_cls)
@@ -46,12 +52,15 @@ def parse_args(args_cls, argv=None):
             parser.add_argument(flag, nargs="*", type=typing.get_args(typ)[0], default=default, help=help_)
         else:
             parser.add_argument(flag, type=typ, default=default, help=help_)
-    return args_cls(**vars(parser.parse_args(argv)))
+    return parser
 
 
 def run(main):
     """Run a script's main(); a UserError ends it with one clear line and exit code 2, and so does an OSError
     (read-only or full disk, a file that vanished): the user can fix those, a traceback does not help them."""
+    def terminated(signum, frame):  # SIGTERM (e.g. pipeline.py stopping): unwind, so temp files are removed
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
     except UserError as e:
