@@ -26,7 +26,6 @@ import ctypes
 import io
 import importlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -147,21 +146,23 @@ def run_stage(cmd) -> int:
     """Run one stage; SIGTERM / SIGINT to the pipeline are passed on to it, and the pipeline exits after it."""
     child = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
-    def forward(signum, frame):
-        child.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        print(f"pipeline: stopped by signal {signum}; rerun the same command to resume", file=sys.stderr)
-        os._exit(128 + signum)
+    stopped = []
+
+    def forward(signum, frame):  # only signal here: the wait below (which holds Popen's lock) sees the child end
+        stopped.append(signum)
+        child.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        rc = child.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if stopped:
+        print(f"pipeline: stopped by signal {stopped[0]}; the same command resumes the interrupted stage",
+              file=sys.stderr)
+        sys.exit(128 + stopped[0])
+    return rc
 
 
 def main():

@@ -264,6 +264,14 @@ def main():
     log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
     finite = FiniteCheck("train_dpo.py")
     model.train()  # dropout is already 0 (load_run): DPO needs deterministic log-probs (TRL #744)
+
+    def save_resume(next_step):
+        run_.save_resume({"step": next_step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "rng": rng_state([gen]), "order": order, "test_stats": test_stats,
+                          "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
+
+    if state is None and a.save_interval:  # so that a crash from here on keeps the reference log-probs
+        save_resume(0)
     bar = Progress(range(start, total), desc="dpo", total=total)
     for step in bar:
         lr = cosine_lr(step, total, a.lr, a.min_lr, a.warmup_steps)
@@ -291,9 +299,7 @@ def main():
             bar.log(step, loss=stats["loss"], acc=stats["rewards/accuracy"],
                     test_acc=test_stats.get("test/rewards/accuracy", float("nan")), chosen=stats["logps/chosen"])
         if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
-            run_.save_resume({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "rng": rng_state([gen]), "order": order, "test_stats": test_stats,
-                              "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
+            save_resume(step + 1)
     log.close()
     finite.check(model)
     train_seconds = time.time() - t0

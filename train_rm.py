@@ -171,6 +171,14 @@ def main():
     log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
     finite = FiniteCheck("train_rm.py")
     rm.train()
+
+    def save_resume(next_step):
+        run_.save_resume({"step": next_step, "model": rm.state_dict(), "optimizer": opt.state_dict(),
+                          "rng": rng_state(), "test_accuracy": test_acc, "pairs_seen": pairs_seen,
+                          "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [rm])
+
+    if state is None and a.save_interval:  # so that a crash from here on keeps the collected preferences
+        save_resume(0)
     bar = Progress(range(start, total_steps), desc="rm", total=total_steps)
     batch_iter = batches()
     for _ in range(start):  # the data order is a function of the seed: replay it up to the resumed step
@@ -203,9 +211,7 @@ def main():
             log.write(row)
             bar.log(step, loss=row["loss"], acc=row["accuracy"], test=test_acc)
         if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
-            run_.save_resume({"step": step + 1, "model": rm.state_dict(), "optimizer": opt.state_dict(),
-                              "rng": rng_state(), "test_accuracy": test_acc, "pairs_seen": pairs_seen,
-                              "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [rm])
+            save_resume(step + 1)
     log.close()
     finite.check(rm)
     train_seconds = time.time() - t0

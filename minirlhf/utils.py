@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -127,7 +128,9 @@ def atomic_write(path, write):
     folder beside `path`, which is then renamed into place. The final name matters: torch.save names the archive's
     inner folder after the file, so a random temp name would make identical tensors give different bytes. The file
     gets the usual mode (0666 minus umask, i.e. 0644), not mkstemp's 0600. The temp folder never outlives the
-    call, also when write() fails (e.g. disk full). An OSError becomes a UserError naming the path."""
+    call, also when write() fails (e.g. disk full). An OSError becomes a UserError naming the path.
+    (torch_save serialises in memory first, so for it the name matters less; JSON and tokenizer files use this
+    directly.)"""
     path = Path(path)
     tmp_dir = None
     try:
@@ -152,8 +155,12 @@ def write_json(path, obj):
 
 
 def torch_save(path, obj):
-    """torch.save atomically; the same tensors give the same bytes (see atomic_write)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save atomically; the same tensors give the same bytes. Serialised in memory first: the archive's inner
+    folder is then always "archive" (not the file's name), and a full disk is a plain OSError from write() instead
+    of torch's RuntimeError from deep inside its zip writer."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
 class MetricsLog:
