@@ -73,7 +73,8 @@ def kill_after_first_checkpoint(script, out, flags, min_rows=0):
             return 0
     while not ((staging / runs.RESUME).exists() and rows() >= min_rows) and proc.poll() is None:
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
     return staging
