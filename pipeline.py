@@ -15,7 +15,7 @@ A stage is skipped (with a message) when it finished before (its metrics.json / 
 its config.json equal the ones this command would give it (paths compared resolved, so the same run started from
 another folder or with absolute paths is still up to date), and it is newer than every stage it reads from; so a
 rerun after a crash or after changing one stage's flags redoes only what changed. A stage that was interrupted
-(<out>/<stage>.partial holds a resume checkpoint written with the same args) is continued with --resume instead of
+(<out>/<stage>.partial holds an unfinished run with the same args) is continued with --resume instead of
 restarted. Because the extra flags go to every stage, they must be flags that every stage accepts; anything else is
 refused before a stage runs (also with --dry-run). Stopping the pipeline (Ctrl-C, SIGTERM, or its death: Linux
 PR_SET_PDEATHSIG) stops the running stage too.
@@ -79,8 +79,11 @@ def check_flags(plan, extra):
             fail(f"{name} is managed by the pipeline (it resumes interrupted stages itself; --out picks the folder)")
         refusing = [script for _, script, *_ in plan  # exact names: no argparse abbreviations
                     if name not in build_parser(importlib.import_module(Path(script).stem).Args)._option_string_actions]
+        if len(refusing) == len(plan):
+            fail(f"unknown flag {name} (no stage has it; see python <script> --help)")
         if refusing:
-            fail(f"unknown flag {name} (not a flag of {', '.join(refusing)}; extra flags go to every stage)")
+            fail(f"{name} is not a flag of {', '.join(refusing)} (extra flags go to every stage; run that stage "
+                 f"by hand to use it)")
     for _, script, argv, *_ in plan:  # values of the wrong type: argparse's own one-line message, before any work
         err = io.StringIO()
         try:
@@ -96,13 +99,14 @@ def fail(msg: str):
 
 
 def should_resume(script, argv, out_dir: Path) -> bool:
-    """True when out_dir.partial holds a resume checkpoint of a run with these same args."""
+    """True when out_dir.partial holds an unfinished run with these same args (with a resume checkpoint, or files
+    worth keeping such as the RM's collected preferences)."""
     staging = runs.staging_dir(out_dir)
     try:
         saved = json.loads((staging / runs.RUN_JSON).read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (staging / runs.RESUME).is_file() and normalised(saved) == normalised(stage_args(script, argv))
+    return normalised(saved) == normalised(stage_args(script, argv))
 
 
 def stored_args(out_dir: Path, marker: str):

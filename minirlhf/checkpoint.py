@@ -62,7 +62,8 @@ def load_run(run_dir, flag: str, kind: str = None):
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{where}: cannot read model.pt ({e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: cannot read model.pt, a damaged or truncated file? ({first})") from None
     return state, model_config, tokenizer, config
 
 

@@ -14,7 +14,8 @@ swap (every Run and every load_run calls it). A run killed before finish() leave
 
 Resume: every --save-interval steps a stage saves resume.pt (models, optimizer, step, RNG states, its own extras)
 into the staging folder; --resume continues from it and refuses when the saved args differ from the new ones in
-anything but --resume / --save-interval. run.json in the staging folder holds those args (pipeline.py reads it to
+anything but --resume / --save-interval (a run killed before its first checkpoint starts over but keeps its staging
+files: the RM's collected preferences, DPO's reference log-probs). run.json in the staging folder holds those args (pipeline.py reads it to
 decide whether to pass --resume).
 """
 import dataclasses
@@ -62,8 +63,7 @@ def unfinished_message(out_dir, flag: str = None) -> str:
     if out.name.endswith(STAGING):
         return f"{where} is the staging folder of an unfinished run, not a run (pass {out.name[:-len(STAGING)]})"
     if not out.exists() and staging.is_dir():
-        hint = "rerun its stage with --resume" if (staging / RESUME).is_file() else "rerun its stage"
-        return f"{where} is not finished ({staging} exists: {hint})"
+        return f"{where} is not finished ({staging} exists: rerun its stage with --resume)"
     return ""
 
 
@@ -158,12 +158,16 @@ class Run:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             recover(self.out)
+        except (FileExistsError, NotADirectoryError):
+            files = [p for p in self.out.parents if p.is_file()]
+            raise UserError(f"--out-dir {self.out}: {files[-1] if files else self.out.parent} is a file, not a "
+                            f"folder") from None
         except OSError as e:
             raise UserError(f"--out-dir {self.out}: cannot create or use {e.filename or self.out.parent}: "
                             f"{e.strerror or e}") from None
         if resume:
-            if not (self.dir / RESUME).is_file():
-                raise UserError(f"--resume: no resume checkpoint in {self.dir} (nothing to resume: run without "
+            if not self.dir.is_dir():
+                raise UserError(f"--resume: no unfinished run in {self.dir} (nothing to resume: run without "
                                 f"--resume)")
             try:
                 saved = json.loads((self.dir / RUN_JSON).read_text())["args"]
@@ -190,8 +194,13 @@ class Run:
         return self.dir / name
 
     def load_resume(self):
-        """The dict given to the last save_resume(), or None on a fresh start."""
+        """The dict given to the last save_resume(), or None on a fresh start. A resumed run that was killed before
+        its first checkpoint starts over, but keeps what it left in the staging folder (the RM's collected
+        preferences, DPO's reference log-probs)."""
         if not self.resumed:
+            return None
+        if not (self.dir / RESUME).is_file():
+            print(f"no resume checkpoint in {self.dir} yet: starting over, keeping its files", flush=True)
             return None
         try:
             state = torch.load(self.dir / RESUME, map_location="cpu", weights_only=True)

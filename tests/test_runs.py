@@ -113,7 +113,7 @@ def test_resume_refuses_other_args_and_nothing_to_resume(chain, tmp_path):
     script, flags = stage_flags("sft", chain)
     out = tmp_path / "run"
     proc = run_script(script, "--out-dir", out, *flags, "--resume", check=False)
-    assert proc.returncode == 2 and "no resume checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
     kill_after_first_checkpoint(script, out, flags)
     proc = run_script(script, "--out-dir", out, *flags, "--lr", "0.01", "--resume", check=False)
     assert proc.returncode == 2 and "lr 0.002 -> 0.01" in proc.stderr and "Traceback" not in proc.stderr
@@ -152,6 +152,18 @@ def test_finish_swaps_atomically_and_a_crash_between_the_renames_is_recovered(tm
     runs.recover(out)
     assert (out / "metrics.json").read_text() == "new" and not runs.replaced_dir(out).exists()
     assert not new.dir.exists()
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_staging_files(tmp_path):
+    out = tmp_path / "rm"
+    first = runs.Run(out, {"lr": 1.0, "save_interval": 5})
+    first.path("collected.json").write_text("pairs")  # killed here, before any resume checkpoint
+    again = runs.Run(out, {"lr": 1.0, "save_interval": 9, "resume": True}, resume=True)
+    assert again.load_resume() is None and again.path("collected.json").read_text() == "pairs"
+    with pytest.raises(UserError, match=r"other args \(lr 1.0 -> 2.0\)"):
+        runs.Run(out, {"lr": 2.0}, resume=True)
+    runs.Run(out, {"lr": 2.0})  # a fresh start discards it
+    assert not (runs.staging_dir(out) / "collected.json").exists()
 
 
 def test_same_seed_gives_identical_files_with_mode_0644(chain, tmp_path):
@@ -280,7 +292,7 @@ def test_pipeline_compares_resolved_paths(tmp_path):
     assert "config changed: sft" in pipeline.why_rerun("train_rm.py", argv, rm, "metrics.json", [])
 
 
-@pytest.mark.parametrize("flags,message", [(["--n-layr", "2"], "unknown flag --n-layr"),
+@pytest.mark.parametrize("flags,message", [(["--n-layr", "2"], "unknown flag --n-layr (no stage"),
                                            (["--n-layer", "2"], "not a flag of train_rm.py"),
                                            (["--seed", "x"], "invalid int value: 'x'"),
                                            (["--resume"], "managed by the pipeline")])
