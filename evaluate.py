@@ -169,7 +169,10 @@ def training_path(run_dir, smooth: int = 10):
 
 
 def write_plot(report, path):
-    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib."""
+    """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib,
+    and without a gold reward (--prompts data: nothing to plot)."""
+    if not report.get("gold"):
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -305,7 +308,7 @@ def main():
     if report["gold"]:
         print("gold = hidden true reward (± s.e.); KL in nats vs the reference; win = paired gold win rate vs the "
               "reference, ties half")
-    if report["plot"] is None:
+    if report["plot"] is None and report["gold"]:
         print("(matplotlib not installed: no report.png, text report only)")
     print(f"wrote {out}/report.json, report.md{', report.png' if report['plot'] else ''} "
           f"({report['seconds']:.0f}s)")
