@@ -102,6 +102,8 @@ def test_killed_run_resumes_to_the_same_weights(stage, chain, tmp_path):
     assert (out / "model.pt").read_bytes() == (ref / "model.pt").read_bytes()
     assert metric_rows(out / "metrics.jsonl") == metric_rows(ref / "metrics.jsonl")
     assert not staging.exists() and not (out / runs.RESUME).exists() and not (out / runs.RUN_JSON).exists()
+    import pipeline  # a resumed run is up to date for the same command without --resume
+    assert pipeline.why_rerun(script, ["--out-dir", str(out), *map(str, flags)], out, "metrics.json", []) == ""
     if stage == "rm":
         assert (out / "prefs.jsonl").read_text() == (ref / "prefs.jsonl").read_text()
     if stage == "dpo":  # a rerun over the finished run finds its reference cache there
