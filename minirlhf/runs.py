@@ -18,6 +18,7 @@ anything but --resume / --save-interval (a run killed before its first checkpoin
 files: the RM's collected preferences, DPO's reference log-probs). run.json in the staging folder holds those args (pipeline.py reads it to
 decide whether to pass --resume).
 """
+import atexit
 import dataclasses
 import json
 import random
@@ -188,7 +189,16 @@ class Run:
             except OSError as e:
                 raise UserError(f"--out-dir {self.out}: cannot create {self.dir}: {e.strerror or e}") from None
             write_json(self.dir / RUN_JSON, {"args": self.args})  # also proves the folder is writable
+            atexit.register(self._drop_if_empty)
         self.resumed = resume
+
+    def _drop_if_empty(self):
+        """At exit: a run stopped by an early error (a mistyped path) leaves no staging folder behind."""
+        try:
+            if self.dir.is_dir() and [p.name for p in self.dir.iterdir()] == [RUN_JSON]:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        except OSError:
+            pass
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -239,6 +239,9 @@ def test_unwritable_output_location_is_one_line_before_any_work(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(blocker) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert time.time() - t < 30
+    # an early user error leaves no staging folder behind
+    proc = run_script("train_rm.py", "--sft", tmp_path / "nope", "--out-dir", tmp_path / "rm", check=False)
+    assert proc.returncode == 2 and "--sft" in proc.stderr and not runs.staging_dir(tmp_path / "rm").exists()
     with pytest.raises(UserError, match="reserved"):
         runs.Run(tmp_path / "x.partial", {})
 
