@@ -38,6 +38,7 @@ from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
 from minirlhf.data import read_jsonl
 from minirlhf.evaluation import estimate_frontier, fraction_of_optimal, policy_metrics, sample_policy
 from minirlhf.tasks import get_task
+from minirlhf.runs import Run
 from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, resolve_device,
                             resolve_dtype, run, set_seed, write_json)
 
@@ -253,6 +254,7 @@ def main(argv=None):
     set_seed(a.seed)
     t0 = time.time()
     task = None if a.prompts else get_task(a.task)
+    run_ = Run(a.out_dir, a)  # before any work: is the output location writable? (no --resume: nothing to keep)
 
     ref, tok, policies, rm = load_models(a, device)
     if a.prompts:
@@ -302,13 +304,14 @@ def main(argv=None):
               f"(ESS < {a.min_ess:g}), KL up to {max([p['kl'] for p in report['frontier']], default=0):.2f}, "
               f"{time.time() - t:.1f}s")
 
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_.dir  # the report is written to the staging folder; run_.finish() moves it to --out-dir
     report["plot"] = "report.png" if write_plot(report, out / "report.png") else None
     report["args"] = asdict(a)
     report["seconds"] = time.time() - t0
     write_json(out / "report.json", report)
     write_markdown(report, out / "report.md")
+    run_.finish()
+    out = run_.out
 
     print()
     print(markdown_table(*table_rows(report)))

@@ -13,20 +13,31 @@
     out/eval  evaluate.py   --policies out/sft out/ppo out/dpo --ref out/sft --reward out/rm --frontier
 
 A stage is skipped (with a message) when it finished before (its metrics.json / report.json exists), the args in
-its config.json equal the ones this command would give it, and it is newer than every stage it reads from; so a
-rerun after a crash or after changing one stage's flags redoes only what changed. Because the extra flags go to
-every stage, they must be flags that every stage accepts.
+its config.json equal the ones this command would give it (paths compared resolved, so the same run started from
+another folder or with absolute paths is still up to date), and it is newer than every stage it reads from; so a
+rerun after a crash or after changing one stage's flags redoes only what changed. A stage that was interrupted
+(<out>/<stage>.partial holds an unfinished run with the same args) is continued with --resume instead of
+restarted. Because the extra flags go to every stage, they must be flags that every stage accepts; anything else is
+refused before a stage runs (also with --dry-run). Stopping the pipeline (Ctrl-C, SIGTERM, or its death: Linux
+PR_SET_PDEATHSIG) stops the running stage too.
 """
 import argparse
-import dataclasses
+import contextlib
+import ctypes
+import io
 import importlib
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from minirlhf.utils import parse_args
+from minirlhf import runs
+from minirlhf.utils import build_parser, parse_args
+
+# Args fields that hold paths: compared after resolving, so "out/sft" and "/abs/out/sft" are the same run
+PATH_ARGS = ("out_dir", "sft", "policy", "reward", "prefs", "policies", "ref", "init", "data", "tokenizer", "prompts")
 
 
 def stages(root: Path, init_from: str = None):
@@ -45,6 +56,61 @@ def stages(root: Path, init_from: str = None):
     ]
 
 
+def normalised(args: dict) -> dict:
+    """args with path fields resolved (relative to the current folder) and the fields that may change freely
+    between a run and its resumption (runs.NOT_COMPARED) left out."""
+    def res(v):
+        return str(Path(v).resolve()) if isinstance(v, str) else v
+    return runs.comparable({k: ([res(x) for x in v] if isinstance(v, list) and k in PATH_ARGS else
+                                res(v) if k in PATH_ARGS else v) for k, v in args.items()})
+
+
+def stage_args(script, argv) -> dict:
+    module = importlib.import_module(Path(script).stem)  # the stage's own Args: defaults + these flags
+    return runs.args_dict(parse_args(module.Args, argv))
+
+
+def check_flags(plan, extra):
+    """Refuse, before anything runs, extra flags that some stage does not accept (a typo would otherwise only
+    surface when that stage starts, or never under --dry-run)."""
+    for flag in extra:
+        if not flag.startswith("--"):
+            continue
+        name = flag.split("=", 1)[0]
+        if name in ("--resume", "--no-resume", "--out-dir"):
+            fail(f"{name} is managed by the pipeline (it resumes interrupted stages itself; --out picks the folder)")
+        refusing = [script for _, script, *_ in plan  # exact names: no argparse abbreviations
+                    if name not in build_parser(importlib.import_module(Path(script).stem).Args)._option_string_actions]
+        if len(refusing) == len(plan):
+            fail(f"unknown flag {name} (no stage has it; see python <script> --help)")
+        if refusing:
+            fail(f"{name} is not a flag of {', '.join(refusing)} (extra flags go to every stage; run that stage "
+                 f"by hand to use it)")
+    for _, script, argv, *_ in plan:  # values of the wrong type: argparse's own one-line message, before any work
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                build_parser(importlib.import_module(Path(script).stem).Args).parse_args([str(x) for x in argv] + extra)
+        except SystemExit:
+            fail(f"{script}: {err.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]}")
+
+
+def fail(msg: str):
+    print(f"pipeline: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def should_resume(script, argv, out_dir: Path) -> bool:
+    """True when out_dir.partial holds an unfinished run with these same args (with a resume checkpoint, or files
+    worth keeping such as the RM's collected preferences)."""
+    staging = runs.staging_dir(out_dir)
+    try:
+        saved = json.loads((staging / runs.RUN_JSON).read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return normalised(saved) == normalised(stage_args(script, argv))
+
+
 def stored_args(out_dir: Path, marker: str):
     """The args a finished stage ran with (config.json of a run, report.json of the evaluation), or None."""
     f = out_dir / ("report.json" if marker == "report.json" else "config.json")
@@ -56,14 +122,14 @@ def stored_args(out_dir: Path, marker: str):
 
 def why_rerun(script, argv, out_dir: Path, marker: str, input_markers) -> str:
     """'' when the stage's output is up to date, else the reason to run it."""
+    runs.recover(out_dir)  # a swap interrupted by a crash
     done = out_dir / marker
     if not done.is_file():
         return "no finished output yet"
     old = stored_args(out_dir, marker)
     if old is None:
         return f"cannot read its config in {out_dir}"
-    module = importlib.import_module(Path(script).stem)  # the stage's own Args: defaults + these flags
-    new = json.loads(json.dumps(dataclasses.asdict(parse_args(module.Args, argv))))
+    old, new = normalised(old), normalised(stage_args(script, argv))
     # out_dir is where the output lives, not what it is (a moved run directory stays valid)
     changed = sorted(k for k in set(old) | set(new) if k != "out_dir" and old.get(k) != new.get(k))
     if changed:
@@ -72,6 +138,37 @@ def why_rerun(script, argv, out_dir: Path, marker: str, input_markers) -> str:
     if newer:
         return f"{', '.join(newer)} changed since it ran"
     return ""
+
+
+def _die_with_parent():
+    """In the child, before exec: Linux sends it SIGTERM when the pipeline dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_stage(cmd) -> int:
+    """Run one stage; SIGTERM / SIGINT to the pipeline are passed on to it, and the pipeline exits after it."""
+    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    stopped = []
+
+    def forward(signum, frame):  # only signal here: the wait below (which holds Popen's lock) sees the child end
+        stopped.append(signum)
+        child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if stopped:
+        print(f"pipeline: stopped by signal {stopped[0]}; the same command resumes the interrupted stage",
+              file=sys.stderr)
+        sys.exit(128 + stopped[0])
+    return rc
 
 
 def main():
@@ -84,8 +181,9 @@ def main():
                                             "later stages start from the SFT run)")
     a, extra = parser.parse_known_args()
     here = Path(__file__).resolve().parent  # the stage scripts sit next to this file
-    root = Path(a.out)
+    root = Path(a.out).resolve()  # stages get absolute paths: the same run from any folder
     plan = stages(root, a.init_from)
+    check_flags(plan, extra)
     markers = {name: out_dir / marker for name, _, _, out_dir, marker, _ in plan}
     t_all, timings = time.time(), []
     for name, script, argv, out_dir, marker, inputs in plan:
@@ -95,11 +193,13 @@ def main():
             print(f"== {name}: {out_dir} is up to date with this config, skipped (--force reruns it)", flush=True)
             timings.append((name, "skipped"))
             continue
+        if should_resume(script, argv, out_dir):
+            argv, reason = argv + ["--resume"], f"resuming the interrupted run in {runs.staging_dir(out_dir)}"
         print(f"== {name}: python {script} {' '.join(argv)}   ({reason})", flush=True)
         if a.dry_run:
             continue
         t = time.time()
-        rc = subprocess.run([sys.executable, str(here / script), *argv]).returncode
+        rc = run_stage([sys.executable, str(here / script), *argv])
         if rc != 0:
             print(f"pipeline: stage {name} failed (exit code {rc}); finished stages are skipped when you rerun",
                   file=sys.stderr)

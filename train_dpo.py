@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import collate_sft, encode_prompt, length_batches, load_pref_jsonl
@@ -40,9 +39,11 @@ from minirlhf.losses import preference_loss
 from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, response_ids, split_prefs,
                                   token_id_counts)
 from minirlhf.scoring import token_logprobs
+from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast,
-                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, arg, autocast,
+                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, torch_save,
+                            write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -55,6 +56,8 @@ class Args:
                                            "rejected_gold, label_prob), as written by train_rm.py")
     policy: str = arg("out/sft", "run directory of the starting policy, which is also the frozen reference")
     task: str = arg("reviews", "built-in task whose gold reward scores the final policy; 'none' to skip (own data)")
+    resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
+    save_interval: int = arg(25, "steps between resume checkpoints in <out-dir>.partial (0 = none)")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
@@ -159,30 +162,35 @@ def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None,
     return logps, lens
 
 
-def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype, out: Path):
+def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype, out: Path, also=()):
     """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy (before any
-    update) and cached in the run directory; the cache is reused only when the prefs file, the reference
-    checkpoint and the split are the same."""
+    update) and cached in the run directory `out`; the cache is reused only when the prefs file, the reference
+    checkpoint and the split are the same. A cache in one of the folders `also` (the finished run a rerun will
+    replace) is reused too, and copied into `out`."""
     h = hashlib.sha256()
     for path in (Path(a.prefs), Path(a.policy) / "model.pt"):
         h.update(path.read_bytes())
     h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype,
                          "banned-unsampleable"]).encode())  # log-probs over the sampling distribution
     key, cache = h.hexdigest(), out / "ref_logps.pt"
-    if cache.is_file():
+    for found in [cache] + [Path(d) / "ref_logps.pt" for d in also]:
+        if not found.is_file():
+            continue
         try:
-            saved = torch.load(cache, map_location=device, weights_only=True)
-        except Exception:  # unreadable (e.g. an interrupted write): recompute it
+            saved = torch.load(found, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable (e.g. a damaged file): recompute it
             saved = None
         if isinstance(saved, dict) and saved.get("key") == key:
-            print(f"reference log-probs: reusing {cache}")
-            return saved["train"], saved["test"]
+            print(f"reference log-probs: reusing {found}")
+            if found != cache:
+                torch_save(cache, saved)
+            return saved["train"].to(device), saved["test"].to(device)
     t0 = time.time()
     pad = {}
     banned = tok.unsampleable_ids(model.config.vocab_size)
     ref_train, _ = all_pair_logps(model, train_pairs, tok.pad_id, device, dtype, a.eval_batch_size, banned, stats=pad)
     ref_test, _ = all_pair_logps(model, test_pairs, tok.pad_id, device, dtype, a.eval_batch_size, banned)
-    torch.save({"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()}, cache)
+    torch_save(cache, {"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()})
     print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s -> {cache} "
           f"(padding {pad.get('padding_share', 0.0):.0%} of the train pass)")
     return ref_train, ref_test
@@ -251,6 +259,8 @@ def main(argv=None):
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     task = None if a.task.lower() == "none" else get_task(a.task)
+    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    state = run_.load_resume()
 
     # ---- policy (= reference) and pairs
     model, tok, _ = load_policy(a.policy, "--policy", device)
@@ -275,10 +285,10 @@ def main(argv=None):
           f"policy {a.policy} "
           f"({model.num_params() / 1e6:.2f}M parameters), loss {a.loss}, beta {a.beta}, device {device} ({dtype})")
 
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
     t0 = time.time()
-    ref_train, ref_test = reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out)
+    ref_train, ref_test = reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out,
+                                          also=[run_.out])
     ref_train, ref_test = ref_train.to(device), ref_test.to(device)
 
     opt = adamw(model, a.lr, a.weight_decay, device)
@@ -288,12 +298,27 @@ def main(argv=None):
     # ---- training: shuffled passes over the pairs
     steps_per_epoch = math.ceil(len(train_pairs) / a.batch_size)
     total = max(1, round(a.epochs * steps_per_epoch))
-    log = MetricsLog(out / "metrics.jsonl")
     gen = torch.Generator().manual_seed(a.seed)
     order = torch.zeros(0, dtype=torch.long)
-    test_stats = {}
+    test_stats, start = {}, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], [gen])
+        start, order, test_stats = state["step"], state["order"], state["test_stats"]
+        t0 -= state["elapsed_s"]
+    log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
+    finite = FiniteCheck("train_dpo.py")
     model.train()  # dropout is already 0 (load_run): DPO needs deterministic log-probs (TRL #744)
-    bar = tqdm(range(total), desc="dpo", dynamic_ncols=True)
+
+    def save_resume(next_step):
+        run_.save_resume({"step": next_step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "rng": rng_state([gen]), "order": order, "test_stats": test_stats,
+                          "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
+
+    if state is None and a.save_interval:  # so that a crash from here on keeps the reference log-probs
+        save_resume(0)
+    bar = Progress(range(start, total), desc="dpo", total=total)
     for step in bar:
         lr = cosine_lr(step, total, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
@@ -308,18 +333,22 @@ def main(argv=None):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
         opt.step()
+        finite.watch(step, loss=loss, grad_norm=grad_norm)
         last = step == total - 1
         if test_pairs and (step % a.eval_interval == 0 or last):
             test_stats = test_pair_stats(model, test_pairs, ref_test, a, tok, device, dtype)
         if step % a.log_interval == 0 or last:
+            finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
             stats = stats_to_host({**stats, "grad_norm": grad_norm})
             row = {"step": step, "epoch": (step + 1) / steps_per_epoch, **stats, **test_stats, "lr": lr,
                    "elapsed_s": time.time() - t0}
             log.write(row)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracy']:.2f}",
-                            test_acc=f"{test_stats.get('test/rewards/accuracy', float('nan')):.2f}",
-                            chosen=f"{stats['logps/chosen']:.1f}")
+            bar.log(step, loss=stats["loss"], acc=stats["rewards/accuracy"],
+                    test_acc=test_stats.get("test/rewards/accuracy", float("nan")), chosen=stats["logps/chosen"])
+        if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
+            save_resume(step + 1)
     log.close()
+    finite.check(model)
     train_seconds = time.time() - t0
     save_run(out, model, tok, a, kind="policy", stage="dpo", reference=a.policy)
 
@@ -347,6 +376,8 @@ def main(argv=None):
               f"comparison (pass --task none to silence this)")
     metrics["total_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
+    run_.finish()
+    out = run_.out
 
     if samples:
         print("samples on held-out prompts (prompt | response | gold):")

@@ -16,11 +16,9 @@ the final comparison with the SFT policy; it never enters the training signal.
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
 from minirlhf.data import encode_prompt, left_pad, read_jsonl
@@ -29,9 +27,10 @@ from minirlhf.generation import generate
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
                              gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten,
                              ppo_policy_loss, ppo_value_loss, score_with_eos_penalty)
+from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
 from minirlhf.tasks import get_task
-from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, arg, autocast, check, check_flags,
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, autocast, check, check_flags,
                             parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
@@ -47,6 +46,8 @@ class Args:
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the policy and value model for the update passes")
+    resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
+    save_interval: int = arg(10, "iterations between resume checkpoints in <out-dir>.partial (0 = none)")
     # rollouts
     iterations: int = arg(50, "PPO iterations (one rollout batch + its update epochs each)")
     batch_size: int = arg(64, "prompts (one response each) per rollout")
@@ -102,6 +103,8 @@ def main(argv=None):
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
+    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    state = run_.load_resume()
 
     # ---- the four models. load_run turns dropout off in all of them: with dropout the rollout and training
     # forwards disagree, the first ratio is not 1 and the KL is noise (TRL #3500). eval() everywhere for the same
@@ -142,13 +145,20 @@ def main(argv=None):
     kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, kl_horizon) if a.target_kl > 0 \
         else FixedKLController(a.kl_coef)
 
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl")
+    out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    t0 = time.time()
-    first_ratio_dev = None
-    bar = tqdm(range(a.iterations), desc="ppo", dynamic_ncols=True)
+    t0, first_ratio_dev, start = time.time(), None, 0
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        value_model.load_state_dict(state["value_model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], [gen])
+        vars(kl_ctl).update(state["kl_ctl"])
+        start, first_ratio_dev = state["step"], state["first_ratio_dev"]
+        t0 -= state["elapsed_s"]
+    log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
+    finite = FiniteCheck("train_ppo.py", unit="iteration")
+    bar = Progress(range(start, a.iterations), desc="ppo", total=a.iterations)
     for it in bar:
         frac = 1.0 - it / a.iterations  # linear lr annealing (CleanRL's anneal_lr)
         for g, lr in zip(opt.param_groups, base_lrs):
@@ -226,13 +236,14 @@ def main(argv=None):
                 # model only; a weight on vf_loss would only rescale the value gradients, which Adam's per-parameter
                 # normalisation (and the per-model clip) undo: --value-lr is the value model's knob.
                 loss = pg_loss + vf_loss
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss at iteration {it} (pg {pg_loss.item()}, vf {vf_loss.item()})")
+                finite.watch(it, pg_loss=pg_loss, vf_loss=vf_loss)
+                finite.check()  # the stats below sync every minibatch anyway; stop before a NaN step is taken
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 big = a.grad_clip if a.grad_clip > 0 else float("inf")
                 pg_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), big)
                 vf_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), big)
+                finite.watch(it, pg_grad_norm=pg_norm, vf_grad_norm=vf_norm)
                 opt.step()
                 ratio_valid = pg["ratio"][mb_mask.bool()]
                 if epoch == 0 and k == 0:
@@ -260,15 +271,20 @@ def main(argv=None):
         row["elapsed_s"] = time.time() - t0
         bad = [k for k, v in row.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
         if bad:
-            raise RuntimeError(f"non-finite diagnostics at iteration {it}: {bad}")
+            raise NonFiniteError(f"train_ppo.py: {', '.join(bad)} became non-finite (NaN/inf) at iteration {it}; "
+                                 f"stopped without saving (lower --lr, or raise --kl-coef)")
+        finite.check(policy, value_model)  # before the next rollout samples from NaN weights
         log.write(row)
-        bar.set_postfix(rm=f"{row['rm_score_mean']:.2f}", kl=f"{row['kl']:.2f}",
-                        gold=f"{row.get('gold_mean', float('nan')):.2f}")
         if it % a.log_interval == 0 or it == a.iterations - 1:
-            tqdm.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"
+            bar.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"
                        f" | kl {row['kl']:.2f} | beta {beta:.3f} | pg {row['pg_loss']:+.4f} | vf {row['vf_loss']:.4f}"
                        f" | akl {row['approx_kl']:.4f} | clip {row['clipfrac']:.3f} | ent {row['entropy']:.2f}"
                        f" | ev {row['explained_var']:+.2f} | len {row['resp_len']:.1f} | eos {row['eos_rate']:.2f}")
+        if a.save_interval and (it + 1) % a.save_interval == 0 and it != a.iterations - 1:
+            run_.save_resume({"step": it + 1, "unit": "iteration", "policy": policy.state_dict(),
+                              "value_model": value_model.state_dict(), "optimizer": opt.state_dict(),
+                              "rng": rng_state([gen]), "kl_ctl": vars(kl_ctl), "first_ratio_dev": first_ratio_dev,
+                              "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [policy, value_model])
     log.close()
     train_seconds = time.time() - t0
     save_run(out, policy, tok, a, kind="policy", stage="ppo")
@@ -286,6 +302,8 @@ def main(argv=None):
             print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}  gold {s['gold']:+.2f}")
     metrics["total_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
+    run_.finish()
+    out = run_.out
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
 

@@ -13,11 +13,9 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import DataError, load_pref_jsonl
@@ -28,8 +26,9 @@ from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_pref
                                   informative_pairs, pair_rewards, token_id_counts,
                                   fit_normalisation, pairwise_accuracy, pearson, sample_many,
                                   spearman, split_prefs, has_gold_columns)
+from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, arg, autocast, check,
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, arg, autocast, check,
                             check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
@@ -45,6 +44,10 @@ class Args:
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the reward model")
+    resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial (its collected preferences and last "
+                              "resume checkpoint)")
+    save_interval: int = arg(50, "steps between resume checkpoints in <out-dir>.partial (0 = none; the collected "
+                                 "preferences are kept there either way)")
     # preference collection (built-in task)
     n_prompts: int = arg(1024, "train prompts; k samples each, all pairs labelled")
     n_test_prompts: int = arg(256, "test prompts (the task's held-out split) for the test pairs")
@@ -90,8 +93,9 @@ def main(argv=None):
     set_seed(a.seed)
     task = get_task(a.task)
     t_start = time.time()
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    state = run_.load_resume()
+    out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
 
     # ---- the policy whose samples are compared (and whose trunk the reward model starts from)
     policy, tok, _ = load_policy(a.sft, "--sft", device)  # CheckpointError if missing or its tokenizer mismatches
@@ -101,7 +105,13 @@ def main(argv=None):
 
     # ---- preference pairs: collected from the simulated human, or the user's file
     stats = {}
-    if a.prefs:
+    collected = out / "collected.json"  # the simulated human's labels, kept across --resume (~20 s of sampling)
+    if a.resume and not a.prefs and collected.is_file():
+        saved = json.loads(collected.read_text())
+        train_recs, test_recs, stats = saved["train"], saved["test"], saved["stats"]
+        norm_prompts = task.sample_prompts("train", a.n_norm, seed=a.seed + 1)
+        print(f"reusing the {len(train_recs) + len(test_recs)} preference pairs collected in {collected}")
+    elif a.prefs:
         records = load_pref_jsonl(a.prefs)
         has_gold_columns(records)  # checks the optional numeric columns now (FILE:LINE), not after training
         train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
@@ -125,6 +135,7 @@ def main(argv=None):
                             f"lacked EOS and {stats['n_duplicates']} were duplicates (train the SFT model longer or "
                             f"raise --max-new-tokens / --k)")
         norm_prompts = task.sample_prompts("train", a.n_norm, seed=a.seed + 1)
+        write_json(collected, {"train": train_recs, "test": test_recs, "stats": stats})
     # one file, both splits; "_where" (file:line of a user's record) is not data
     with open(out / "prefs.jsonl", "w") as f:
         for r in train_recs + test_recs:
@@ -174,11 +185,28 @@ def main(argv=None):
             for i in range(0, len(perm), a.batch_size):
                 yield [j for g in perm[i:i + a.batch_size] for j in groups[g]]
 
-    log = MetricsLog(out / "metrics.jsonl")
+    t0, test_acc, pairs_seen, start = time.time(), float("nan"), 0, 0
+    if state is not None:
+        rm.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, test_acc, pairs_seen = state["step"], state["test_accuracy"], state["pairs_seen"]
+        t0 -= state["elapsed_s"]
+    log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
+    finite = FiniteCheck("train_rm.py")
     rm.train()
-    t0, test_acc, pairs_seen = time.time(), float("nan"), 0
-    bar = tqdm(range(total_steps), desc="rm", dynamic_ncols=True)
+
+    def save_resume(next_step):
+        run_.save_resume({"step": next_step, "model": rm.state_dict(), "optimizer": opt.state_dict(),
+                          "rng": rng_state(), "test_accuracy": test_acc, "pairs_seen": pairs_seen,
+                          "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [rm])
+
+    if state is None and a.save_interval:  # so that a crash from here on keeps the collected preferences
+        save_resume(0)
+    bar = Progress(range(start, total_steps), desc="rm", total=total_steps)
     batch_iter = batches()
+    for _ in range(start):  # the data order is a function of the seed: replay it up to the resumed step
+        next(batch_iter)
     for step in bar:
         lr = cosine_lr(step, total_steps, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
@@ -191,11 +219,13 @@ def main(argv=None):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
         opt.step()
+        finite.watch(step, loss=loss, grad_norm=grad_norm)
         pairs_seen += len(idx)
         last = step == total_steps - 1
         if step % a.eval_interval == 0 or last:
             _, test_acc = evaluate(test_pairs)
         if step % a.log_interval == 0 or last:
+            finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
             elapsed = time.time() - t0
             row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
                    "accuracy": pairwise_accuracy(rc.detach(), rr.detach()), "test_accuracy": test_acc,
@@ -203,8 +233,11 @@ def main(argv=None):
                    "reward_std": torch.cat([rc, rr]).std().item(), "lr": lr, "grad_norm": grad_norm.item(),
                    "pairs_per_s": pairs_seen / elapsed, "elapsed_s": elapsed}
             log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}", test=f"{test_acc:.3f}")
+            bar.log(step, loss=row["loss"], acc=row["accuracy"], test=test_acc)
+        if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
+            save_resume(step + 1)
     log.close()
+    finite.check(rm)
     train_seconds = time.time() - t0
 
     # ---- final accuracy, before normalisation (the loss is in the units the model was trained in)
@@ -243,6 +276,9 @@ def main(argv=None):
         "n_samples": n_norm_used, "raw_mean": raw_mean,
         "raw_std": raw_std})
     write_json(out / "metrics.json", metrics)
+    collected.unlink(missing_ok=True)  # prefs.jsonl holds the same pairs
+    run_.finish()
+    out = run_.out
 
     print("reward model")
     for k in ("test_accuracy", "bayes_accuracy", "accuracy_vs_bayes", "gold_accuracy", "gold_pearson",

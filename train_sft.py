@@ -9,12 +9,10 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from minirlhf.checkpoint import load_run, load_state, save_run
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
@@ -22,9 +20,10 @@ from minirlhf.evaluation import sample_policy
 from minirlhf.hf import load_hf_dir, resolve_source
 from minirlhf.perf import device_peak_flops, mfu
 from minirlhf.model import GPT, GPTConfig
+from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, adamw, cosine_lr, UserError, arg, autocast,
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, UserError, arg, autocast,
                             check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
@@ -45,6 +44,8 @@ class Args:
     compile: bool = arg(False, "torch.compile the model")
     peak_tflops: float = arg(0.0, "the card's dense bf16 peak for the MFU in metrics.jsonl (0 = look the CUDA device "
                                   "up in minirlhf.perf's table; no MFU for an unknown card)")
+    resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
+    save_interval: int = arg(100, "steps between resume checkpoints in <out-dir>.partial (0 = none)")
     # model (ignored with --init; with --init-from only --block-size and --dropout apply)
     vocab_size: int = arg(512, "BPE vocabulary size to train (the model rounds it up to a multiple of 64)")
     block_size: int = arg(64, "context length in tokens (prompt + response)")
@@ -101,6 +102,8 @@ def main(argv=None):
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     task = get_task(a.task)
+    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    state = run_.load_resume()
 
     # ---- data: demonstrations as (prompt, completion) records
     if a.data:
@@ -127,7 +130,9 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, dropout=a.dropout)
         model = load_state(GPT(cfg), state, f"--init {a.init}")
     else:
-        if a.tokenizer:
+        if state is not None:  # the resumed run's own tokenizer (its training data were encoded with it)
+            tok = Tokenizer.load(run_.path("tokenizer.json"))
+        elif a.tokenizer:
             try:
                 tok = Tokenizer.load(a.tokenizer)
             except ValueError as e:  # not a file tokenizers can read: one line naming the flag
@@ -139,6 +144,8 @@ def main(argv=None):
                         n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout)
         model = GPT(cfg)
     model.to(device)
+    if state is None:
+        tok.save(run_.path("tokenizer.json"))
     train_data, n_cut = encode_sft(train_recs, tok, cfg.block_size)
     val_data, _ = encode_sft(val_recs, tok, cfg.block_size)
     if n_cut:
@@ -160,13 +167,19 @@ def main(argv=None):
         return sum(losses) / len(losses)
 
     # ---- training loop
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl")
+    out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
     gen = torch.Generator().manual_seed(a.seed)
+    t0, tokens_seen, val_loss, start = time.time(), 0, float("nan"), 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], [gen])
+        start, tokens_seen, val_loss = state["step"], state["tokens_seen"], state["val_loss"]
+        t0 -= state["elapsed_s"]
+    log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
+    finite = FiniteCheck("train_sft.py")
     model.train()
-    t0, tokens_seen, val_loss = time.time(), 0, float("nan")
-    bar = tqdm(range(a.steps), desc="sft", dynamic_ncols=True)
+    bar = Progress(range(start, a.steps), desc="sft", total=a.steps)
     for step in bar:
         lr = cosine_lr(step, a.steps, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
@@ -179,11 +192,13 @@ def main(argv=None):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
         opt.step()
+        finite.watch(step, loss=loss, grad_norm=grad_norm)
         tokens_seen += batch["idx"].numel()
         last = step == a.steps - 1
         if step % a.eval_interval == 0 or last:
             val_loss = held_out_loss()
         if step % a.log_interval == 0 or last:
+            finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
             elapsed = time.time() - t0
             row = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
@@ -191,8 +206,13 @@ def main(argv=None):
             if peak:  # model FLOPs utilisation against the detected card's (or --peak-tflops) dense bf16 peak
                 row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)), row["tokens_per_s"], peak)
             log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{val_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.log(step, loss=row["loss"], val=val_loss, tok_s=round(row["tokens_per_s"]))
+        if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
+            run_.save_resume({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "rng": rng_state([gen]), "tokens_seen": tokens_seen, "val_loss": val_loss,
+                              "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
     log.close()
+    finite.check(model)
     save_run(out, model, tok, a, kind="policy", stage="sft")
 
     # ---- samples on held-out prompts: do they stop, and does the grammar accept them?
@@ -207,6 +227,8 @@ def main(argv=None):
         gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
         metrics.update(grammatical_rate=sum(gram) / len(gram), gold_mean=sum(gold) / len(gold))
     write_json(out / "metrics.json", metrics)
+    run_.finish()
+    out = run_.out
     print("samples (prompt | response):")
     for s in samples[:5]:
         print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}")

@@ -6,16 +6,15 @@ missing or mismatched checkpoint with one message naming the flag and the direct
 """
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .hf import is_hf_dir, load_hf_dir
 from .model import GPT, GPTConfig, ScalarModel
+from .runs import recover, unfinished_message
 from .tokenizer import Tokenizer
-from .utils import UserError, write_json
+from .utils import UserError, atomic_write, torch_save, write_json
 
 
 class CheckpointError(UserError):
@@ -23,15 +22,13 @@ class CheckpointError(UserError):
 
 
 def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "policy", **extra):
-    """Write model.pt atomically (temp file + rename), config.json and tokenizer.json into out_dir."""
+    """Write model.pt, config.json and tokenizer.json into out_dir, each atomically; the same weights give the same
+    model.pt bytes (utils.atomic_write). The stage scripts pass their Run's staging folder (minirlhf/runs.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix="model.pt", suffix=".tmp")
-    os.close(fd)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / "model.pt")
-    tokenizer.save(out_dir / "tokenizer.json")
+    torch_save(out_dir / "model.pt", state)
+    atomic_write(out_dir / "tokenizer.json", tokenizer.save)
     config = {"kind": kind, "model": dataclasses.asdict(model.config),
               "tokenizer_fingerprint": tokenizer.fingerprint(),
               "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args, **extra}
@@ -69,6 +66,10 @@ def load_run(run_dir, flag: str, kind: str = None):
     accepted too, wherever a run directory is: see hf.load_hf_dir (its config dict has "args": None)."""
     run_dir = Path(run_dir)
     where = f"{flag} {run_dir}"
+    recover(run_dir)  # a swap interrupted by a crash (runs.py)
+    unfinished = unfinished_message(run_dir, flag)
+    if unfinished:
+        raise CheckpointError(unfinished)
     if is_hf_dir(run_dir):
         return load_hf_dir(run_dir, flag, kind)
     for name in ("model.pt", "config.json", "tokenizer.json"):
@@ -94,7 +95,8 @@ def load_run(run_dir, flag: str, kind: str = None):
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{where}: cannot read model.pt ({e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: cannot read model.pt, a damaged or truncated file? ({first})") from None
     return state, model_config, tokenizer, config
 
 

@@ -25,24 +25,23 @@ import random
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .data import DataError, encode_prompt, encode_response, length_batches, padding_share, right_pad
 from .evaluation import reward_model_scores, sample_policy
-from .utils import autocast
+from .utils import autocast, progress
 
 
 # ----------------------------------------------------------------------------------------------- collection
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
                 dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None):
-    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a tqdm bar, in the
+    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a progress bar on a terminal, in the
     order of `prompts`. Prompts are batched by length (data.length_batches, windows of 16 batches, seeded) and
     batch i is sampled with seed (seed, i), so the result depends on the seed and batch size only. compile and
     stats: as in sample_policy."""
     lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
     out = [None] * len(prompts)
     batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)
-    for i, idx in enumerate(tqdm(batches, desc=desc, dynamic_ncols=True, leave=False)):
+    for i, idx in enumerate(progress(batches, desc=desc, leave=False)):
         got = sample_policy(policy, tok, [prompts[j] for j in idx], max_new_tokens, temperature=1.0,
                             batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype,
                             compile=compile, stats=stats)

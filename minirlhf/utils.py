@@ -2,10 +2,13 @@
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import tempfile
 import typing
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -50,7 +54,12 @@ def arg(default, help: str):
 
 
 def parse_args(args_cls, argv=None):
-    """Build an argparse parser from an Args dataclass: field `out_dir` becomes `--out-dir`."""
+    """Build an argparse parser from an Args dataclass (field `out_dir` becomes `--out-dir`) and parse argv."""
+    return args_cls(**vars(build_parser(args_cls).parse_args(argv)))
+
+
+def build_parser(args_cls) -> argparse.ArgumentParser:
+    """The argparse parser of an Args dataclass (pipeline.py also uses it to check flags before running)."""
     parser = argparse.ArgumentParser(description=(args_cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(args_cls)
@@ -66,16 +75,27 @@ def parse_args(args_cls, argv=None):
             parser.add_argument(flag, nargs="*", type=typing.get_args(typ)[0], default=default, help=help_)
         else:
             parser.add_argument(flag, type=typ, default=default, help=help_)
-    return args_cls(**vars(parser.parse_args(argv)))
+    return parser
 
 
 def run(main):
-    """Run a script's main(); a UserError ends it with one clear line and exit code 2."""
+    """Run a script's main(); a UserError ends it with one clear line and exit code 2, and so does an OSError
+    (read-only or full disk, a file that vanished): the user can fix those, a traceback does not help them."""
+    def terminated(signum, frame):  # SIGTERM (e.g. pipeline.py stopping): unwind, so temp files are removed
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def resolve_device(device: str) -> str:
@@ -138,26 +158,96 @@ def finite_json(obj):
     return obj
 
 
-def write_json(path, obj):
-    """Write strict JSON atomically (temp file in the same folder, then rename); non-finite floats become null."""
+def atomic_write(path, write):
+    """Create `path` atomically: write(tmp) fills a file that already has the final name, in a fresh temporary
+    folder beside `path`, which is then renamed into place. The final name matters: torch.save names the archive's
+    inner folder after the file, so a random temp name would make identical tensors give different bytes. The file
+    gets the usual mode (0666 minus umask, i.e. 0644), not mkstemp's 0600. The temp folder never outlives the
+    call, also when write() fails (e.g. disk full). An OSError becomes a UserError naming the path.
+    (torch_save serialises in memory first, so for it the name matters less; JSON and tokenizer files use this
+    directly.)"""
     path = Path(path)
-    text = json.dumps(finite_json(obj), indent=2, allow_nan=False)  # before the temp file: nothing left on error
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    tmp_dir = None
+    try:
+        tmp_dir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_dir) / path.name
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_json(path, obj):
+    """Write strict JSON atomically (see atomic_write); non-finite floats become null."""
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n"  # before any file: nothing left on error
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def torch_save(path, obj):
+    """torch.save atomically; the same tensors give the same bytes. Serialised in memory first: the archive's inner
+    folder is then always "archive" (not the file's name), and a full disk is a plain OSError from write() instead
+    of torch's RuntimeError from deep inside its zip writer."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON line per log step, flushed as written so a crashed run keeps its history."""
+    """metrics.jsonl: one JSON line per log step, flushed as written so a crashed run keeps its history.
+    keep_rows: continue a resumed run's log, dropping the lines written after its resume checkpoint."""
 
-    def __init__(self, path):
-        self.f = open(path, "w")
+    def __init__(self, path, keep_rows: int = None):
+        self.rows = 0
+        if keep_rows is not None and Path(path).is_file():
+            lines = Path(path).read_text().splitlines(keepends=True)[:keep_rows]
+            Path(path).write_text("".join(lines))
+            self.rows = len(lines)
+        self.f = open(path, "a" if keep_rows is not None else "w")
 
     def write(self, row: dict):
         row = finite_json({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
         self.f.write(json.dumps(row, allow_nan=False) + "\n")
         self.f.flush()
+        self.rows += 1
 
     def close(self):
         self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------- progress output
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe, CI) no carriage-return frames but one plain line per
+    log step, written by log(). Scripts call log() at their log steps either way."""
+
+    def __init__(self, iterable, desc: str, total: int = None, **kw):
+        self.desc = desc
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(iterable, desc=desc, total=self.total, dynamic_ncols=True, disable=not self.tty, **kw)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def log(self, step: int, **values):
+        """Show the latest values: in the bar on a terminal, else as one printed line."""
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
+        if self.tty:
+            self.bar.set_postfix(**shown)
+        else:
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"{self.desc} {step}{of} | " + " | ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+
+    def write(self, line: str):
+        """A line that should be printed on a terminal as well as in a log."""
+        if self.tty:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+def progress(iterable, desc: str, **kw):
+    """tqdm on a terminal, the bare iterable otherwise (for inner loops with no log line of their own)."""
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=not sys.stderr.isatty(), **kw)
