@@ -119,16 +119,16 @@ def main(argv=None):
 
     # ---- tokenizer and model
     if a.init_from:  # pretrained GPT-2: <|endoftext|> is BOS and EOS, a PAD is added (see minirlhf/hf.py)
-        state, cfg, tok, _ = load_hf_dir(resolve_source(a.init_from, "--init-from"), "--init-from", "policy",
-                                         block_size=a.block_size, dropout=a.dropout)
+        weights, cfg, tok, _ = load_hf_dir(resolve_source(a.init_from, "--init-from"), "--init-from", "policy",
+                                           block_size=a.block_size, dropout=a.dropout)
         model = GPT(cfg)
-        model.load_state_dict(state)
+        model.load_state_dict(weights)
     elif a.init:
         # Build the model with the requested dropout (load_run returns the config with dropout 0, the setting of
         # every later stage); setting config.dropout afterwards would not reach the nn.Dropout modules.
-        state, cfg, tok, _ = load_run(a.init, "--init", kind="policy")
+        weights, cfg, tok, _ = load_run(a.init, "--init", kind="policy")
         cfg = dataclasses.replace(cfg, dropout=a.dropout)
-        model = load_state(GPT(cfg), state, f"--init {a.init}")
+        model = load_state(GPT(cfg), weights, f"--init {a.init}")
     else:
         if state is not None:  # the resumed run's own tokenizer (its training data were encoded with it)
             tok = Tokenizer.load(run_.path("tokenizer.json"))
