@@ -54,9 +54,9 @@ class Args:
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the policy for the update passes")
     # rollouts
-    iterations: int = arg(50, "iterations (one rollout batch + its update passes each)")
-    prompts_per_iter: int = arg(16, "prompts per rollout; each is sampled --group-size times")
-    group_size: int = arg(4, "samples per prompt (k >= 2: the baseline comes from the other samples)")
+    iterations: int = arg(80, "iterations (one rollout batch + its update passes each)")
+    prompts_per_iter: int = arg(8, "prompts per rollout; each is sampled --group-size times")
+    group_size: int = arg(8, "samples per prompt (k >= 2: the baseline comes from the other samples)")
     max_new_tokens: int = arg(48, "response budget in tokens")
     temperature: float = arg(1.0, "rollout sampling temperature; log-probs use the same one")
     missing_eos_penalty: float = arg(2.0, "a response without EOS gets score -penalty (normalised RM units) "
@@ -80,7 +80,7 @@ class Args:
     # optimisation
     epochs: int = arg(2, "passes over each rollout batch")
     minibatches: int = arg(2, "minibatches per pass")
-    lr: float = arg(1e-4, "learning rate (linearly annealed to 0)")
+    lr: float = arg(5e-4, "learning rate (linearly annealed to 0)")
     clip: float = arg(0.2, "ratio clip epsilon")
     grad_clip: float = arg(1.0, "gradient norm clip (0 = off)")
     log_interval: int = arg(10, "iterations between console lines (metrics.jsonl gets every iteration)")

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf.checkpoint import load_policy, save_run
+from minirlhf.checkpoint import load_policy, load_scalar, save_run
 from minirlhf.evaluation import best_of_n_kl, best_of_n_select
 from minirlhf.losses import (aggregate_loss, group_advantages, group_ids_from_sizes, grpo_policy_loss,
                              kl_estimator, leave_one_out_mean, score_with_eos_penalty, zero_advantage_share)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
+from minirlhf.rollout import FIRST_RATIO_TOL, check_first_ratio, collect_rollout
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -241,9 +243,41 @@ def tiny_runs(tmp_path_factory):
     return d
 
 
+def test_collect_rollout_texts_gold_and_eos_rule(tiny_runs):
+    """The shared rollout: texts and gold from one host transfer equal the per-row decode; the score is the RM
+    score where the response ended with EOS and -penalty elsewhere; old log-probs match the sampling ones."""
+    policy, tok, _ = load_policy(tiny_runs / "sft")
+    rm, _, _ = load_scalar(tiny_runs / "rm")
+    task = get_task("reviews")
+    prompts = task.sample_prompts("train", 6, seed=0)
+    ids = [tok.encode(p) for p in prompts]
+    ro = collect_rollout(policy, policy, rm, tok, ids, prompts, 8, 1.0, 2.5, torch.Generator().manual_seed(0),
+                         value_model=rm, task=task)
+    assert 0 < ro.has_eos.float().mean() < 1  # both kinds of rows are present
+    for j in range(len(prompts)):
+        n = int(ro.resp_mask[j].sum())
+        toks = ro.resp[j, :n].tolist()
+        assert ro.responses[j] == tok.decode(toks)
+        assert bool(ro.has_eos[j]) == (toks[-1] == tok.eos_id)
+        assert ro.gold[j] == task.gold_reward(prompts[j], tok.decode(toks), toks[-1] == tok.eos_id)
+        assert ro.score[j].item() == (ro.rm_score[j].item() if ro.has_eos[j] else -2.5)
+    torch.testing.assert_close(ro.old_logp, ro.sample_logp, atol=1e-5, rtol=0)
+    assert (ro.ref_logp == ro.old_logp).all()  # reference = policy here
+    assert ro.values is not None and ro.values.shape == ro.resp.shape
+
+
+def test_first_ratio_check_tolerances():
+    assert check_first_ratio(1e-6, "float32", 0) == FIRST_RATIO_TOL["float32"] == 1e-5
+    assert check_first_ratio(0.05, "bfloat16", 0) == FIRST_RATIO_TOL["bfloat16"]
+    for dev, dtype in ((2e-5, "float32"), (0.2, "bfloat16"), (float("nan"), "float32")):
+        with pytest.raises(UserError, match="ratio at the first minibatch"):
+            check_first_ratio(dev, dtype, 3)
+
+
 @pytest.mark.parametrize("flags", [["--baseline", "rloo", "--kl-in", "reward", "--epochs", "2"],
                                    ["--baseline", "grpo", "--scale-by-std", "--loss-agg", "sequence", "--kl-in",
-                                    "loss", "--kl-estimator", "k3"]])
+                                    "loss", "--kl-estimator", "k3"],
+                                   ["--dtype", "bfloat16"]])
 def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     out = tmp_path / "grpo"
     cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
@@ -258,12 +292,13 @@ def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     for row in rows:
         for k in need:
             assert k in row and math.isfinite(row[k]), k
-        assert row["first_ratio_dev"] <= row["first_ratio_tol"] == 1e-5
+        assert row["first_ratio_dev"] <= row["first_ratio_tol"] == FIRST_RATIO_TOL[
+            "bfloat16" if "bfloat16" in flags else "float32"]
     assert 0 < rows[0]["eos_rate"] < 1  # the fixture's policy stops sometimes: groups carry signal
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = reference before the first update
     assert rows[-1]["kl"] != pytest.approx(0.0, abs=1e-4)  # and it moved
     m = json.loads((out / "metrics.json").read_text())
-    for k in ("win_rate_vs_ref", "kl_mean", "gold_mean", "first_ratio_dev"):
+    for k in ("win_rate_vs_ref", "kl_mean", "gold_mean", "first_ratio_dev", "first_ratio_dev_max"):
         assert k in m and math.isfinite(m[k]), k
     _, _, cfg = load_policy(out)
     assert cfg["stage"] == "grpo" and cfg["args"]["group_size"] == 3
@@ -278,7 +313,6 @@ def test_group_size_one_is_a_clear_error(tiny_runs, tmp_path):
 
 def test_evaluate_best_of_n_rows(tiny_runs, tmp_path, monkeypatch, capsys):
     import evaluate
-    from minirlhf.utils import UserError
     out = tmp_path / "eval"
     argv = ["evaluate.py", "--policies", tiny_runs / "sft", "--ref", tiny_runs / "sft", "--out-dir", out,
             "--n-prompts", 6, "--max-new-tokens", 8, "--device", "cpu", "--best-of", 1, 4, "--frontier",
