@@ -206,12 +206,13 @@ def main():
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                       a.grad_clip if a.grad_clip > 0 else float("inf"))
                 opt.step()
-                ratio_valid = st["ratio"][mb_mask.bool()]
+                ratio, valid = st["ratio"], mb_mask.bool()  # masked reductions: boolean indexing would sync
+                ratio_max = ratio.masked_fill(~valid, float("-inf")).max()
                 if epoch == 0 and k == 0:  # nothing updated yet: the ratio must be 1 up to rounding
-                    first_dev = (ratio_valid - 1).abs().max()
+                    first_dev = ((ratio - 1).abs() * valid).max()
                 mb_stats.append(torch.stack([loss.detach(), st["kl_loss"], st["approx_kl"], st["clipfrac"],
-                                             masked_mean(entropy.detach(), mb_mask), ratio_valid.mean(),
-                                             ratio_valid.max(), norm]).float())
+                                             masked_mean(entropy.detach(), mb_mask), masked_mean(ratio, mb_mask),
+                                             ratio_max, norm]).float())
         host = torch.cat([torch.stack(mb_stats).flatten(), first_dev.float()[None]]).tolist()
         dev, n = host.pop(), len(stat_names)
         cols = dict(zip(stat_names, zip(*(host[i:i + n] for i in range(0, len(host), n)))))

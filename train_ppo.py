@@ -200,14 +200,15 @@ def main():
                 pg_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), big)
                 vf_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), big)
                 opt.step()
-                ratio_valid = pg["ratio"][mb_mask.bool()]
+                ratio, valid = pg["ratio"], mb_mask.bool()  # masked reductions: boolean indexing would sync
+                ratio_max = ratio.masked_fill(~valid, float("-inf")).max()
                 if epoch == 0 and k == 0:
                     # Nothing has been updated yet: the ratio must be 1 (same weights, temperature, padding and
                     # positions as the rollout), up to the dtype's rounding. Checked after the loop (no sync here).
-                    first_dev = (ratio_valid - 1).abs().max()
+                    first_dev = ((ratio - 1).abs() * valid).max()
                 mb_stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg["approx_kl"], pg["clipfrac"],
                                              vf_clipfrac, masked_mean(entropy.detach(), mb_mask),
-                                             ratio_valid.mean(), ratio_valid.max(), pg_norm, vf_norm]).float())
+                                             masked_mean(ratio, mb_mask), ratio_max, pg_norm, vf_norm]).float())
                 epoch_kl.append(pg["approx_kl"])
             if a.approx_kl_stop > 0 and torch.stack(epoch_kl).mean().item() > a.approx_kl_stop:
                 break  # the policy moved too far from the one that collected the data
