@@ -213,7 +213,7 @@ def write_plot(report, path):
     ax.set_ylabel("gold reward")
     ax.set_title("gold reward vs KL to the reference")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
