@@ -154,7 +154,8 @@ def write_markdown(report, path):
         md.append("")
     md.append(f"Plot: `{report['plot']}`" if report["plot"] else
               "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
-              "only.")
+              "only." if report["gold"] else "No plot: it shows gold reward against KL, and these prompts have no "
+              "gold reward.")
     md += ["", "## Samples", ""]
     for name, m in report["policies"].items():
         md.append(f"**{name}**")
@@ -187,6 +188,8 @@ def write_plot(report, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return False
+    if not report["gold"]:  # the plot is gold vs KL: nothing to draw on user prompts
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     if report.get("frontier"):
@@ -342,7 +345,7 @@ def main():
     if report["gold"]:
         print("gold = hidden true reward (± s.e.); KL in nats vs the reference; win = paired gold win rate vs the "
               "reference, ties half")
-    if report["plot"] is None:
+    if report["plot"] is None and report["gold"]:
         print("(matplotlib not installed: no report.png, text report only)")
     print(f"wrote {out}/report.json, report.md{', report.png' if report['plot'] else ''} "
           f"({report['seconds']:.0f}s)")
