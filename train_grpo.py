@@ -1,8 +1,9 @@
 """Stage 3 without a critic: GRPO, RLOO and Dr. GRPO against the learned reward model.
 
-    python train_grpo.py                                            # --policy out/sft --reward out/rm -> out/grpo
-    python train_grpo.py --baseline grpo --loss-agg sequence --kl-in loss --kl-estimator k3 --kl-coef 0.04  # GRPO
-    python train_grpo.py --baseline grpo --no-scale-by-std --loss-agg constant                              # Dr. GRPO
+    python train_grpo.py                  # RLOO, the default: --policy out/sft --reward out/rm -> out/grpo
+    # GRPO as published, then Dr. GRPO (GRPO without the std division and without the 1/|o_i|):
+    python train_grpo.py --baseline grpo --scale-by-std --loss-agg sequence --kl-in loss --kl-coef 0.04
+    python train_grpo.py --baseline grpo --no-scale-by-std --loss-agg constant --kl-in loss --kl-coef 0.04
 
 PPO learns a value model to tell a good token from a bad one. The group methods drop it: each prompt gets k
 samples ("a group"), and a sample's advantage is its sequence reward compared with the rest of its group; every
@@ -12,7 +13,8 @@ token of the sample gets that one number. Which flags are which paper's:
     Dr. GRPO  (Liu et al. 2025, 2503.20783)   GRPO with --no-scale-by-std and --loss-agg constant: no std division
               (it over-weights groups whose scores barely differ) and no 1/|o_i| (it favours long bad answers)
     RLOO      (Ahmadian et al. 2024, 2402.14740)  --baseline rloo --kl-in reward (the KL penalty summed into the
-              sequence reward, as PPO does), usually one update epoch
+              sequence reward, as PPO does); the default here, with 2 epochs x 2 minibatches (see the README for
+              the measurements behind the defaults)
 Each iteration:
   rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, the same code as PPO's): old and
                      reference log-probs, the RM score at EOS (-penalty without EOS), gold logged only
