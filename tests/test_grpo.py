@@ -297,6 +297,11 @@ def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     assert 0 < rows[0]["eos_rate"] < 1  # the fixture's policy stops sometimes: groups carry signal
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = reference before the first update
     assert rows[-1]["kl"] != pytest.approx(0.0, abs=1e-4)  # and it moved
+    if "loss" in flags:  # the KL is a loss term (k3 > 0 once the policy moved), not part of the sequence reward
+        assert rows[-1]["kl_loss"] > 0 and rows[-1]["reward_mean"] == rows[-1]["score_mean"]
+    else:  # the KL is in the reward: reward = score - beta * KL, and no loss term
+        assert all(r["kl_loss"] == 0 for r in rows)
+        assert rows[-1]["reward_mean"] == pytest.approx(rows[-1]["score_mean"] - 0.07 * rows[-1]["kl"], abs=1e-4)
     m = json.loads((out / "metrics.json").read_text())
     for k in ("win_rate_vs_ref", "kl_mean", "gold_mean", "first_ratio_dev", "first_ratio_dev_max"):
         assert k in m and math.isfinite(m[k]), k
