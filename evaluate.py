@@ -9,6 +9,8 @@ mean +- standard error, KL(pi || pi_ref) (sequence level, on the policy's own sa
 (paired by prompt under the gold reward, ties half), EOS rate, mean length, distinct-2, the RM score with
 --reward, and a few samples. --frontier adds the best gold reward any policy can reach at each KL (pi* =
 pi_ref exp(g/beta)/Z, Ziegler et al. 2019) and the share of that optimum each policy reaches at its own KL.
+--best-of 4 16 64 adds rows bon-4, bon-16, bon-64: the reference's best of n samples under the RM (--reward), at
+the closed-form KL log n - (n - 1)/n, an upper bound on the true KL (Beirami et al. 2024).
 Writes report.json, report.md and (when matplotlib is installed) report.png into --out-dir; see
 minirlhf/evaluation.py for the estimators.
 
@@ -20,6 +22,7 @@ report.json keys:
                     ref_gold_mean with the paired s.e. of the per-prompt differences)
                     + {rm_mean, rm_sem, rm_win_rate, rm_win_rate_sem} with --reward
                     + {frontier_gold, frontier_extrapolated, frac_optimal} with --frontier
+    policies.bon-<n>  the same keys (run_dir null) + {best_of, kl_is_bound: true}   with --best-of
     (no gold_* / win_rate / frontier keys on user prompts, which have no gold reward)
     frontier [{beta, kl, gold, ess, ess_min}], frontier_dropped [same], frontier_info {ref_gold, kl_cap,
     n_prompts, samples_per_prompt, min_ess}     with --frontier
@@ -36,7 +39,8 @@ import torch
 
 from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
 from minirlhf.data import read_jsonl
-from minirlhf.evaluation import estimate_frontier, fraction_of_optimal, policy_metrics, sample_policy
+from minirlhf.evaluation import (best_of_n_metrics, estimate_frontier, fraction_of_optimal, policy_metrics,
+                                 sample_policy)
 from minirlhf.tasks import get_task
 from minirlhf.runs import Run
 from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, resolve_device,
@@ -66,6 +70,11 @@ class Args:
     frontier_samples: int = arg(1024, "reference samples per frontier prompt (the frontier reaches KL < log of it)")
     betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)")
     min_ess: float = arg(10.0, "drop frontier points whose mean effective sample size per prompt is below this")
+    # best-of-n
+    best_of: list[int] = arg([], "best-of-n rows (e.g. 4 16 64): per prompt, the reference's sample with the "
+                                 "highest RM score among n (needs --reward); KL = log n - (n-1)/n, an upper bound")
+    missing_eos_penalty: float = arg(2.0, "best-of-n: a sample without EOS scores -penalty under the RM (as in "
+                                          "PPO / GRPO training)")
 
 
 def fmt_pm(mean, sem, digits=3):
@@ -83,7 +92,7 @@ def table_rows(report):
         r = [name]
         if gold:
             r.append(fmt_pm(m["gold_mean"], m["gold_sem"]))
-        r.append(f"{m['kl_mean']:.2f} ± {m['kl_sem']:.2f}")
+        r.append(f"≤ {m['kl_mean']:.2f}" if m.get("kl_is_bound") else f"{m['kl_mean']:.2f} ± {m['kl_sem']:.2f}")
         if gold:
             r.append(f"{m['win_rate']:.3f} ± {m['win_rate_sem']:.3f}")
         if rm:
@@ -121,7 +130,11 @@ def write_markdown(report, path):
           "while gold falls is reward hacking (Gao et al. 2022)." if any("rm_mean" in m for m in
                                                                          report["policies"].values()) else None,
           "- **EOS**: share of responses that stopped within the budget; **distinct-2**: distinct word bigrams / "
-          "all bigrams (low = the policy repeats itself).", ""]
+          "all bigrams (low = the policy repeats itself).",
+          "- **bon-n**: best-of-n, the reference's sample with the highest RM score among n per prompt. Its KL is the "
+          "closed form log n − (n − 1)/n (Stiennon et al. 2020), an upper bound on the true KL (Beirami et al. "
+          "2024, 2401.01879); its % of optimal is therefore measured at a KL at least as large as its own." if
+          any(m.get("kl_is_bound") for m in report["policies"].values()) else None, ""]
     if report.get("frontier_info"):
         fi = report["frontier_info"]
         md += ["## Optimal reward-KL frontier\n",
@@ -144,9 +157,10 @@ def write_markdown(report, path):
                           f"the optimum at that KL {'is at most' if m['frontier_extrapolated'] else 'is'} "
                           f"{m['frontier_gold'] - fi['ref_gold']:+.3f}")
         md.append("")
-    md.append(f"Plot: `{report['plot']}`" if report["plot"] else "No plot: no gold reward on user prompts." if
-              not report["gold"] else "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
-              "only.")
+    md.append(f"Plot: `{report['plot']}`" if report["plot"] else
+              "No plot: matplotlib is not installed (`pip install matplotlib` for report.png); the report is text "
+              "only." if report["gold"] else "No plot: it shows gold reward against KL, and these prompts have no "
+              "gold reward.")
     md += ["", "## Samples", ""]
     for name, m in report["policies"].items():
         md.append(f"**{name}**")
@@ -183,14 +197,23 @@ def write_plot(report, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    if not report["gold"]:  # the plot is gold vs KL: nothing to draw on user prompts
+        return False
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     if report.get("frontier"):
         fi = report["frontier_info"]
         ax.plot([0.0] + [p["kl"] for p in report["frontier"]], [fi["ref_gold"]] + [p["gold"] for p in
                                                                                   report["frontier"]],
                 "k-", lw=1.5, label=f"optimal π* (estimated, KL < {fi['kl_cap']:.1f})")
+    bon = [m for m in report["policies"].values() if m.get("kl_is_bound")]
+    if bon:  # best-of-n: one curve, at its KL upper bound
+        ax.errorbar([m["kl_mean"] for m in bon], [m["gold_mean"] for m in bon], yerr=[m["gold_sem"] for m in bon],
+                    fmt="s--", capsize=3, color="0.45", label="best-of-n (RM), KL bound")
+        for m in bon:
+            ax.annotate(f"n={m['best_of']}", (m["kl_mean"], m["gold_mean"]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
     for name, m in report["policies"].items():
-        if "gold_mean" not in m:  # user prompts: no gold reward to draw
+        if m.get("kl_is_bound") or "gold_mean" not in m:  # best-of-n is drawn above; user prompts have no gold
             continue
         point = ax.errorbar(m["kl_mean"], m["gold_mean"], xerr=m["kl_sem"], yerr=m["gold_sem"], fmt="o",
                             capsize=3, label=name)
@@ -244,6 +267,8 @@ def validate(a: Args):
     check(all(b > 0 for b in a.betas), f"--betas {' '.join(map(str, a.betas))}: must all be > 0")
     check(not (a.frontier and a.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
                                           "--prompts data")
+    check(not (a.best_of and not a.reward), "--best-of needs --reward (the reward model picks the best of n samples)")
+    check(all(n >= 1 for n in a.best_of), "--best-of: every n must be >= 1")
 
 
 def main(argv=None):
@@ -287,6 +312,20 @@ def main(argv=None):
         m["samples"] = [{k: s[k] for k in keep if k in s} for s in samples[:a.n_show]]
         report["policies"][name] = {"run_dir": run_dir, **m}
         print(f"  {name}: {time.time() - t:.1f}s")
+
+    if a.best_of:  # max(n) reference samples per prompt, drawn once; each n takes the first n of them
+        t = time.time()
+        bon = best_of_n_metrics(ref, rm, tok, prompts, sorted(set(a.best_of)), ref_samples, a.max_new_tokens, task,
+                                a.missing_eos_penalty, seed=a.seed + 3, device=device, dtype=dtype,
+                                batch_size=max(a.batch_size, 512))
+        for n, m in bon.items():
+            if "win_rate_vs_ref" in m:
+                m["win_rate"] = m.pop("win_rate_vs_ref")
+            keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
+            m["samples"] = [{k: s[k] for k in keep if k in s} for s in m["samples"][:a.n_show]]
+            report["policies"][f"bon-{n}"] = {"run_dir": None, **m}
+        print(f"  best-of-{max(a.best_of)} samples for {len(prompts)} prompts (bon-{', bon-'.join(map(str, bon))}): "
+              f"{time.time() - t:.1f}s")
 
     if a.frontier:
         t = time.time()

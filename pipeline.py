@@ -1,4 +1,4 @@
-"""The whole RLHF pipeline in one command: SFT -> reward model -> PPO and DPO -> evaluation, into out/.
+"""The whole RLHF pipeline in one command: SFT -> reward model -> PPO, GRPO and DPO -> evaluation, into out/.
 
     bash pipeline.sh                      # same as python pipeline.py; CPU-sized defaults, <= 15 min on 2 cores
     bash pipeline.sh --device cuda        # any other flag is passed to every stage (--dtype, --seed, --compile, ...)
@@ -9,8 +9,10 @@
     out/sft   train_sft.py  --out-dir out/sft
     out/rm    train_rm.py   --sft out/sft --out-dir out/rm              (also writes out/rm/prefs.jsonl)
     out/ppo   train_ppo.py  --policy out/sft --reward out/rm --out-dir out/ppo
+    out/grpo  train_grpo.py --policy out/sft --reward out/rm --out-dir out/grpo
     out/dpo   train_dpo.py  --policy out/sft --prefs out/rm/prefs.jsonl --out-dir out/dpo
-    out/eval  evaluate.py   --policies out/sft out/ppo out/dpo --ref out/sft --reward out/rm --frontier
+    out/eval  evaluate.py   --policies out/sft out/ppo out/grpo out/dpo --ref out/sft --reward out/rm --frontier
+                            --best-of 4 16 64
 
 A stage is skipped (with a message) when it finished before (its metrics.json / report.json exists), the args in
 its config.json equal the ones this command would give it (paths compared resolved, so the same run started from
@@ -42,17 +44,20 @@ PATH_ARGS = ("out_dir", "sft", "policy", "reward", "prefs", "policies", "ref", "
 
 def stages(root: Path, init_from: str = None):
     """(name, script, argv, output dir, finished-marker file, names of the stages it reads)."""
-    sft, rm, ppo, dpo, ev = (root / n for n in ("sft", "rm", "ppo", "dpo", "eval"))
+    sft, rm, ppo, grpo, dpo, ev = (root / n for n in ("sft", "rm", "ppo", "grpo", "dpo", "eval"))
     init = ["--init-from", init_from] if init_from else []  # only SFT starts from the pretrained model
     return [
         ("sft", "train_sft.py", ["--out-dir", sft, *init], sft, "metrics.json", []),
         ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm], rm, "metrics.json", ["sft"]),
         ("ppo", "train_ppo.py", ["--policy", sft, "--reward", rm, "--out-dir", ppo], ppo, "metrics.json",
          ["sft", "rm"]),
+        ("grpo", "train_grpo.py", ["--policy", sft, "--reward", rm, "--out-dir", grpo], grpo, "metrics.json",
+         ["sft", "rm"]),
         ("dpo", "train_dpo.py", ["--policy", sft, "--prefs", rm / "prefs.jsonl", "--out-dir", dpo], dpo,
          "metrics.json", ["sft", "rm"]),
-        ("eval", "evaluate.py", ["--policies", sft, ppo, dpo, "--ref", sft, "--reward", rm, "--out-dir", ev,
-                                 "--frontier"], ev, "report.json", ["sft", "rm", "ppo", "dpo"]),
+        ("eval", "evaluate.py", ["--policies", sft, ppo, grpo, dpo, "--ref", sft, "--reward", rm, "--out-dir", ev,
+                                 "--frontier", "--best-of", 4, 16, 64], ev, "report.json",
+         ["sft", "rm", "ppo", "grpo", "dpo"]),
     ]
 
 
@@ -172,9 +177,9 @@ def run_stage(cmd) -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser(description="SFT -> RM -> PPO and DPO -> evaluation. Other flags are passed "
+    parser = argparse.ArgumentParser(description="SFT -> RM -> PPO, GRPO and DPO -> evaluation. Other flags are passed "
                                                  "to every stage.", allow_abbrev=False)
-    parser.add_argument("--out", default="out", help="folder that receives sft/ rm/ ppo/ dpo/ eval/")
+    parser.add_argument("--out", default="out", help="folder that receives sft/ rm/ ppo/ grpo/ dpo/ eval/")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="only print which stages would run, and why")
     parser.add_argument("--init-from", help="pretrained GPT-2 directory or Hub id for train_sft.py (SFT only; the "

@@ -21,14 +21,14 @@ from typing import Optional
 import torch
 
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.data import encode_prompt, left_pad, read_jsonl
+from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation import compare_to_reference
-from minirlhf.generation import generate
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
                              gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten,
-                             ppo_policy_loss, ppo_value_loss, score_with_eos_penalty)
+                             ppo_policy_loss, ppo_value_loss)
+from minirlhf.rollout import check_first_ratio, collect_rollout
 from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
-from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
+from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, response_values
 from minirlhf.tasks import get_task
 from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, autocast, check, check_flags,
                             parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
@@ -45,7 +45,7 @@ class Args:
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
-    compile: bool = arg(False, "torch.compile the policy and value model for the update passes")
+    compile: bool = arg(False, "torch.compile the policy and value model for the update passes, and the rollouts' decode step")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
     save_interval: int = arg(10, "iterations between resume checkpoints in <out-dir>.partial (0 = none)")
     # rollouts
@@ -146,8 +146,10 @@ def main(argv=None):
         else FixedKLController(a.kl_coef)
 
     out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
+    banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    t0, first_ratio_dev, start = time.time(), None, 0
+    t0, start = time.time(), 0
+    first_ratio_dev, first_ratio_max = None, 0.0  # of the first iteration; the largest over all
     if state is not None:
         policy.load_state_dict(state["policy"])
         value_model.load_state_dict(state["value_model"])
@@ -155,6 +157,7 @@ def main(argv=None):
         set_rng_state(state["rng"], [gen])
         vars(kl_ctl).update(state["kl_ctl"])
         start, first_ratio_dev = state["step"], state["first_ratio_dev"]
+        first_ratio_max = state["first_ratio_max"]
         t0 -= state["elapsed_s"]
     log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
     finite = FiniteCheck("train_ppo.py", unit="iteration")
@@ -167,67 +170,58 @@ def main(argv=None):
 
         # ================================================================ rollout (no gradients)
         t_roll = time.time()
-        batch_prompts = prompt_ids[it * a.batch_size:(it + 1) * a.batch_size]
-        batch_texts = texts[it * a.batch_size:(it + 1) * a.batch_size]
-        p_ids, p_mask = left_pad(batch_prompts, tok.pad_id, device)  # (B, P)
-        with torch.no_grad(), autocast(device, dtype):
-            resp, resp_mask, sample_logp = generate(policy, p_ids, p_mask, a.max_new_tokens, tok.eos_id, tok.pad_id,
-                                                    a.temperature, generator=gen)  # (B, R) each
-            mask = resp_mask.float()
-            # Old log-probs from a fresh full-sequence forward at the sampling temperature, exactly as the update
-            # computes them, so the first ratio is 1 up to float noise; sample_logp (KV-cache path) only checks it.
-            old_logp = response_logprobs(policy, p_ids, p_mask, resp, resp_mask, a.temperature)  # (B, R)
-            ref_logp = response_logprobs(ref, p_ids, p_mask, resp, resp_mask, a.temperature)  # (B, R)
-            old_values = response_values(value_model, p_ids, p_mask, resp, resp_mask)  # (B, R)
-            rm_score = reward_at_eos(reward_model, p_ids, p_mask, resp, resp_mask)  # (B,)
+        sl = slice(it * a.batch_size, (it + 1) * a.batch_size)
+        ro = collect_rollout(policy, ref, reward_model, tok, prompt_ids[sl], texts[sl], a.max_new_tokens,
+                             a.temperature, a.missing_eos_penalty, gen, device, dtype, value_model=value_model,
+                             task=task, compile=a.compile)
+        p_ids, p_mask, resp, resp_mask, mask = ro.prompt_ids, ro.prompt_mask, ro.resp, ro.resp_mask, ro.mask
+        old_logp, old_values = ro.old_logp, ro.values  # (B, R) each
         B = resp.size(0)
-        last = last_index(resp_mask)  # (B,)
-        has_eos = (resp[torch.arange(B, device=device), last] == tok.eos_id) & (resp_mask.sum(1) > 0)
-        # EOS trick (N+ details; lm-human-preferences): a response cut off by the budget is not a finished answer
-        # and the RM never saw such text, so its score is replaced by a fixed -penalty in normalised RM units
-        # (instead of added to an unreliable score). -2 sits below ~98% of SFT samples' scores.
-        score = score_with_eos_penalty(rm_score, has_eos, a.missing_eos_penalty)
-        rewards, kl, non_score = kl_shaped_rewards(score, old_logp, ref_logp, mask, beta)  # (B, R) each
+
+        # ================================================================ advantages
+        rewards, kl, non_score = kl_shaped_rewards(ro.score, old_logp, ro.ref_logp, mask, beta)  # (B, R) each
         if a.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae_advantages(rewards, old_values, mask, a.gamma, a.lam)  # (B, R) each
         advantages = masked_whiten(advantages, mask)
         seq_kl = kl.sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref) per sequence
+        # rollout statistics as tensors, moved to the host in one transfer
+        roll = {"rm_score_mean": ro.rm_score.mean(), "rm_score_std": ro.rm_score.std(),
+                "score_mean": ro.score.mean(), "kl": seq_kl.mean(), "non_score_reward": non_score.sum(1).mean(),
+                "total_reward": (ro.score + non_score.sum(1)).mean(), "resp_len": ro.lengths.float().mean(),
+                "eos_rate": ro.has_eos.float().mean(),
+                "explained_var": explained_variance(old_values, returns, mask),
+                "value_mean": masked_mean(old_values, mask),
+                # per-token rewards as trained on (after --whiten-rewards): mean and std over valid tokens
+                "reward_mean": masked_mean(rewards, mask), "reward_std": masked_var(rewards, mask).sqrt(),
+                "sample_logp_diff": ((ro.sample_logp - old_logp) * mask).abs().max()}
         row = {"iter": it, "episodes": (it + 1) * B, "beta": beta,
-               "rm_score_mean": rm_score.mean().item(), "rm_score_std": rm_score.std().item(),
-               "score_mean": score.mean().item(), "kl": seq_kl.mean().item(),
-               "non_score_reward": non_score.sum(1).mean().item(),
-               "total_reward": (score + non_score.sum(1)).mean().item(),
-               # per-token rewards as trained on (after --whiten-rewards): mean and std over valid tokens
-               "reward_mean": masked_mean(rewards, mask).item(),
-               "reward_std": masked_var(rewards, mask).sqrt().item(),
-               "resp_len": resp_mask.sum(1).float().mean().item(), "eos_rate": has_eos.float().mean().item(),
-               "explained_var": explained_variance(old_values, returns, mask).item(),
-               "value_mean": masked_mean(old_values, mask).item(),
-               "sample_logp_diff": ((sample_logp - old_logp) * mask).abs().max().item()}
-        if task is not None:  # gold reward: logged to expose reward hacking, never trained on
-            gold = []
-            for j in range(B):
-                toks = resp[j, :int(resp_mask[j].sum())].tolist()
-                gold.append(task.gold_reward(batch_texts[j], tok.decode(toks), bool(has_eos[j])))
-            row["gold_mean"] = sum(gold) / B
+               **dict(zip(roll, torch.stack([v.float() for v in roll.values()]).tolist()))}
+        if ro.gold is not None:  # gold reward: logged to expose reward hacking, never trained on
+            row["gold_mean"] = sum(ro.gold) / B
         row["rollout_s"] = time.time() - t_roll
 
         # ================================================================ PPO update
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy",
-                                 "ratio_mean", "ratio_max", "pg_grad_norm", "vf_grad_norm")}
+        # Per-minibatch statistics stay on the device as one (n_stats,) tensor each; a single .tolist() per
+        # iteration moves them to the host (an .item() per statistic stalls a GPU ~10 times per minibatch).
+        # A non-finite loss is caught by the non-finite-diagnostics check below (pg_loss / vf_loss turn NaN).
+        stat_names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "entropy", "ratio_mean",
+                      "ratio_max", "pg_grad_norm", "vf_grad_norm")
+        mb_stats, first_dev = [], None
+        lengths = ro.lengths.tolist()  # host copy: trimming a minibatch's padding columns then needs no sync
         mb_size = B // a.minibatches
         for epoch in range(a.ppo_epochs):
             perm = torch.randperm(B, generator=gen, device=device) if device == "cpu" else \
                 torch.randperm(B, device=device)
+            perm_host = perm.tolist()  # one sync per epoch
             epoch_kl = []
             for k in range(a.minibatches):
                 idx = perm[k * mb_size:(k + 1) * mb_size]
-                R = int(resp_mask[idx].sum(1).max())  # trim trailing all-padding columns of this minibatch
+                R = max(lengths[i] for i in perm_host[k * mb_size:(k + 1) * mb_size])  # trim trailing padding
                 mb_resp, mb_rmask, mb_mask = resp[idx, :R], resp_mask[idx, :R], mask[idx, :R]
                 with autocast(device, dtype):
                     logp, entropy = response_logprobs(train_policy, p_ids[idx], p_mask[idx], mb_resp, mb_rmask,
-                                                      a.temperature, with_entropy=True)  # (mb, R) each
+                                                      a.temperature, with_entropy=True, banned=banned)  # (mb, R) each
                     values = response_values(train_value, p_ids[idx], p_mask[idx], mb_resp, mb_rmask)  # (mb, R)
                 pg_loss, pg = ppo_policy_loss(logp, old_logp[idx, :R], advantages[idx, :R], mb_mask, a.clip)
                 vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[idx, :R], returns[idx, :R], mb_mask,
@@ -236,8 +230,7 @@ def main(argv=None):
                 # model only; a weight on vf_loss would only rescale the value gradients, which Adam's per-parameter
                 # normalisation (and the per-model clip) undo: --value-lr is the value model's knob.
                 loss = pg_loss + vf_loss
-                finite.watch(it, pg_loss=pg_loss, vf_loss=vf_loss)
-                finite.check()  # the stats below sync every minibatch anyway; stop before a NaN step is taken
+                finite.watch(it, pg_loss=pg_loss, vf_loss=vf_loss)  # checked once per iteration, before logging
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 big = a.grad_clip if a.grad_clip > 0 else float("inf")
@@ -245,27 +238,25 @@ def main(argv=None):
                 vf_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), big)
                 finite.watch(it, pg_grad_norm=pg_norm, vf_grad_norm=vf_norm)
                 opt.step()
-                ratio_valid = pg["ratio"][mb_mask.bool()]
+                ratio, valid = pg["ratio"], mb_mask.bool()  # masked reductions: boolean indexing would sync
+                ratio_max = ratio.masked_fill(~valid, float("-inf")).max()
                 if epoch == 0 and k == 0:
-                    # Nothing has been updated yet: the ratio must be exactly 1 (same weights, temperature,
-                    # padding and positions as the rollout). A mismatch here means biased PPO, not noise.
-                    dev = (ratio_valid - 1).abs().max().item()
-                    row["first_ratio_dev"] = dev
-                    if first_ratio_dev is None:
-                        first_ratio_dev = dev
-                        if dtype == "float32" and dev > 1e-5:
-                            raise RuntimeError(f"first-minibatch ratio deviates from 1 by {dev:.2e}: rollout and "
-                                               "training log-probs disagree")
-                for key, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approx_kl", pg["approx_kl"]),
-                               ("clipfrac", pg["clipfrac"]), ("vf_clipfrac", vf_clipfrac),
-                               ("entropy", masked_mean(entropy.detach(), mb_mask)),
-                               ("ratio_mean", ratio_valid.mean()), ("ratio_max", ratio_valid.max()),
-                               ("pg_grad_norm", pg_norm), ("vf_grad_norm", vf_norm)):
-                    stats[key].append(v.item())
-                epoch_kl.append(pg["approx_kl"].item())
-            if a.approx_kl_stop > 0 and sum(epoch_kl) / len(epoch_kl) > a.approx_kl_stop:
+                    # Nothing has been updated yet: the ratio must be 1 (same weights, temperature, padding and
+                    # positions as the rollout), up to the dtype's rounding. Checked after the loop (no sync here).
+                    first_dev = ((ratio - 1).abs() * valid).max()
+                mb_stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), pg["approx_kl"], pg["clipfrac"],
+                                             vf_clipfrac, masked_mean(entropy.detach(), mb_mask),
+                                             masked_mean(ratio, mb_mask), ratio_max, pg_norm, vf_norm]).float())
+                epoch_kl.append(pg["approx_kl"])
+            if a.approx_kl_stop > 0 and torch.stack(epoch_kl).mean().item() > a.approx_kl_stop:
                 break  # the policy moved too far from the one that collected the data
-        row.update({k: (max(v) if k == "ratio_max" else sum(v) / len(v)) for k, v in stats.items()})
+        host = torch.cat([torch.stack(mb_stats).flatten(), first_dev.float()[None]]).tolist()  # the one transfer
+        dev, n = host.pop(), len(stat_names)
+        cols = dict(zip(stat_names, zip(*(host[i:i + n] for i in range(0, len(host), n)))))  # name -> per-minibatch
+        row.update({k: (max(v) if k == "ratio_max" else sum(v) / len(v)) for k, v in cols.items()})
+        row["first_ratio_dev"], row["first_ratio_tol"] = dev, check_first_ratio(dev, dtype, it)
+        first_ratio_dev = dev if first_ratio_dev is None else first_ratio_dev
+        first_ratio_max = max(first_ratio_max, dev)
         row["epochs_done"] = epoch + 1
         kl_ctl.update(row["kl"], B)
         row["elapsed_s"] = time.time() - t0
@@ -284,14 +275,17 @@ def main(argv=None):
             run_.save_resume({"step": it + 1, "unit": "iteration", "policy": policy.state_dict(),
                               "value_model": value_model.state_dict(), "optimizer": opt.state_dict(),
                               "rng": rng_state([gen]), "kl_ctl": vars(kl_ctl), "first_ratio_dev": first_ratio_dev,
-                              "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [policy, value_model])
+                              "first_ratio_max": first_ratio_max, "log_rows": log.rows,
+                              "elapsed_s": time.time() - t0}, finite, [policy, value_model])
     log.close()
     train_seconds = time.time() - t0
     save_run(out, policy, tok, a, kind="policy", stage="ppo")
 
     # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1)
-    metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev, "final_beta": kl_ctl.value,
-               "kl_horizon": kl_horizon, "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
+    metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev,
+               "first_ratio_dev_max": first_ratio_max, "first_ratio_tol": RATIO_TOLERANCE[dtype],
+               "final_beta": kl_ctl.value, "kl_horizon": kl_horizon, "final_rm_score_mean": row["rm_score_mean"],
+               "final_train_kl": row["kl"]}
     if task is not None:
         test_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed)
         cmp, samples = compare_to_reference(policy, ref, tok, task, test_prompts, a.max_new_tokens, seed=a.seed,

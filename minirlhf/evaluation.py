@@ -25,6 +25,7 @@ import torch
 
 from .data import encode_prompt, left_pad, length_batches, right_pad
 from .generation import generate
+from .losses import score_with_eos_penalty
 from .scoring import banned_mask, response_logprobs, reward_at_eos
 from .utils import autocast
 
@@ -341,3 +342,58 @@ def estimate_frontier(ref, tok, task, prompts, k: int, max_new_tokens: int, beta
     kept, dropped = frontier_points(gold, betas, min_ess)
     return {"frontier": kept, "dropped": dropped, "ref_gold": gold.mean().item(), "kl_cap": math.log(k),
             "n_prompts": len(prompts), "samples_per_prompt": k, "min_ess": min_ess}
+
+
+# ----------------------------------------------------------------------------------------------- best-of-n
+def best_of_n_kl(n: int) -> float:
+    """KL(pi_bon || pi_ref) <= log n - (n - 1) / n for best-of-n sampling (Stiennon et al. 2020, appendix; Beirami
+    et al. 2024, 2401.01879, prove it is an upper bound, tight when no single response carries much probability)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_select(scores, n: int):
+    """scores (P, N): a score per sample, N samples per prompt. Index (P,) of the best among the first n (first on
+    ties). Taking the first n of one set of N samples gives every n from the same draws (nested, cheap)."""
+    return scores[:, :n].argmax(1)
+
+
+@torch.no_grad()
+def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_tokens: int, task=None,
+                      missing_eos_penalty: float = 2.0, seed: int = 0, batch_size: int = 512, device="cpu",
+                      dtype="float32") -> dict:
+    """Best-of-n of the reference policy under the reward model, for each n in ns: draw max(ns) reference samples
+    per prompt once (temperature 1), score them with the RM (a sample without EOS counts -missing_eos_penalty,
+    the rule PPO and GRPO train with), and keep the best of the first n.
+
+    ref_samples: the reference's paired samples (one per prompt) that every policy's win rate is measured against.
+    Returns {n: metrics} with the keys of policy_metrics: gold_mean/sem, ref_gold_mean/sem and win_rate_vs_ref
+    (with a task), rm_mean/sem and rm_win_rate, kl_mean = the closed-form bound best_of_n_kl(n) (kl_sem 0,
+    kl_is_bound True), eos_rate, mean_len, distinct_2, n_prompts; plus "samples" (the chosen ones)."""
+    N, P = max(ns), len(prompts)
+    kw = dict(batch_size=batch_size, device=device, dtype=dtype)
+    samples = sample_policy(ref, tok, [p for p in prompts for _ in range(N)], max_new_tokens, 1.0, seed=seed, **kw)
+    rm = torch.tensor(reward_model_scores(reward_model, tok, samples, **kw), dtype=torch.float64)
+    eos = torch.tensor([s["eos"] for s in samples])
+    score = score_with_eos_penalty(rm, eos, missing_eos_penalty).view(P, N)
+    ref_rm = reward_model_scores(reward_model, tok, ref_samples, **kw)
+    ref_gold = gold_scores(task, ref_samples) if task is not None else None
+    out = {}
+    for n in ns:
+        pick = best_of_n_select(score, n).tolist()
+        chosen = [dict(samples[i * N + j], rm=float(rm[i * N + j]), kl=best_of_n_kl(n)) for i, j in enumerate(pick)]
+        m = {"n_prompts": P, "best_of": n, "kl_mean": best_of_n_kl(n), "kl_sem": 0.0, "kl_is_bound": True}
+        if task is not None:
+            gold = gold_scores(task, chosen)
+            for s, g in zip(chosen, gold):
+                s["gold"] = g
+            m["gold_mean"], m["gold_sem"] = mean_sem(gold)
+            m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
+            m["win_rate_vs_ref"] = paired_win_rate(gold, ref_gold)
+        m["rm_mean"], m["rm_sem"] = mean_sem([s["rm"] for s in chosen])
+        m["rm_win_rate"] = paired_win_rate([s["rm"] for s in chosen], ref_rm)
+        m["eos_rate"] = sum(s["eos"] for s in chosen) / P
+        m["mean_len"] = sum(s["length"] for s in chosen) / P
+        m["distinct_2"] = distinct_n([s["response"] for s in chosen], 2)
+        m["samples"] = chosen
+        out[n] = m
+    return out

@@ -242,3 +242,162 @@ def preference_loss(kind: str, pi_chosen, pi_rejected, ref_chosen, ref_rejected,
     if kind == "hinge":
         return hinge_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
     raise ValueError(f"unknown preference loss {kind!r} (sigmoid, ipo, hinge)")
+
+
+# ============================================================================ the missing-EOS rule (PPO, GRPO, RLOO)
+
+
+def score_with_eos_penalty(rm_score, has_eos, penalty: float):
+    """The "EOS trick" (lm-human-preferences; N+ details, 2403.17031): a response cut off by the budget is not a
+    finished answer and the RM never saw such text, so its score is *replaced* by a fixed -penalty (normalised RM
+    units) instead of trusting an unreliable score. rm_score (B,) float, has_eos (B,) bool. Returns (B,)."""
+    return torch.where(has_eos, rm_score, torch.full_like(rm_score, -penalty))
+
+
+# ============================================================================ critic-free RL (GRPO, RLOO, Dr. GRPO)
+# k samples ("a group") per prompt; every token of sample i gets the same advantage A_i, computed from the group's
+# sequence scores instead of a learned critic. Groups may be ragged: they are given as a group-id tensor (B,) long
+# (ids 0..G-1, each used) or as a list of group sizes (consecutive samples). References: Shao et al. 2024 (GRPO,
+# DeepSeekMath, 2402.03300), Ahmadian et al. 2024 (RLOO, "Back to Basics", 2402.14740), Kool et al. 2019 (the
+# leave-one-out baseline), Liu et al. 2025 (Dr. GRPO, 2503.20783), Schulman 2020 ("Approximating KL divergence").
+
+
+def group_ids_from_sizes(sizes, device=None):
+    """[2, 3] -> tensor([0, 0, 1, 1, 1]): group ids of consecutive groups of the given sizes."""
+    sizes = torch.as_tensor(sizes, dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+
+
+def _as_group_ids(groups, n: int, device):
+    """A tensor is taken as group ids (B,); a list or tuple as group sizes."""
+    gid = groups.long() if torch.is_tensor(groups) else group_ids_from_sizes(groups)
+    assert gid.numel() == n, f"groups cover {gid.numel()} samples, scores have {n}"
+    return gid.to(device)
+
+
+def group_stats(scores, groups):
+    """Per-sample statistics of its own group: (mean (B,), sample std (B,), group size (B,) float).
+    The std is the sample (Bessel, n-1) standard deviation, as torch.std and TRL's GRPO use; a group of one has std 0.
+    scores (B,) float; groups: group ids (B,) long or a list of sizes."""
+    gid = _as_group_ids(groups, scores.numel(), scores.device)
+    G = int(gid.max()) + 1 if gid.numel() else 0
+    count = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, torch.ones_like(scores))
+    total = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, scores)
+    mean = (total / count.clamp(min=1))[gid]
+    sq = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, (scores - mean) ** 2)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()[gid]
+    return mean, std, count[gid]
+
+
+def leave_one_out_mean(scores, groups):
+    """Mean of the *other* samples of each sample's group, (B,): (sum_group - r_i) / (n - 1) (Kool et al. 2019).
+    Independent of r_i, so r_i minus it is an unbiased advantage estimate. A group of one has no other sample:
+    its baseline is defined as r_i itself (advantage 0 -- nothing to compare with, no update from it)."""
+    mean, _, n = group_stats(scores, groups)
+    loo = (mean * n - scores) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, loo, scores)
+
+
+def group_advantages(scores, groups, baseline: str = "grpo", scale_by_std: bool = True, eps: float = 1e-4):
+    """Per-sample advantage (B,) from the group's scores (apply it to every token of the sample).
+
+        grpo:  A_i = r_i - mean_group           (Shao et al. 2024; the mean includes r_i itself)
+        rloo:  A_i = r_i - mean of the others    (Ahmadian et al. 2024; = k/(k-1) * (r_i - mean_group))
+    scale_by_std divides by (sample std of the group + eps), as GRPO does; Dr. GRPO (Liu et al. 2025) drops it,
+    because it gives groups whose scores barely differ (too easy or too hard prompts) the largest weight.
+    A group whose scores are all equal gets advantage 0 for every sample (whatever the flags): it carries no
+    learning signal ("wasted" samples; see zero_advantage_share). A group of one gets 0 as well."""
+    mean, std, _ = group_stats(scores, groups)
+    if baseline == "grpo":
+        adv = scores - mean
+    elif baseline == "rloo":
+        adv = scores - leave_one_out_mean(scores, groups)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r} (grpo, rloo)")
+    if scale_by_std:
+        adv = adv / (std + eps)
+    return adv
+
+
+def zero_advantage_share(scores, groups, tol: float = 1e-6):
+    """Share of groups whose scores are all equal (max - min <= tol): their advantages are 0, the samples wasted."""
+    gid = _as_group_ids(groups, scores.numel(), scores.device)
+    G = int(gid.max()) + 1
+    hi = torch.full((G,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
+        0, gid, scores, "amax")
+    lo = torch.full((G,), float("inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
+        0, gid, scores, "amin")
+    return ((hi - lo) <= tol).float().mean()
+
+
+def kl_estimator(logprobs, ref_logprobs, kind: str = "k3"):
+    """Per-token estimate of KL(pi || pi_ref) from a sample y ~ pi, as a loss term (B, R) (Schulman 2020), with
+    log_r = log pi_ref(y) - log pi(y):
+
+        k1 = -log_r                      value unbiased; expected gradient ZERO (E_pi[grad log pi] = 0): as a loss
+                                         term it does nothing on average -- put k1 in the reward instead
+        k2 = 1/2 log_r^2                 value biased (low variance); expected gradient = grad of the REVERSE
+                                         KL(pi || pi_ref) on-policy (exactly so for one token)
+        k3 = exp(log_r) - log_r - 1      value unbiased and >= 0 (GRPO's choice, beta 0.04); but its expected
+                                         gradient is that of the FORWARD KL(pi_ref || pi), a different (mass-
+                                         covering) penalty
+
+    The gradient meant is the one autograd takes through log pi with the sample held fixed (no score-function
+    term), i.e. how a loss term behaves; tests/test_grpo.py checks all three by exact enumeration."""
+    log_r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r ** 2
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+
+
+def aggregate_loss(per_token, mask, agg: str = "token", constant: float = None):
+    """Reduce a per-token loss (B, R) to a scalar; the three choices weight tokens differently:
+
+        token     sum over all valid tokens / their number: every token counts the same (DAPO; PPO here)
+        sequence  mean over each response's tokens, then over responses: GRPO's 1/|o_i| (Shao et al. 2024, eq. 3),
+                  so a token of a short response weighs more than one of a long response
+        constant  sum over all valid tokens / constant (Dr. GRPO, Liu et al. 2025: e.g. max_new_tokens x
+                  responses); no length bias either way. Default constant: R x B.
+    """
+    mask = mask.to(per_token.dtype)
+    if agg == "token":
+        return masked_mean(per_token, mask)
+    if agg == "sequence":
+        return (masked_mean(per_token, mask, dim=1)).mean()
+    if agg == "constant":
+        c = constant if constant is not None else per_token.numel()
+        return (per_token * mask).sum() / c
+    raise ValueError(f"unknown loss aggregation {agg!r} (token, sequence, constant)")
+
+
+def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2, agg: str = "sequence",
+                     ref_logprobs=None, kl_coef: float = 0.0, kl_kind: str = "k3", constant: float = None):
+    """The clipped surrogate of PPO with a per-sample advantage, plus (optionally) a KL loss term, aggregated by agg:
+
+        l_t = max(-A_i * ratio_t, -A_i * clip(ratio_t, 1 - eps, 1 + eps)) + kl_coef * k(log pi_t, log pi_ref_t)
+
+    (GRPO, Shao et al. 2024, eq. 3, with the KL inside the per-token sum). advantages (B,) or (B, R); logprobs,
+    old_logprobs, ref_logprobs, mask (B, R). With one epoch of one minibatch the ratio is 1 and its gradient is
+    the REINFORCE-with-baseline gradient A_i * grad log pi. Returns (loss, stats): ratio (B, R) and the scalars
+    clipfrac, approx_kl (KL(pi_old || pi), k3 on the old samples) and kl_loss (the aggregated KL term), detached."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    per_token = torch.max(unclipped, clipped)
+    kl_loss = torch.zeros((), device=logprobs.device)
+    if ref_logprobs is not None and kl_coef:
+        kl_tok = kl_estimator(logprobs, ref_logprobs, kl_kind) * mask
+        kl_loss = aggregate_loss(kl_tok, mask, agg, constant)
+        per_token = per_token + kl_coef * kl_tok
+    loss = aggregate_loss(per_token, mask, agg, constant)
+    with torch.no_grad():
+        stats = {"ratio": ratio.detach(), "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask), "kl_loss": kl_loss.detach()}
+    return loss, stats

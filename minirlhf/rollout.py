@@ -1,0 +1,97 @@
+"""One rollout batch for on-policy RL (PPO, GRPO/RLOO): sample, score, and the log-probs the update needs.
+
+Both train_ppo.py and train_grpo.py call collect_rollout, so what "a rollout" means is written once:
+  * responses sampled from the policy at the rollout temperature (KV cache, per-row stop at EOS);
+  * old log-probs from a fresh full-sequence forward at the same temperature -- exactly the computation the update
+    repeats, so the first ratio is 1 up to float noise (the KV-cache log-probs are kept only to check that);
+  * reference log-probs the same way (per-token k1 = old - ref is the KL shaping / KL diagnostic);
+  * values, when a value model is given (PPO's critic; critic-free methods pass none);
+  * the RM score read at the EOS token, and the "EOS trick": a response cut off by the budget gets a fixed
+    -penalty instead (losses.score_with_eos_penalty);
+  * for the built-in task, the gold reward of every sample: logged to expose reward hacking, never trained on.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .data import left_pad
+from .generation import generate
+from .losses import score_with_eos_penalty
+from .scoring import RATIO_TOLERANCE, last_index, response_logprobs, response_values, reward_at_eos
+from .utils import UserError, autocast
+
+# The ratio at the first minibatch of an iteration must be 1 up to rounding (nothing is updated yet; only the batch
+# composition differs from the rollout's full forward): scoring.RATIO_TOLERANCE per dtype (float32 1e-5; bf16
+# autocast 0.05, measured and explained there -- the lm_head is float32, so only the trunk's bf16 rounding remains).
+# With a bf16 lm_head, as before it moved to float32, the worst first minibatch of the default pipeline was 0.030;
+# with it float32 the gap shrank ~30x. The check catches gross mismatches (scoring at T 0.7 instead of 1: 0.37;
+# dropout 0.1 left on: 0.17); float32's 1e-5 catches small ones too (T 0.9), so debug in float32.
+
+
+def check_first_ratio(dev: float, dtype: str, it: int) -> float:
+    """Abort (one line) when the first minibatch's max |ratio - 1| exceeds the dtype's tolerance; returns the
+    tolerance (logged beside the deviation)."""
+    tol = RATIO_TOLERANCE[dtype]
+    if not dev <= tol:  # `not <=` so that NaN fails too
+        raise UserError(f"iteration {it}: the ratio at the first minibatch deviates from 1 by {dev:.2e} (tolerance "
+                        f"{tol:g} for {dtype}): rollout and training log-probs disagree")
+    return tol
+
+
+@dataclass
+class Rollout:
+    """A batch of B sampled responses. Tensors on the policy's device; P = prompt columns, R = response columns."""
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) long
+    resp: torch.Tensor  # (B, R) long, right-padded with PAD
+    resp_mask: torch.Tensor  # (B, R) long, 1 on response tokens (EOS included)
+    mask: torch.Tensor  # (B, R) float, resp_mask as float (what the losses take)
+    sample_logp: torch.Tensor  # (B, R) float32, log-probs from the sampling loop (KV cache): a check only
+    old_logp: torch.Tensor  # (B, R) float32, log pi_old from a full forward at the sampling temperature
+    ref_logp: torch.Tensor  # (B, R) float32, log pi_ref likewise
+    values: Optional[torch.Tensor]  # (B, R) value-model outputs, None without a value model
+    rm_score: torch.Tensor  # (B,) raw RM score at the last response token
+    score: torch.Tensor  # (B,) rm_score, or -missing_eos_penalty where the response has no EOS
+    has_eos: torch.Tensor  # (B,) bool
+    prompts: list  # B prompt strings
+    responses: list  # B decoded responses (EOS not shown)
+    gold: Optional[list]  # B gold rewards (built-in task), else None
+
+    @property
+    def lengths(self):
+        """(B,) long: response tokens per row, EOS included."""
+        return self.resp_mask.sum(1)
+
+
+@torch.no_grad()
+def collect_rollout(policy, ref, reward_model, tok, prompt_ids: list, prompts: list, max_new_tokens: int,
+                    temperature: float, missing_eos_penalty: float, generator: torch.Generator, device="cpu",
+                    dtype="float32", value_model=None, task=None, compile: bool = False) -> Rollout:
+    """Sample one response per entry of prompt_ids (token-id lists; repeat a prompt for a group of samples) and
+    score it. prompts: the matching prompt strings (for the gold reward and the logs). compile: the compiled decode
+    step (generation.generate). Returns a Rollout.
+    PAD, BOS and unused ids are banned in sampling and in both scorings (the one sampling distribution); the
+    update must pass the same `banned` (tok.unsampleable_ids) to response_logprobs, or the first ratio breaks."""
+    p_ids, p_mask = left_pad(prompt_ids, tok.pad_id, device)  # (B, P)
+    banned = tok.unsampleable_ids(policy.config.vocab_size)
+    with autocast(device, dtype):
+        resp, resp_mask, sample_logp = generate(policy, p_ids, p_mask, max_new_tokens, tok.eos_id, tok.pad_id,
+                                                temperature, generator=generator, banned=banned,
+                                                compile=compile)  # (B, R) each
+        old_logp = response_logprobs(policy, p_ids, p_mask, resp, resp_mask, temperature, banned=banned)  # (B, R)
+        ref_logp = response_logprobs(ref, p_ids, p_mask, resp, resp_mask, temperature, banned=banned)  # (B, R)
+        values = None if value_model is None else response_values(value_model, p_ids, p_mask, resp, resp_mask)
+        rm_score = reward_at_eos(reward_model, p_ids, p_mask, resp, resp_mask)  # (B,)
+    B = resp.size(0)
+    last = last_index(resp_mask)  # (B,)
+    has_eos = (resp[torch.arange(B, device=resp.device), last] == tok.eos_id) & (resp_mask.sum(1) > 0)
+    score = score_with_eos_penalty(rm_score, has_eos, missing_eos_penalty)
+    # texts: one device->host transfer for the whole batch, then decode on the host (no per-row sync)
+    lengths, rows, eos = resp_mask.sum(1).tolist(), resp.tolist(), has_eos.tolist()
+    responses = [tok.decode(rows[j][:lengths[j]]) for j in range(B)]
+    gold = None
+    if task is not None:  # gold reward: logged to expose reward hacking, never trained on
+        gold = [task.gold_reward(prompts[j], responses[j], eos[j]) for j in range(B)]
+    return Rollout(p_ids, p_mask, resp, resp_mask, resp_mask.float(), sample_logp, old_logp, ref_logp, values,
+                   rm_score, score, has_eos, list(prompts), responses, gold)

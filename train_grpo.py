@@ -1,0 +1,261 @@
+"""Stage 3 without a critic: GRPO, RLOO and Dr. GRPO against the learned reward model.
+
+    python train_grpo.py                  # RLOO, the default: --policy out/sft --reward out/rm -> out/grpo
+    # GRPO as published, then Dr. GRPO (GRPO without the std division and without the 1/|o_i|):
+    python train_grpo.py --baseline grpo --scale-by-std --loss-agg sequence --kl-in loss --kl-coef 0.04
+    python train_grpo.py --baseline grpo --no-scale-by-std --loss-agg constant --kl-in loss --kl-coef 0.04
+
+PPO learns a value model to tell a good token from a bad one. The group methods drop it: each prompt gets k
+samples ("a group"), and a sample's advantage is its sequence reward compared with the rest of its group; every
+token of the sample gets that one number. Which flags are which paper's:
+    GRPO      (Shao et al. 2024, 2402.03300)  --baseline grpo (scale by the group std) --loss-agg sequence
+              --kl-in loss --kl-estimator k3 (beta 0.04 in the paper)
+    Dr. GRPO  (Liu et al. 2025, 2503.20783)   GRPO with --no-scale-by-std and --loss-agg constant: no std division
+              (it over-weights groups whose scores barely differ) and no 1/|o_i| (it favours long bad answers)
+    RLOO      (Ahmadian et al. 2024, 2402.14740)  --baseline rloo --kl-in reward (the KL penalty summed into the
+              sequence reward, as PPO does); the default here, with 2 epochs x 2 minibatches (see the README for
+              the measurements behind the defaults)
+Each iteration:
+  rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, the same code as PPO's): old and
+                     reference log-probs, the RM score at EOS (-penalty without EOS), gold logged only
+  advantages         r_i = score_i [- beta * sum_t (log pi_old - log pi_ref)]  (--kl-in reward)
+                     A_i = r_i - mean(group) [/ (std(group) + eps)]  or  r_i - mean(others)   (losses.py)
+  update             --epochs x --minibatches passes of the clipped ratio objective (1 x 1 = on-policy REINFORCE
+                     with a baseline: the ratio is 1), + beta * k(log pi, log pi_ref) per token with --kl-in loss
+"""
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
+from minirlhf.data import encode_prompt, read_jsonl
+from minirlhf.evaluation import compare_to_reference
+from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
+from minirlhf.rollout import check_first_ratio, collect_rollout
+from minirlhf.scoring import response_logprobs
+from minirlhf.tasks import get_task
+from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
+                            set_seed, write_json)
+
+
+@dataclass
+class Args:
+    """Critic-free RL (GRPO / RLOO / Dr. GRPO) with group baselines (stage 3 of RLHF)."""
+    policy: str = arg("out/sft", "SFT run directory: the initial policy and the frozen reference")
+    reward: str = arg("out/rm", "reward-model run directory")
+    out_dir: str = arg("out/grpo", "run directory to write")
+    task: str = arg("reviews", "built-in task for prompts and the (logging/evaluation only) gold reward")
+    prompts: Optional[str] = arg(None, "JSONL of {prompt} records to train on instead of the built-in task")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    seed: int = arg(0, "random seed")
+    compile: bool = arg(False, "torch.compile the policy for the update passes and the decode step of the rollouts")
+    # rollouts
+    iterations: int = arg(80, "iterations (one rollout batch + its update passes each)")
+    prompts_per_iter: int = arg(8, "prompts per rollout; each is sampled --group-size times")
+    group_size: int = arg(8, "samples per prompt (k >= 2: the baseline comes from the other samples)")
+    max_new_tokens: int = arg(48, "response budget in tokens")
+    temperature: float = arg(1.0, "rollout sampling temperature; log-probs use the same one")
+    missing_eos_penalty: float = arg(2.0, "a response without EOS gets score -penalty (normalised RM units) "
+                                          "instead of its RM score")
+    # advantages
+    baseline: str = arg("rloo", "grpo: A = r - group mean; rloo: A = r - mean of the other k-1 samples "
+                                "(leave-one-out, unbiased)")
+    scale_by_std: bool = arg(False, "divide A by the group's sample std (n-1) + 1e-4, as GRPO does "
+                                    "(--no-scale-by-std: Dr. GRPO, RLOO)")
+    loss_agg: str = arg("token", "token: mean over all valid tokens; sequence: mean over each response's tokens, "
+                                 "then over responses (GRPO's 1/|o_i|); constant: token sum / (max-new-tokens x "
+                                 "responses) (Dr. GRPO)")
+    # KL to the reference
+    kl_in: str = arg("reward", "reward: -beta * sum_t k1 added to the sequence reward before the baseline (PPO, "
+                               "RLOO); loss: beta * k per token added to the loss (GRPO)")
+    kl_estimator: str = arg("k3", "with --kl-in loss: k1 = log pi/pi_ref (expected gradient 0: useless as a loss); "
+                                  "k2 = 1/2 (log pi/pi_ref)^2 (gradient of the reverse KL(pi||pi_ref)); k3 = "
+                                  "pi_ref/pi - log(pi_ref/pi) - 1 (unbiased value, but the gradient of the forward "
+                                  "KL(pi_ref||pi); GRPO's)")
+    kl_coef: float = arg(0.07, "beta, the KL weight (in reward or loss)")
+    # optimisation
+    epochs: int = arg(2, "passes over each rollout batch")
+    minibatches: int = arg(2, "minibatches per pass")
+    lr: float = arg(5e-4, "learning rate (linearly annealed to 0)")
+    clip: float = arg(0.2, "ratio clip epsilon")
+    grad_clip: float = arg(1.0, "gradient norm clip (0 = off)")
+    log_interval: int = arg(10, "iterations between console lines (metrics.jsonl gets every iteration)")
+    # final evaluation
+    n_eval: int = arg(512, "held-out test prompts for the final paired comparison with the SFT policy")
+
+
+def main():
+    a = parse_args(Args)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    set_seed(a.seed)
+    B = a.prompts_per_iter * a.group_size  # samples per rollout
+    if a.group_size < 2:
+        raise UserError("--group-size must be >= 2: a sample's baseline comes from the other samples of its group")
+    if a.prompts_per_iter < 1 or a.iterations < 1 or a.epochs < 1 or a.minibatches < 1:
+        raise UserError("--prompts-per-iter, --iterations, --epochs and --minibatches must be >= 1")
+    if B % a.minibatches:
+        raise UserError(f"--prompts-per-iter x --group-size = {B} samples must be divisible by --minibatches "
+                        f"{a.minibatches}")
+    if a.temperature <= 0:
+        raise UserError("--temperature must be > 0 (the ratio needs the log-probs of a sampling distribution)")
+    for flag, value, choices in (("--baseline", a.baseline, ("grpo", "rloo")),
+                                 ("--loss-agg", a.loss_agg, ("token", "sequence", "constant")),
+                                 ("--kl-in", a.kl_in, ("reward", "loss")),
+                                 ("--kl-estimator", a.kl_estimator, ("k1", "k2", "k3"))):
+        if value not in choices:
+            raise UserError(f"{flag} {value}: choose one of {', '.join(choices)}")
+
+    # ---- three models: the policy (trained), the frozen reference (SFT copy) and the frozen reward model. No value
+    # model: that is the point. load_run turns dropout off (the first ratio must be 1; TRL #3500).
+    policy, tok, pol_cfg = load_policy(a.policy, "--policy", device)
+    reward_model, _, rm_cfg = load_scalar(a.reward, "--reward", device)
+    check_compatible(("--policy", a.policy, pol_cfg), ("--reward", a.reward, rm_cfg))
+    ref = copy.deepcopy(policy)
+    for m in (ref, reward_model):
+        m.requires_grad_(False)
+    for m in (policy, ref, reward_model):
+        m.eval()
+    print(f"policy {a.policy} ({policy.num_params() / 1e6:.2f}M), reward {a.reward}, device {device} ({dtype}); "
+          f"{a.prompts_per_iter} prompts x {a.group_size} samples per iteration, baseline {a.baseline}"
+          f"{' / std' if a.scale_by_std else ''}, loss-agg {a.loss_agg}, KL in {a.kl_in}"
+          f"{' (' + a.kl_estimator + ')' if a.kl_in == 'loss' else ''}")
+
+    # ---- prompts: each train prompt repeated group_size times in a row (group g = samples g*k .. g*k + k - 1)
+    task = None if a.prompts else get_task(a.task)
+    n_needed = a.iterations * a.prompts_per_iter
+    if a.prompts:
+        recs = read_jsonl(a.prompts, ("prompt",))
+        texts = [recs[i % len(recs)]["prompt"] for i in range(n_needed)]
+        wheres = [recs[i % len(recs)]["_where"] for i in range(n_needed)]
+    else:
+        texts = task.sample_prompts("train", n_needed, seed=a.seed)
+        wheres = ["built-in task prompt"] * n_needed
+    prompt_ids = [encode_prompt(tok, t, policy.config.block_size, w) for t, w in zip(texts, wheres)]
+    group_ids = torch.arange(a.prompts_per_iter, device=device).repeat_interleave(a.group_size)  # (B,)
+
+    # no weight decay (it would pull the policy off the SFT weights the KL anchors it to); eps 1e-5 as for PPO
+    opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.0, eps=1e-5, fused=device.startswith("cuda"))
+    train_policy = torch.compile(policy) if a.compile else policy
+    # Dr. GRPO's constant normaliser: the token budget of the responses in a minibatch (not their actual lengths)
+    mb_size = B // a.minibatches
+    constant = float(a.max_new_tokens * mb_size)
+
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl")
+    banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    t0 = time.time()
+    first_ratio_dev, first_ratio_max = None, 0.0
+    bar = tqdm(range(a.iterations), desc=a.baseline, dynamic_ncols=True)
+    for it in bar:
+        for g in opt.param_groups:  # linear lr annealing
+            g["lr"] = a.lr * (1.0 - it / a.iterations)
+
+        # ================================================================ rollout (no gradients)
+        t_roll = time.time()
+        sl = slice(it * a.prompts_per_iter, (it + 1) * a.prompts_per_iter)
+        ids = [p for p in prompt_ids[sl] for _ in range(a.group_size)]
+        strs = [p for p in texts[sl] for _ in range(a.group_size)]
+        ro = collect_rollout(policy, ref, reward_model, tok, ids, strs, a.max_new_tokens, a.temperature,
+                             a.missing_eos_penalty, gen, device, dtype, task=task, compile=a.compile)
+        mask = ro.mask  # (B, R)
+
+        # ================================================================ group advantages
+        seq_kl = ((ro.old_logp - ro.ref_logp) * mask).sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref)
+        reward = ro.score - a.kl_coef * seq_kl if a.kl_in == "reward" else ro.score  # (B,) sequence reward
+        adv = group_advantages(reward, group_ids, a.baseline, a.scale_by_std)  # (B,), one value per sample
+        roll = {"rm_score_mean": ro.rm_score.mean(), "rm_score_std": ro.rm_score.std(), "score_mean": ro.score.mean(),
+                "kl": seq_kl.mean(), "reward_mean": reward.mean(), "resp_len": ro.lengths.float().mean(),
+                "eos_rate": ro.has_eos.float().mean(), "zero_adv_groups": zero_advantage_share(reward, group_ids),
+                "adv_abs_mean": adv.abs().mean(),
+                "sample_logp_diff": ((ro.sample_logp - ro.old_logp) * mask).abs().max()}
+        row = {"iter": it, "episodes": (it + 1) * B, "beta": a.kl_coef,
+               **dict(zip(roll, torch.stack([v.float() for v in roll.values()]).tolist()))}  # one host transfer
+        if ro.gold is not None:  # gold reward: logged to expose reward hacking, never trained on
+            row["gold_mean"] = sum(ro.gold) / B
+        row["rollout_s"] = time.time() - t_roll
+
+        # ================================================================ update
+        # statistics stay on the device until one .tolist() per iteration (as in train_ppo.py)
+        stat_names = ("loss", "kl_loss", "approx_kl", "clipfrac", "entropy", "ratio_mean", "ratio_max", "grad_norm")
+        mb_stats, first_dev = [], None
+        lengths = ro.lengths.tolist()
+        kl_ref = ro.ref_logp if a.kl_in == "loss" else None
+        for epoch in range(a.epochs):
+            perm = torch.randperm(B, generator=gen, device=device) if device == "cpu" else \
+                torch.randperm(B, device=device)
+            perm_host = perm.tolist()
+            for k in range(a.minibatches):
+                idx = perm[k * mb_size:(k + 1) * mb_size]
+                R = max(lengths[i] for i in perm_host[k * mb_size:(k + 1) * mb_size])  # trim trailing padding
+                mb_mask = mask[idx, :R]
+                with autocast(device, dtype):
+                    logp, entropy = response_logprobs(train_policy, ro.prompt_ids[idx], ro.prompt_mask[idx],
+                                                      ro.resp[idx, :R], ro.resp_mask[idx, :R], a.temperature,
+                                                      with_entropy=True, banned=banned)  # (mb, R) each
+                loss, st = grpo_policy_loss(logp, ro.old_logp[idx, :R], adv[idx], mb_mask, a.clip, a.loss_agg,
+                                            None if kl_ref is None else kl_ref[idx, :R], a.kl_coef, a.kl_estimator,
+                                            constant)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                      a.grad_clip if a.grad_clip > 0 else float("inf"))
+                opt.step()
+                ratio, valid = st["ratio"], mb_mask.bool()  # masked reductions: boolean indexing would sync
+                ratio_max = ratio.masked_fill(~valid, float("-inf")).max()
+                if epoch == 0 and k == 0:  # nothing updated yet: the ratio must be 1 up to rounding
+                    first_dev = ((ratio - 1).abs() * valid).max()
+                mb_stats.append(torch.stack([loss.detach(), st["kl_loss"], st["approx_kl"], st["clipfrac"],
+                                             masked_mean(entropy.detach(), mb_mask), masked_mean(ratio, mb_mask),
+                                             ratio_max, norm]).float())
+        host = torch.cat([torch.stack(mb_stats).flatten(), first_dev.float()[None]]).tolist()
+        dev, n = host.pop(), len(stat_names)
+        cols = dict(zip(stat_names, zip(*(host[i:i + n] for i in range(0, len(host), n)))))
+        row.update({k: (max(v) if k == "ratio_max" else sum(v) / len(v)) for k, v in cols.items()})
+        row["first_ratio_dev"], row["first_ratio_tol"] = dev, check_first_ratio(dev, dtype, it)
+        first_ratio_dev = dev if first_ratio_dev is None else first_ratio_dev
+        first_ratio_max = max(first_ratio_max, dev)
+        row["elapsed_s"] = time.time() - t0
+        bad = [k for k, v in row.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
+        if bad:
+            raise RuntimeError(f"non-finite diagnostics at iteration {it}: {bad}")
+        log.write(row)
+        bar.set_postfix(rm=f"{row['rm_score_mean']:.2f}", kl=f"{row['kl']:.2f}",
+                        gold=f"{row.get('gold_mean', float('nan')):.2f}")
+        if it % a.log_interval == 0 or it == a.iterations - 1:
+            tqdm.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"
+                       f" | kl {row['kl']:.2f} | loss {row['loss']:+.4f} | akl {row['approx_kl']:.4f}"
+                       f" | clip {row['clipfrac']:.3f} | ent {row['entropy']:.2f} | len {row['resp_len']:.1f}"
+                       f" | eos {row['eos_rate']:.2f} | zero-adv groups {row['zero_adv_groups']:.2f}")
+    log.close()
+    train_seconds = time.time() - t0
+    save_run(out, policy, tok, a, kind="policy", stage="grpo")
+
+    # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1), as train_ppo.py
+    metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev,
+               "first_ratio_dev_max": first_ratio_max, "first_ratio_tol": row["first_ratio_tol"],
+               "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
+    if task is not None:
+        test_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed)
+        cmp, samples = compare_to_reference(policy, ref, tok, task, test_prompts, a.max_new_tokens, seed=a.seed,
+                                            device=device, dtype=dtype, reward_model=reward_model)
+        metrics.update(cmp)
+        print("samples (prompt | response):")
+        for s in samples[:5]:
+            print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}  gold {s['gold']:+.2f}")
+    metrics["total_seconds"] = time.time() - t0
+    write_json(out / "metrics.json", metrics)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
+
+
+if __name__ == "__main__":
+    run(main)
