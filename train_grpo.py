@@ -26,21 +26,20 @@ Each iteration:
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
 from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
 from minirlhf.rollout import check_first_ratio, collect_rollout
-from minirlhf.scoring import response_logprobs
+from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
+from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs
 from minirlhf.tasks import get_task
-from minirlhf.utils import (MetricsLog, UserError, arg, autocast, parse_args, resolve_device, resolve_dtype, run,
-                            set_seed, write_json)
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, autocast, check, check_flags,
+                            parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
 
 
 @dataclass
@@ -55,6 +54,8 @@ class Args:
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the policy for the update passes and the decode step of the rollouts")
+    resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
+    save_interval: int = arg(10, "iterations between resume checkpoints in <out-dir>.partial (0 = none)")
     # rollouts
     iterations: int = arg(80, "iterations (one rollout batch + its update passes each)")
     prompts_per_iter: int = arg(8, "prompts per rollout; each is sampled --group-size times")
@@ -90,27 +91,36 @@ class Args:
     n_eval: int = arg(512, "held-out test prompts for the final paired comparison with the SFT policy")
 
 
-def main():
-    a = parse_args(Args)
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    set_seed(a.seed)
-    B = a.prompts_per_iter * a.group_size  # samples per rollout
-    if a.group_size < 2:
-        raise UserError("--group-size must be >= 2: a sample's baseline comes from the other samples of its group")
-    if a.prompts_per_iter < 1 or a.iterations < 1 or a.epochs < 1 or a.minibatches < 1:
-        raise UserError("--prompts-per-iter, --iterations, --epochs and --minibatches must be >= 1")
-    if B % a.minibatches:
-        raise UserError(f"--prompts-per-iter x --group-size = {B} samples must be divisible by --minibatches "
-                        f"{a.minibatches}")
-    if a.temperature <= 0:
-        raise UserError("--temperature must be > 0 (the ratio needs the log-probs of a sampling distribution)")
+def validate(a: Args):
+    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+    check_flags(a, {"iterations": POSITIVE, "prompts_per_iter": POSITIVE,
+                    "group_size": (lambda v: v >= 2, ">= 2 (a sample's baseline comes from the other samples of its "
+                                                     "group)"),
+                    "max_new_tokens": POSITIVE, "temperature": (lambda v: v > 0, "> 0 (the ratio needs the log-probs "
+                                                                                "of a sampling distribution)"),
+                    "missing_eos_penalty": NON_NEGATIVE, "kl_coef": NON_NEGATIVE, "epochs": POSITIVE,
+                    "minibatches": POSITIVE, "lr": POSITIVE, "clip": POSITIVE, "grad_clip": NON_NEGATIVE,
+                    "save_interval": NON_NEGATIVE, "log_interval": POSITIVE,
+                    "n_eval": (lambda v: v >= 2, ">= 2 (standard errors need two samples)")})
+    B = a.prompts_per_iter * a.group_size
+    check(B % a.minibatches == 0, f"--prompts-per-iter x --group-size = {B} samples must be divisible by "
+                                  f"--minibatches {a.minibatches}")
     for flag, value, choices in (("--baseline", a.baseline, ("grpo", "rloo")),
                                  ("--loss-agg", a.loss_agg, ("token", "sequence", "constant")),
                                  ("--kl-in", a.kl_in, ("reward", "loss")),
                                  ("--kl-estimator", a.kl_estimator, ("k1", "k2", "k3"))):
-        if value not in choices:
-            raise UserError(f"{flag} {value}: choose one of {', '.join(choices)}")
+        check(value in choices, f"{flag} {value}: choose one of {', '.join(choices)}")
+
+
+def main(argv=None):
+    a = parse_args(Args, argv)
+    validate(a)
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    set_seed(a.seed)
+    B = a.prompts_per_iter * a.group_size  # samples per rollout
+    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    state = run_.load_resume()
 
     # ---- three models: the policy (trained), the frozen reference (SFT copy) and the frozen reward model. No value
     # model: that is the point. load_run turns dropout off (the first ratio must be 1; TRL #3500).
@@ -147,14 +157,20 @@ def main():
     mb_size = B // a.minibatches
     constant = float(a.max_new_tokens * mb_size)
 
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl")
+    out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    t0 = time.time()
-    first_ratio_dev, first_ratio_max = None, 0.0
-    bar = tqdm(range(a.iterations), desc=a.baseline, dynamic_ncols=True)
+    t0, start = time.time(), 0
+    first_ratio_dev, first_ratio_max = None, 0.0  # of the first iteration; the largest over all
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], [gen])
+        start, first_ratio_dev, first_ratio_max = state["step"], state["first_ratio_dev"], state["first_ratio_max"]
+        t0 -= state["elapsed_s"]
+    log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
+    finite = FiniteCheck("train_grpo.py", unit="iteration")
+    bar = Progress(range(start, a.iterations), desc=a.baseline, total=a.iterations)
     for it in bar:
         for g in opt.param_groups:  # linear lr annealing
             g["lr"] = a.lr * (1.0 - it / a.iterations)
@@ -205,9 +221,11 @@ def main():
                                             None if kl_ref is None else kl_ref[idx, :R], a.kl_coef, a.kl_estimator,
                                             constant)
                 opt.zero_grad(set_to_none=True)
+                finite.watch(it, loss=loss)  # checked once per iteration, before logging
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                       a.grad_clip if a.grad_clip > 0 else float("inf"))
+                finite.watch(it, grad_norm=norm)
                 opt.step()
                 ratio, valid = st["ratio"], mb_mask.bool()  # masked reductions: boolean indexing would sync
                 ratio_max = ratio.masked_fill(~valid, float("-inf")).max()
@@ -226,22 +244,27 @@ def main():
         row["elapsed_s"] = time.time() - t0
         bad = [k for k, v in row.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
         if bad:
-            raise RuntimeError(f"non-finite diagnostics at iteration {it}: {bad}")
+            raise NonFiniteError(f"train_grpo.py: {', '.join(bad)} became non-finite (NaN/inf) at iteration {it}; "
+                                 f"stopped without saving (lower --lr)")
+        finite.check(policy)  # before the next rollout samples from NaN weights
         log.write(row)
-        bar.set_postfix(rm=f"{row['rm_score_mean']:.2f}", kl=f"{row['kl']:.2f}",
-                        gold=f"{row.get('gold_mean', float('nan')):.2f}")
         if it % a.log_interval == 0 or it == a.iterations - 1:
-            tqdm.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"
+            bar.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"
                        f" | kl {row['kl']:.2f} | loss {row['loss']:+.4f} | akl {row['approx_kl']:.4f}"
                        f" | clip {row['clipfrac']:.3f} | ent {row['entropy']:.2f} | len {row['resp_len']:.1f}"
                        f" | eos {row['eos_rate']:.2f} | zero-adv groups {row['zero_adv_groups']:.2f}")
+        if a.save_interval and (it + 1) % a.save_interval == 0 and it != a.iterations - 1:
+            run_.save_resume({"step": it + 1, "unit": "iteration", "policy": policy.state_dict(),
+                              "optimizer": opt.state_dict(), "rng": rng_state([gen]),
+                              "first_ratio_dev": first_ratio_dev, "first_ratio_max": first_ratio_max,
+                              "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [policy])
     log.close()
     train_seconds = time.time() - t0
     save_run(out, policy, tok, a, kind="policy", stage="grpo")
 
     # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1), as train_ppo.py
     metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev,
-               "first_ratio_dev_max": first_ratio_max, "first_ratio_tol": row["first_ratio_tol"],
+               "first_ratio_dev_max": first_ratio_max, "first_ratio_tol": RATIO_TOLERANCE[dtype],
                "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"]}
     if task is not None:
         test_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed)
@@ -253,6 +276,8 @@ def main():
             print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}  gold {s['gold']:+.2f}")
     metrics["total_seconds"] = time.time() - t0
     write_json(out / "metrics.json", metrics)
+    run_.finish()
+    out = run_.out
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
 

@@ -244,16 +244,6 @@ def preference_loss(kind: str, pi_chosen, pi_rejected, ref_chosen, ref_rejected,
     raise ValueError(f"unknown preference loss {kind!r} (sigmoid, ipo, hinge)")
 
 
-# ============================================================================ the missing-EOS rule (PPO, GRPO, RLOO)
-
-
-def score_with_eos_penalty(rm_score, has_eos, penalty: float):
-    """The "EOS trick" (lm-human-preferences; N+ details, 2403.17031): a response cut off by the budget is not a
-    finished answer and the RM never saw such text, so its score is *replaced* by a fixed -penalty (normalised RM
-    units) instead of trusting an unreliable score. rm_score (B,) float, has_eos (B,) bool. Returns (B,)."""
-    return torch.where(has_eos, rm_score, torch.full_like(rm_score, -penalty))
-
-
 # ============================================================================ critic-free RL (GRPO, RLOO, Dr. GRPO)
 # k samples ("a group") per prompt; every token of sample i gets the same advantage A_i, computed from the group's
 # sequence scores instead of a learned critic. Groups may be ragged: they are given as a group-id tensor (B,) long
