@@ -3,6 +3,7 @@
     python train_dpo.py                                   # out/rm/prefs.jsonl on top of out/sft, CPU-sized defaults
     python train_dpo.py --prefs my_prefs.jsonl --task none   # your {"prompt", "chosen", "rejected"} records
     python train_dpo.py --loss ipo --beta 0.5             # IPO; also --loss hinge, --label-smoothing 0.1, --nll-coef
+    python train_dpo.py --rounds 3 --reward out/rm        # online DPO: rounds 2-3 on fresh pairs ranked by the RM
 
 Rafailov et al. 2023 (2305.18290) show that the KL-regularised RLHF objective max E[r] - beta KL(pi || ref) has the
 optimum pi*(y|x) = ref(y|x) exp(r(x, y) / beta) / Z(x), so r = beta log(pi / ref) + beta log Z(x). Put this
@@ -21,7 +22,15 @@ tokens, gold -1.3 vs -0.2 for SFT, KL 26 nats. The chosen-NLL term pushes those 
 lr 1e-3 for 170-190 steps beat SFT in 75-79% of paired gold comparisons at 1.4-1.6 nats of KL on three
 preference files. Chosen log-probs still fall a little (expected, DPO reference repo #8); watch logps/chosen and
 test/logps/chosen in metrics.jsonl.
+
+Online / iterative DPO (--rounds N): offline DPO learns from pairs the SFT policy sampled, and once the policy has
+moved those pairs say little about its own samples. Each round after the first samples --round-k responses per
+fresh train prompt from the *current* policy, lets the learned reward model (--reward, never the gold reward) rank
+them, and trains on those pairs against the same fixed reference (its log-probs of the new pairs come from a frozen
+copy of the starting policy): Xu et al. 2024 (2404.10719), Xiong et al. 2024 (2312.11456). Each round's pairs are
+written to round<N>_prefs.jsonl; --resume is not supported with --rounds > 1.
 """
+import copy
 import hashlib
 import json
 import math
@@ -32,18 +41,18 @@ from pathlib import Path
 
 import torch
 
-from minirlhf.checkpoint import load_policy, save_run
+from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
 from minirlhf.data import collate_sft, encode_prompt, length_batches, load_pref_jsonl
-from minirlhf.evaluation import compare_to_reference
+from minirlhf.evaluation import compare_to_reference, reward_model_scores
 from minirlhf.losses import preference_loss
-from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, response_ids, split_prefs,
-                                  token_id_counts)
+from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, rank_pairs, response_ids,
+                                  sample_many, split_prefs, token_id_counts)
 from minirlhf.scoring import token_logprobs
 from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, arg, autocast,
-                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, torch_save,
-                            write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, UserError, adamw, cosine_lr, arg,
+                            autocast, check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed,
+                            torch_save, write_json)
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -87,7 +96,15 @@ class Args:
     eval_batch_size: int = arg(256, "pairs per forward when computing reference log-probs and test metrics")
     # end-of-run evaluation against the reference (built-in task only)
     n_eval_prompts: int = arg(512, "held-out task prompts for the paired gold comparison with the reference")
-    max_new_tokens: int = arg(48, "response budget when sampling for the evaluation")
+    max_new_tokens: int = arg(48, "response budget when sampling for the evaluation (and for --rounds > 1)")
+    # online / iterative DPO (rounds after the first sample fresh pairs from the current policy)
+    rounds: int = arg(1, "training rounds: 1 = offline DPO on --prefs; each later round samples --round-k "
+                         "responses per train prompt from the current policy, labels the pairs with --reward and "
+                         "trains on them against the same reference")
+    reward: str = arg("out/rm", "reward model run directory that labels the online pairs (--rounds > 1 only)")
+    round_prompts: int = arg(1000, "task train prompts sampled per online round")
+    round_k: int = arg(4, "responses sampled per prompt in an online round")
+    round_pairs: str = arg("all", "pairs of an online round: all (every pair of distinct responses) or best-worst")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -239,6 +256,39 @@ def test_pair_stats(model, pairs, ref, a: Args, tok, device, dtype):
     return {f"test/{k}": v for k, v in {**stats_to_host(stats), **pad}.items()}
 
 
+# ----------------------------------------------------------------------------------------------- online rounds
+def online_pairs(model, ref_model, reward_model, tok, task, a: Args, rnd: int, device, dtype, out: Path = None):
+    """The pairs of online round `rnd` (1 = the first after the offline one): --round-k samples per prompt of
+    --round-prompts fresh task train prompts from the *current* policy `model`, labelled by the reward model
+    (preferences.rank_pairs; the gold reward is never asked), and their reference log-probs (N, 2) from the frozen
+    `ref_model`, the same reference as the offline round. Writes the pairs to out/round<rnd+1>_prefs.jsonl.
+    Returns (pairs, ref log-probs, stats)."""
+    seed = a.seed * 1000 + rnd  # a new sample of prompts and responses each round
+    prompts = task.sample_prompts("train", a.round_prompts, seed=seed)
+    was_training = model.training
+    model.eval()
+    samples = sample_many(model, tok, [p for p in prompts for _ in range(a.round_k)], a.max_new_tokens, seed,
+                          a.eval_batch_size, device, dtype, desc=f"round {rnd + 1} samples")
+    model.train(was_training)
+    scores = reward_model_scores(reward_model, tok, samples, a.eval_batch_size, device, dtype)
+    records, stats = rank_pairs(prompts, samples, scores, a.round_k, a.round_pairs, tok.fingerprint())
+    if not records:
+        raise UserError(f"online round {rnd + 1}: none of the {len(samples)} samples formed a pair (no two distinct "
+                        f"EOS-ended responses of one prompt): raise --round-k or --max-new-tokens")
+    if out is not None:
+        with open(out / f"round{rnd + 1}_prefs.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    for r in records:
+        r["_where"] = f"round {rnd + 1} pair"
+    pairs, _ = encode_pairs(records, tok, model.config.block_size, model.config.vocab_size)
+    ref, _ = all_pair_logps(ref_model, pairs, tok.pad_id, device, dtype, a.eval_batch_size,
+                            tok.unsampleable_ids(model.config.vocab_size), seed=seed)
+    stats["eos_rate"] = sum(s["eos"] for s in samples) / len(samples)
+    stats["rm_mean"] = sum(scores) / len(scores)
+    return pairs, ref, stats
+
+
 def validate(a: Args):
     """Every flag's range, before any work (one line naming the flag, exit 2)."""
     check(a.loss in LOSSES, f"--loss {a.loss}: choose one of {', '.join(LOSSES)}")
@@ -250,6 +300,11 @@ def validate(a: Args):
                     "eval_batch_size": POSITIVE, "n_eval_prompts": (lambda v: v >= 2, ">= 2 (standard errors)"),
                     "max_new_tokens": POSITIVE})
     check(not a.label_smoothing or a.loss == "sigmoid", "--label-smoothing only applies to --loss sigmoid")
+    check_flags(a, {"rounds": POSITIVE, "round_prompts": POSITIVE, "round_k": (lambda v: v >= 2, ">= 2 (pairs)")})
+    check(a.round_pairs in ("all", "best-worst"), f"--round-pairs {a.round_pairs}: choose all or best-worst")
+    check(a.rounds == 1 or a.task.lower() != "none", "--rounds > 1 samples the task's train prompts: it needs "
+                                                     "--task (not none)")
+    check(a.rounds == 1 or not a.resume, "--resume is not supported with --rounds > 1 (rerun the command)")
 
 
 def main(argv=None):
@@ -263,7 +318,7 @@ def main(argv=None):
     state = run_.load_resume()
 
     # ---- policy (= reference) and pairs
-    model, tok, _ = load_policy(a.policy, "--policy", device)
+    model, tok, pol_cfg = load_policy(a.policy, "--policy", device)
     block_size = model.config.block_size
     records = load_pref_jsonl(a.prefs)
     has_gold = has_gold_columns(records)
@@ -291,6 +346,13 @@ def main(argv=None):
                                           also=[run_.out])
     ref_train, ref_test = ref_train.to(device), ref_test.to(device)
 
+    ref_model = reward_model = None
+    if a.rounds > 1:  # the frozen reference for later rounds' pairs, and the RM that labels them
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        reward_model, _, rm_cfg = load_scalar(a.reward, "--reward", device)
+        check_compatible(("--policy", a.policy, pol_cfg), ("--reward", a.reward, rm_cfg))
+        reward_model.eval().requires_grad_(False)
+
     opt = adamw(model, a.lr, a.weight_decay, device)
     train_model = torch.compile(model) if a.compile else model
     banned = tok.unsampleable_ids(model.config.vocab_size)
@@ -316,37 +378,52 @@ def main(argv=None):
                           "rng": rng_state([gen]), "order": order, "test_stats": test_stats,
                           "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
 
-    if state is None and a.save_interval:  # so that a crash from here on keeps the reference log-probs
+    if state is None and a.save_interval and a.rounds == 1:  # so that a crash from here on keeps the reference log-probs
         save_resume(0)
-    bar = Progress(range(start, total), desc="dpo", total=total)
-    for step in bar:
-        lr = cosine_lr(step, total, a.lr, a.min_lr, a.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if len(order) < a.batch_size:  # next epoch; the tail of the last one joins it (every pair is seen)
-            order = torch.cat([order, torch.randperm(len(train_pairs), generator=gen)])
-        idx, order = order[:a.batch_size], order[a.batch_size:]
-        logps, lens = pair_logps(train_model, pair_batch([train_pairs[i] for i in idx], tok.pad_id, device),
-                                 device, dtype, banned)
-        loss, stats = dpo_step_loss(logps, lens, ref_train[idx.to(device)], a)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
-        opt.step()
-        finite.watch(step, loss=loss, grad_norm=grad_norm)
-        last = step == total - 1
-        if test_pairs and (step % a.eval_interval == 0 or last):
-            test_stats = test_pair_stats(model, test_pairs, ref_test, a, tok, device, dtype)
-        if step % a.log_interval == 0 or last:
-            finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
-            stats = stats_to_host({**stats, "grad_norm": grad_norm})
-            row = {"step": step, "epoch": (step + 1) / steps_per_epoch, **stats, **test_stats, "lr": lr,
-                   "elapsed_s": time.time() - t0}
-            log.write(row)
-            bar.log(step, loss=stats["loss"], acc=stats["rewards/accuracy"],
-                    test_acc=test_stats.get("test/rewards/accuracy", float("nan")), chosen=stats["logps/chosen"])
-        if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
-            save_resume(step + 1)
+    round_stats, step0 = [], 0  # step0: steps of the earlier rounds (metrics.jsonl's step counts across rounds)
+    for rnd in range(a.rounds):
+        if rnd > 0:  # online round: fresh pairs from the current policy, a new cosine schedule over them
+            step0 += total
+            train_pairs, ref_train, info = online_pairs(model, ref_model, reward_model, tok, task, a, rnd, device,
+                                                        dtype, out)
+            steps_per_epoch = math.ceil(len(train_pairs) / a.batch_size)
+            total = max(1, round(a.epochs * steps_per_epoch))
+            order, start = torch.zeros(0, dtype=torch.long), 0
+            round_stats.append({"round": rnd + 1, **info, "steps": total})
+            print(f"round {rnd + 1}: {len(train_pairs)} pairs labelled by {a.reward} from {info['n_samples']} "
+                  f"samples of the current policy (EOS {info['eos_rate']:.3f}, RM mean {info['rm_mean']:+.3f}); "
+                  f"{total} steps")
+        bar = Progress(range(start, total), desc="dpo" if a.rounds == 1 else f"dpo round {rnd + 1}", total=total)
+        for step in bar:
+            lr = cosine_lr(step, total, a.lr, a.min_lr, a.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if len(order) < a.batch_size:  # next epoch; the tail of the last one joins it (every pair is seen)
+                order = torch.cat([order, torch.randperm(len(train_pairs), generator=gen)])
+            idx, order = order[:a.batch_size], order[a.batch_size:]
+            logps, lens = pair_logps(train_model, pair_batch([train_pairs[i] for i in idx], tok.pad_id, device),
+                                     device, dtype, banned)
+            loss, stats = dpo_step_loss(logps, lens, ref_train[idx.to(device)], a)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
+            opt.step()
+            finite.watch(step0 + step, loss=loss, grad_norm=grad_norm)
+            last = step == total - 1
+            if test_pairs and (step % a.eval_interval == 0 or last):
+                test_stats = test_pair_stats(model, test_pairs, ref_test, a, tok, device, dtype)
+            if step % a.log_interval == 0 or last:
+                finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
+                stats = stats_to_host({**stats, "grad_norm": grad_norm})
+                row = {"step": step0 + step, "epoch": (step + 1) / steps_per_epoch, **stats, **test_stats, "lr": lr,
+                       "elapsed_s": time.time() - t0}
+                if a.rounds > 1:
+                    row["round"] = rnd + 1
+                log.write(row)
+                bar.log(step, loss=stats["loss"], acc=stats["rewards/accuracy"],
+                        test_acc=test_stats.get("test/rewards/accuracy", float("nan")), chosen=stats["logps/chosen"])
+            if a.save_interval and a.rounds == 1 and (step + 1) % a.save_interval == 0 and not last:
+                save_resume(step + 1)
     log.close()
     finite.check(model)
     train_seconds = time.time() - t0
@@ -357,6 +434,8 @@ def main(argv=None):
                "n_train_pairs": len(train_pairs), "n_test_pairs": len(test_pairs), "n_file_pairs": sum(n_all),
                "n_pairs_from_ids": n_ids, "n_uninformative_pairs": n_same + n_same_test,
                "train_seconds": train_seconds}
+    if round_stats:
+        metrics["rounds"] = round_stats
     if test_pairs:
         metrics["test_accuracy"] = test_stats["test/rewards/accuracy"]
         metrics.update({k.replace("/", "_"): v for k, v in test_stats.items() if k != "test/rewards/accuracy"})

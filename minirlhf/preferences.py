@@ -93,6 +93,47 @@ def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, token
                      "n_same_text_pairs": n_same_text}
 
 
+def rank_pairs(prompts, samples, scores, k: int, pairs: str = "all", tokenizer_fingerprint: str = None):
+    """Pairs labelled by a learned reward model instead of the annotator (online / iterative DPO, Xu et al. 2024,
+    2404.10719; Xiong et al. 2024, 2312.11456): for each prompt, the distinct EOS-ended responses among its k
+    samples, the higher RM score chosen. The gold reward never enters: this is all a deployed system would have.
+
+    samples[g*k:(g+1)*k] answer prompts[g] (dicts from sample_policy: response, eos, tokens, logprobs);
+    scores: the RM score of each sample. pairs: "all" (every pair of distinct responses with different scores, as
+    the annotator's k-choose-2) or "best-worst" (one pair per prompt: highest vs lowest score, the rejection-
+    sampling pairs of iterative DPO). Equal scores carry no preference and form no pair. Each record keeps the
+    sampled ids and the sampling log-prob of each response (chosen_logp / rejected_logp: the log-prob under the
+    policy that sampled it). Returns (records, stats)."""
+    assert len(samples) == len(scores) == k * len(prompts) and pairs in ("all", "best-worst")
+    records, n_no_eos, n_dup = [], 0, 0
+    for g, prompt in enumerate(prompts):
+        responses, seen = [], set()
+        for s, r in zip(samples[g * k:(g + 1) * k], scores[g * k:(g + 1) * k]):
+            key = tuple(s["tokens"])
+            if not s["eos"]:
+                n_no_eos += 1
+            elif key in seen:
+                n_dup += 1
+            else:
+                seen.add(key)
+                responses.append((s, float(r)))
+        if pairs == "best-worst":
+            ranked = sorted(responses, key=lambda x: x[1])
+            candidates = [(ranked[-1], ranked[0])] if len(ranked) >= 2 else []
+        else:
+            candidates = [(a, b) if a[1] >= b[1] else (b, a) for a, b in itertools.combinations(responses, 2)]
+        for (c, rc), (rj, rr) in candidates:
+            if rc == rr or c["response"] == rj["response"]:
+                continue
+            records.append({"prompt": prompt, "chosen": c["response"], "rejected": rj["response"], "split": "train",
+                            "chosen_rm": rc, "rejected_rm": rr, "chosen_ids": list(c["tokens"]),
+                            "rejected_ids": list(rj["tokens"]), "tokenizer_fingerprint": tokenizer_fingerprint,
+                            "chosen_logp": float(sum(c["logprobs"])), "rejected_logp": float(sum(rj["logprobs"])),
+                            "group": f"online-{g}"})
+    return records, {"n_samples": len(samples), "n_dropped_no_eos": n_no_eos, "n_duplicates": n_dup,
+                     "n_pairs": len(records)}
+
+
 def collect_preferences(policy, tok, task, prompts, k: int, max_new_tokens: int, split: str, seed: int = 0,
                         batch_size: int = 512, device="cpu", dtype="float32"):
     """Sample k responses per prompt from `policy` and label their pairs (label_pairs). Returns (records, stats)."""

@@ -326,3 +326,107 @@ def test_user_file_without_split_or_gold_and_clear_errors(sft_run, tmp_path):
     proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(nan), "--out-dir",
                       str(tmp_path / "n"), *TINY_DPO, check=False)
     assert proc.returncode == 2 and f"{nan}:1: NaN is not a finite number" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ online DPO
+def test_rank_pairs_label_by_reward_model_score():
+    """Online pairs: the higher RM score is chosen; no-EOS samples, repeated responses and equal scores form no
+    pair; best-worst keeps one pair per prompt (highest vs lowest)."""
+    from minirlhf.preferences import rank_pairs
+
+    def s(text, toks, eos=True):
+        return {"response": text, "tokens": toks, "eos": eos, "logprobs": [-1.0] * len(toks)}
+    samples = [s("a", [5, 2]), s("b", [6, 2]), s("c", [7, 2]), s("d", [8], eos=False),  # prompt 0
+               s("e", [5, 2]), s("e", [5, 2]), s("f", [6, 2]), s("g", [7, 2])]  # prompt 1: a repeat, a tie
+    scores = [0.1, 0.9, 0.1, 9.0, 0.3, 0.3, 0.2, -1.0]  # a and c tie
+    recs, stats = rank_pairs(["p0", "p1"], samples, scores, 4, "all", "fp")
+    got = {(r["prompt"], r["chosen"], r["rejected"]) for r in recs}
+    assert got == {("p0", "b", "a"), ("p0", "b", "c"), ("p1", "e", "f"), ("p1", "e", "g"), ("p1", "f", "g")}
+    assert all(r["chosen_rm"] > r["rejected_rm"] and "chosen_gold" not in r for r in recs)
+    assert stats["n_dropped_no_eos"] == 1 and stats["n_duplicates"] == 1
+    recs, _ = rank_pairs(["p0", "p1"], samples, scores, 4, "best-worst")
+    assert [(r["chosen"], r["rejected"]) for r in recs] == [("b", "a"), ("e", "g")]
+
+
+@pytest.fixture(scope="module")
+def online_runs(tmp_path_factory):
+    """A tiny random policy that stops early (EOS logit pushed up, so samples end within a few tokens) and a
+    random reward model, saved as run directories."""
+    from minirlhf.checkpoint import save_run
+    from minirlhf.model import ScalarModel
+    from minirlhf.tokenizer import Tokenizer
+    d = tmp_path_factory.mktemp("online")
+    task = get_task("reviews")
+    tok = Tokenizer.train(task.corpus(300, 0), 300)
+    cfg = GPTConfig(vocab_size=64 * math.ceil(tok.vocab_size / 64), block_size=32, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    policy = GPT(cfg)
+    with torch.no_grad():
+        v = torch.randn(cfg.n_embd)
+        policy.transformer.ln_f.bias.copy_(v)
+        policy.transformer.wte.weight[tok.eos_id] = 5.0 * v / v.norm() ** 2  # EOS logit ~ +5
+    save_run(d / "sft", policy, tok, {"note": "test"}, kind="policy", stage="sft")
+    save_run(d / "rm", ScalarModel(cfg), tok, {"note": "test"}, kind="reward", stage="rm")
+    return d
+
+
+class NoGoldTask:
+    """The built-in task with its human taken away: asking for a gold reward or a label fails the test."""
+    def __init__(self):
+        self._task = get_task("reviews")
+
+    def sample_prompts(self, *args, **kw):
+        return self._task.sample_prompts(*args, **kw)
+
+    def __getattr__(self, name):
+        raise AssertionError(f"online pairs used task.{name}")
+
+
+def test_online_pairs_come_from_the_reward_model_not_the_gold_reward(online_runs):
+    from minirlhf.checkpoint import load_scalar
+    from minirlhf.evaluation import reward_model_scores
+    policy, tok, _ = load_policy(online_runs / "sft")
+    rm, _, _ = load_scalar(online_runs / "rm")
+    a = train_dpo.Args(round_prompts=6, round_k=4, max_new_tokens=10, eval_batch_size=16)
+    pairs, ref, stats = train_dpo.online_pairs(policy, policy, rm, tok, NoGoldTask(), a, 1, "cpu", "float32")
+    assert len(pairs) == stats["n_pairs"] > 0 and ref.shape == (len(pairs), 2)
+    # the labels are the RM's ranking: rescoring chosen / rejected gives chosen > rejected on every pair
+    prompts = get_task("reviews").sample_prompts("train", 6, seed=1)
+    chosen = [{"prompt": tok.decode(p[1:]), "tokens": c} for p, c, _ in pairs]
+    rejected = [{"prompt": tok.decode(p[1:]), "tokens": r} for p, _, r in pairs]
+    rc, rr = reward_model_scores(rm, tok, chosen), reward_model_scores(rm, tok, rejected)
+    assert all(x > y for x, y in zip(rc, rr))
+    assert {tok.decode(p[1:]) for p, _, _ in pairs} <= set(prompts)  # the round's own train prompts
+
+
+def test_two_round_online_dpo_samples_round_two_from_the_updated_policy(online_runs, tmp_path):
+    prefs, out = write_prefs(tmp_path / "prefs.jsonl"), tmp_path / "online"
+    proc = run_script("train_dpo.py", "--policy", str(online_runs / "sft"), "--prefs", str(prefs), "--out-dir",
+                      str(out), *TINY_DPO, "--rounds", "2", "--reward", str(online_runs / "rm"), "--round-prompts",
+                      "8", "--round-k", "4", "--lr", "1e-2", "--max-new-tokens", "10")
+    assert "round 2:" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    (info,) = metrics["rounds"]
+    recs = [json.loads(line) for line in (out / "round2_prefs.jsonl").read_text().splitlines()]
+    assert info["round"] == 2 and info["n_pairs"] == len(recs) > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6 + info["steps"]))  # round 1: 6 steps, then round 2's
+    assert {r.get("round") for r in rows} == {1, 2}
+    # round 2's responses were sampled by the policy after round 1: their sampling log-probs are not the SFT's
+    from minirlhf.evaluation import response_logprob_sums
+    sft, tok, _ = load_policy(online_runs / "sft")
+    sampled = [{"prompt": r["prompt"], "tokens": r["chosen_ids"]} for r in recs]
+    sft_logp = response_logprob_sums(sft, tok, sampled)
+    diffs = [abs(r["chosen_logp"] - lp) for r, lp in zip(recs, sft_logp)]
+    assert max(diffs) > 0.05, diffs
+    # and the reference log-probs of round 2 are the SFT model's (the same fixed reference)
+    final, _, _ = load_policy(out)
+    assert any(not torch.equal(p, q) for p, q in zip(final.state_dict().values(), sft.state_dict().values()))
+
+
+def test_online_flags_are_checked(online_runs, tmp_path):
+    proc = run_script("train_dpo.py", "--rounds", "2", "--task", "none", "--out-dir", str(tmp_path / "x"),
+                      check=False)
+    assert proc.returncode == 2 and "--rounds > 1" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("train_dpo.py", "--round-pairs", "best", "--out-dir", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "--round-pairs" in proc.stderr
