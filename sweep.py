@@ -1,0 +1,238 @@
+"""Reward-KL frontiers: every algorithm at several KL strengths against the optimal frontier, in one command.
+
+    python sweep.py                               # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-b*,eval}, report.*
+    python sweep.py --dry-run                     # the plan: which runs exist, which would run and why
+    python sweep.py --ppo-kl 0.03 0.07 --dpo-beta 0.1 --grpo-kl --best-of 4 64   # another grid ("--grpo-kl" = none)
+
+The DPO paper (Rafailov et al. 2023, Fig. 2) compares algorithms by the gold reward each reaches at each KL to the
+reference, sweeping PPO's KL target and DPO's beta. The built-in task's simulated human makes the gold reward and
+the *optimal* frontier (pi* = pi_ref exp(g / beta) / Z, estimated by evaluate.py --frontier) exact, so each run is
+also scored by its share of the best gain any policy could reach at its KL.
+
+One SFT run and one reward model are shared by every run (the sweep's first two stages); PPO and GRPO/RLOO train on
+that RM at each --ppo-kl / --grpo-kl coefficient, DPO on the RM's preference file at each --dpo-beta (with
+--dpo-flags, e.g. "--rounds 2" for online DPO, applied to all DPO runs). One evaluate.py call then scores every policy
+the same way (the same held-out prompts and seed: gold +- s.e., KL +- s.e., paired gain), adds best-of-n for each
+--best-of n and the optimal frontier. A run whose output is up to date with its flags is skipped (the same rules as
+pipeline.py: same args, newer than its inputs), an interrupted one is resumed, so a rerun after adding one grid
+point trains only that point (the evaluation reruns, as its policy list changed).
+
+Writes into --out: report.json (one row per run: algorithm, its knob, gold, KL, their s.e., share of the optimum;
+the frontier), report.md (the table) and report.png (gold vs KL, a point with error bars per run, one colour per
+algorithm, the frontier as a line; needs matplotlib, which pipeline.sh / setup.sh install).
+
+Default grid, and why: the defaults of each script sit in the middle (PPO and RLOO kl-coef 0.07, DPO beta 0.1), one
+point on each side spreads the runs over roughly KL 1-8 nats, where the frontier estimate (1024 samples per prompt,
+KL < log 1024 ~ 7) is measured rather than extrapolated. Three points per algorithm keep the whole sweep within
+~20 minutes on a 2-core CPU (measured: see README "Results").
+"""
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pipeline  # the up-to-date / resume / run-a-stage logic, shared with the pipeline
+from minirlhf.utils import write_json
+
+ALGOS = ("ppo", "grpo", "dpo", "bon", "sft")
+COLORS = {"ppo": "tab:blue", "grpo": "tab:green", "dpo": "tab:red", "bon": "tab:purple", "sft": "black"}
+
+
+def fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict):
+    """The sweep's stages as pipeline.py describes them: (name, script, argv, output dir, marker, inputs), then
+    {name: (algorithm, knob value)} for every trained policy. flags: extra argv per stage kind."""
+    sft, rm, ev = root / "sft", root / "rm", root / "eval"
+    plan = [("sft", "train_sft.py", ["--out-dir", sft, *flags["sft"]], sft, "metrics.json", []),
+            ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm, *flags["rm"]], rm, "metrics.json", ["sft"])]
+    policies = {}
+    for c in ppo_kl:
+        name = f"ppo-kl{fmt(c)}"
+        plan.append((name, "train_ppo.py", ["--policy", sft, "--reward", rm, "--kl-coef", c, "--out-dir",
+                                            root / name, *flags["ppo"]], root / name, "metrics.json", ["sft", "rm"]))
+        policies[name] = ("ppo", c)
+    for c in grpo_kl:
+        name = f"grpo-kl{fmt(c)}"
+        plan.append((name, "train_grpo.py", ["--policy", sft, "--reward", rm, "--kl-coef", c, "--out-dir",
+                                             root / name, *flags["grpo"]], root / name, "metrics.json", ["sft", "rm"]))
+        policies[name] = ("grpo", c)
+    for b in dpo_beta:
+        name = f"dpo-b{fmt(b)}"
+        plan.append((name, "train_dpo.py", ["--policy", sft, "--prefs", rm / "prefs.jsonl", "--reward", rm,
+                                            "--beta", b, "--out-dir", root / name, *flags["dpo"]], root / name,
+                     "metrics.json", ["sft", "rm"]))
+        policies[name] = ("dpo", b)
+    bon = ["--best-of", *best_of] if best_of else []
+    plan.append(("eval", "evaluate.py", ["--policies", sft, *[root / n for n in policies], "--ref", sft, "--reward",
+                                         rm, "--frontier", *bon, "--out-dir", ev, *flags["eval"]], ev, "report.json",
+                 ["sft", "rm", *policies]))
+    return plan, policies
+
+
+def run_plan(plan, force=False, dry_run=False, here: Path = None):
+    """Run the stages that are not up to date (pipeline.why_rerun), resuming interrupted ones. Returns
+    [(name, "skipped" | "would run: reason" | seconds)]."""
+    here = here or Path(__file__).resolve().parent
+    markers = {name: out_dir / marker for name, _, _, out_dir, marker, _ in plan}
+    done = []
+    for name, script, argv, out_dir, marker, inputs in plan:
+        argv = [str(x) for x in argv]
+        reason = "--force" if force else pipeline.why_rerun(script, argv, out_dir, marker,
+                                                            [markers[i] for i in inputs])
+        if not reason:
+            print(f"== {name}: {out_dir} is up to date, skipped", flush=True)
+            done.append((name, "skipped"))
+            continue
+        if pipeline.should_resume(script, argv, out_dir):
+            argv, reason = argv + ["--resume"], f"resuming {out_dir}.partial"
+        print(f"== {name}: python {script} {' '.join(argv)}   ({reason})", flush=True)
+        if dry_run:
+            done.append((name, f"would run: {reason}"))
+            continue
+        t = time.time()
+        rc = pipeline.run_stage([sys.executable, str(here / script), *argv])
+        if rc != 0:
+            print(f"sweep: error: stage {name} failed (exit code {rc}); finished stages are skipped when you rerun",
+                  file=sys.stderr)
+            sys.exit(rc)
+        done.append((name, round(time.time() - t, 1)))
+    return done
+
+
+def summarise(ev: dict, policies: dict) -> dict:
+    """report.json of the sweep from the evaluation's: one row per policy (trained runs, best-of-n, the SFT)."""
+    rows = []
+    for name, m in ev["policies"].items():
+        if name in policies:
+            algo, knob = policies[name]
+        elif name.startswith("bon-"):
+            algo, knob = "bon", m["best_of"]
+        else:
+            algo, knob = "sft", None
+        rows.append({"name": name, "algo": algo, "knob": knob, "gold": m["gold_mean"], "gold_sem": m["gold_sem"],
+                     "gain": m["gold_gain"], "gain_sem": m["gold_gain_sem"], "kl": m["kl_mean"],
+                     "kl_sem": m["kl_sem"], "kl_is_bound": bool(m.get("kl_is_bound")), "win_rate": m["win_rate"],
+                     "rm": m.get("rm_mean"), "frontier_gold": m.get("frontier_gold"),
+                     "frac_optimal": m.get("frac_optimal"), "frontier_extrapolated": m.get("frontier_extrapolated")})
+    best = {}
+    for r in rows:
+        if r["frac_optimal"] is not None and r["algo"] != "sft" and \
+                (r["algo"] not in best or r["frac_optimal"] > best[r["algo"]]["frac_optimal"]):
+            best[r["algo"]] = r
+    return {"runs": rows, "best_share": {k: {"name": v["name"], "frac_optimal": v["frac_optimal"]}
+                                         for k, v in best.items()},
+            "frontier": ev.get("frontier", []), "frontier_info": ev.get("frontier_info"), "ref_gold":
+            ev["policies"][next(iter(ev["policies"]))]["ref_gold_mean"], "n_prompts": ev["n_prompts"]}
+
+
+def knob_label(r) -> str:
+    return {"ppo": "kl-coef", "grpo": "kl-coef", "dpo": "beta", "bon": "n"}.get(r["algo"], "")
+
+
+def write_markdown(rep: dict, path: Path):
+    lines = ["# Reward-KL sweep", "",
+             f"Every policy on the same {rep['n_prompts']} held-out prompts (one sample each, temperature 1); gold ± "
+             "s.e., KL(π ‖ π_SFT) ± s.e. in nats (best-of-n: the closed-form bound), share of the optimal gold gain "
+             "at the run's KL (≥: past the frontier's measured range, a lower bound).", "",
+             "| run | algorithm | knob | gold ± se | KL ± se | win vs SFT | % of optimal |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rep["runs"]:
+        share = "-" if r["frac_optimal"] is None else \
+            f"{'≥' if r['frontier_extrapolated'] else ''}{100 * r['frac_optimal']:.0f}%"
+        knob = "-" if r["knob"] is None else f"{knob_label(r)} {fmt(r['knob'])}"
+        kl = f"{'≤' if r['kl_is_bound'] else ''}{r['kl']:.2f} ± {r['kl_sem']:.2f}"
+        lines.append(f"| {r['name']} | {r['algo']} | {knob} | {r['gold']:+.3f} ± {r['gold_sem']:.3f} | {kl} | "
+                     f"{r['win_rate']:.3f} | {share} |")
+    lines += ["", "Best share of the optimum per algorithm: " + ", ".join(
+        f"{k} {100 * v['frac_optimal']:.0f}% ({v['name']})" for k, v in rep["best_share"].items()), ""]
+    if rep["frontier"]:
+        lines += ["Optimal frontier (KL: gold*): " + ", ".join(f"{p['kl']:.2f}: {p['gold']:+.2f}"
+                                                               for p in rep["frontier"]), ""]
+    if rep.get("timings"):
+        lines += ["Stages: " + ", ".join(f"{n} {t if isinstance(t, str) else f'{t:.0f}s'}"
+                                         for n, t in rep["timings"]), ""]
+    lines.append(f"Plot: `{rep['plot']}`" if rep.get("plot") else "No plot (matplotlib is not installed).")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(rep: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if rep["frontier"]:
+        fr = sorted(rep["frontier"], key=lambda p: p["kl"])
+        ax.plot([0] + [p["kl"] for p in fr], [rep["frontier_info"]["ref_gold"]] + [p["gold"] for p in fr], "k--",
+                label="optimal frontier (π* ∝ π_SFT·exp(g/β))")
+    for algo in ALGOS:
+        rs = sorted([r for r in rep["runs"] if r["algo"] == algo], key=lambda r: r["kl"])
+        if not rs:
+            continue
+        ax.errorbar([r["kl"] for r in rs], [r["gold"] for r in rs], xerr=[r["kl_sem"] for r in rs],
+                    yerr=[r["gold_sem"] for r in rs], fmt="o-" if algo == "bon" else "o", color=COLORS[algo],
+                    capsize=3, label=algo if algo != "bon" else "best-of-n (KL bound)")
+        for r in rs:
+            if r["knob"] is not None:
+                ax.annotate(fmt(r["knob"]), (r["kl"], r["gold"]), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=COLORS[algo])
+    ax.set_xlabel("KL(π ‖ π_SFT), nats")
+    ax.set_ylabel("gold reward (held-out prompts)")
+    ax.set_title("reward-KL frontier: runs vs the optimum")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out_sweep", help="folder that receives every run and the report")
+    p.add_argument("--ppo-kl", type=float, nargs="*", default=[0.03, 0.07, 0.15], help="PPO --kl-coef values")
+    p.add_argument("--grpo-kl", type=float, nargs="*", default=[0.03, 0.07, 0.15], help="RLOO --kl-coef values")
+    p.add_argument("--dpo-beta", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="DPO --beta values")
+    p.add_argument("--best-of", type=int, nargs="*", default=[4, 16, 64], help="best-of-n rows")
+    for kind in ("sft", "rm", "ppo", "grpo", "dpo", "eval"):
+        p.add_argument(f"--{kind}-flags", default="", help=f"extra flags for every {kind} stage (one string)")
+    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    a = p.parse_args(argv)
+    for name, vals in (("--ppo-kl", a.ppo_kl), ("--grpo-kl", a.grpo_kl), ("--dpo-beta", a.dpo_beta)):
+        if any(v < 0 for v in vals) or (name == "--dpo-beta" and any(v <= 0 for v in vals)):
+            pipeline.fail(f"{name}: values must be {'> 0' if name == '--dpo-beta' else '>= 0'}")
+    if any(n < 1 for n in a.best_of):
+        pipeline.fail("--best-of: every n must be >= 1")
+    flags = {k: shlex.split(getattr(a, f"{k}_flags")) for k in ("sft", "rm", "ppo", "grpo", "dpo", "eval")}
+    root = Path(a.out).resolve()
+    plan, policies = plan_runs(root, a.ppo_kl, a.grpo_kl, a.dpo_beta, a.best_of, flags)
+    for _, script, argv, *_ in plan:  # a mistyped flag or value: one line before any work
+        pipeline.check_flags([(None, script, [str(x) for x in argv])], [])
+    t0 = time.time()
+    timings = run_plan(plan, a.force, a.dry_run)
+    if a.dry_run:
+        return timings
+    rep = summarise(json.loads((root / "eval" / "report.json").read_text()), policies)
+    rep["timings"], rep["seconds"] = timings, round(time.time() - t0, 1)
+    rep["grid"] = {"ppo_kl": a.ppo_kl, "grpo_kl": a.grpo_kl, "dpo_beta": a.dpo_beta, "best_of": a.best_of,
+                   "flags": flags}
+    rep["plot"] = "report.png" if write_plot(rep, root / "report.png") else None
+    write_json(root / "report.json", rep)
+    write_markdown(rep, root / "report.md")
+    print((root / "report.md").read_text())
+    print(f"sweep done in {rep['seconds']:.0f}s; wrote {root}/report.md, report.json"
+          f"{', report.png' if rep['plot'] else ''}")
+    return timings
+
+
+if __name__ == "__main__":
+    main()
