@@ -25,7 +25,7 @@ from minirlhf.model import ScalarModel
 from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of,
                                   informative_pairs, pair_rewards, token_id_counts,
                                   fit_normalisation, pairwise_accuracy, pearson, sample_many,
-                                  spearman, split_prefs, has_gold_columns)
+                                  spearman, split_prefs, subsample_groups, has_gold_columns)
 from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
 from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, arg, autocast, check,
@@ -55,6 +55,8 @@ class Args:
     max_new_tokens: int = arg(48, "response budget when sampling (samples without EOS are not paired)")
     gen_batch_size: int = arg(512, "sequences per sampling batch")
     test_frac: float = arg(0.1, "--prefs without a split field: share of prompts held out as test pairs")
+    max_pairs: int = arg(0, "train on a seeded random subset of this many train pairs, whole prompts' groups at a "
+                            "time (0 = all; the test pairs are kept; for reward models of several data sizes)")
     # optimisation
     epochs: float = arg(2.0, "passes over the train pairs")
     batch_size: int = arg(8, "comparison groups (prompts, with all their pairs) per step")
@@ -77,7 +79,7 @@ def validate(a: Args):
     """Every flag's range, before any work (one line naming the flag, exit 2)."""
     check(a.k >= 2, f"--k {a.k}: must be >= 2 (need at least 2 samples per prompt to form a pair)")
     check_flags(a, {"n_prompts": POSITIVE, "n_test_prompts": POSITIVE, "max_new_tokens": POSITIVE,
-                    "gen_batch_size": POSITIVE, "test_frac": FRACTION, "epochs": POSITIVE, "batch_size": POSITIVE,
+                    "max_pairs": NON_NEGATIVE, "gen_batch_size": POSITIVE, "test_frac": FRACTION, "epochs": POSITIVE, "batch_size": POSITIVE,
                     "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
                     "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "margin": NON_NEGATIVE,
                     "center_coef": NON_NEGATIVE, "log_interval": POSITIVE, "eval_interval": POSITIVE,
@@ -154,6 +156,11 @@ def main(argv=None):
     train_recs, train_pairs, n_same = informative_pairs(train_recs, train_pairs, "train pairs")
     test_recs, test_pairs, n_same_test = informative_pairs(test_recs, test_pairs, "test pairs")
     stats.update(n_pairs_from_ids=n_ids, n_uninformative_pairs=n_same + n_same_test)
+    if a.max_pairs and len(train_pairs) > a.max_pairs:
+        keep = subsample_groups(train_recs, a.max_pairs, a.seed)
+        print(f"--max-pairs {a.max_pairs}: training on {len(keep)} of the {len(train_pairs)} train pairs")
+        stats["n_train_pairs_available"] = len(train_pairs)
+        train_recs, train_pairs = [train_recs[i] for i in keep], [train_pairs[i] for i in keep]
     groups = groups_of(train_recs)
     print(f"{len(train_pairs)} train pairs ({len(groups)} prompts) / {len(test_pairs)} test pairs, "
           f"collected in {time.time() - t_start:.1f}s" + (f"; {stats}" if stats else ""))

@@ -156,6 +156,22 @@ def groups_of(records) -> list:
     return groups
 
 
+def subsample_groups(records, n: int, seed: int = 0) -> list:
+    """Indices (in file order) of a seeded random subset of n records that takes whole comparison groups
+    (groups_of): the pairs of one prompt stay together, as the RM trains on them together; only the last group
+    taken is cut to make exactly n. All indices when n is 0 or at least len(records)."""
+    if not n or n >= len(records):
+        return list(range(len(records)))
+    groups = groups_of(records)
+    random.Random(f"subsample-{seed}").shuffle(groups)
+    keep = []
+    for g in groups:
+        keep.extend(g[:n - len(keep)])
+        if len(keep) == n:
+            break
+    return sorted(keep)
+
+
 def split_prefs(records, test_frac: float, seed: int):
     """(train, test) records of a preference file. A file with a "split" field ("train" | "test") on every line is
     used as is; otherwise a seeded share `test_frac` of the *prompts* is held out, so the pairs of one prompt stay

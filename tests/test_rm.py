@@ -366,3 +366,16 @@ def test_missing_sft_is_one_clear_error(tmp_path):
     res = run_rm("--sft", tmp_path / "nope", "--out-dir", tmp_path / "rm")
     assert res.returncode == 2
     assert "--sft" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_subsample_groups_keeps_whole_prompts_and_exact_size():
+    """--max-pairs: a seeded subset of exactly n pairs made of whole comparison groups (only the last one cut)."""
+    from minirlhf.preferences import groups_of, subsample_groups
+    recs = [{"prompt": f"p{g}", "group": f"train-{g}"} for g in range(20) for _ in range(6)]  # 20 groups of 6
+    keep = subsample_groups(recs, 40, seed=3)
+    assert len(keep) == 40 and keep == sorted(set(keep))
+    sizes = sorted(sum(recs[i]["group"] == g for i in keep) for g in {recs[i]["group"] for i in keep})
+    assert sizes == [4, 6, 6, 6, 6, 6, 6]  # six whole groups and four pairs of a seventh
+    assert subsample_groups(recs, 40, seed=3) == keep and subsample_groups(recs, 40, seed=4) != keep
+    assert subsample_groups(recs, 0) == list(range(120)) == subsample_groups(recs, 500)
+    assert len(groups_of([recs[i] for i in keep])) == 7
