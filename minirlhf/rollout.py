@@ -27,9 +27,9 @@ from .utils import UserError, autocast
 # |logit| in [8, 16); one step flipped in the chosen token's logit and in the logsumexp moves a log-prob by up to
 # 2 * 2^-4, a ratio by exp(0.125) - 1 = 0.13. Measured on the CPU (SFT model of the default pipeline, 24 rollouts
 # of 64 x 4 minibatches; |logit| <= 12): most minibatches agree exactly, the worst was 0.030 (0.045 and 0.029 for
-# the RLOO and PPO policies trained from it, 12 rollouts each). 0.15 keeps a margin over the rounding bound. It still catches gross mismatches (same model, one minibatch: scoring at T 0.7 instead
-# of 1 gives 0.37, dropout 0.1 left on 0.17) but not small ones (T 0.9: 0.10); float32's 1e-5 catches all of
-# these, so debug in float32.
+# the RLOO and PPO policies trained from it, 12 rollouts each). 0.15 keeps a margin over the rounding bound. It
+# still catches gross mismatches (same model, one minibatch: scoring at T 0.7 instead of 1 gives 0.37, dropout 0.1
+# left on 0.17) but not small ones (T 0.9: 0.10); float32's 1e-5 catches all of these, so debug in float32.
 # Shared by train_ppo.py and train_grpo.py; scoring.py is getting a per-dtype constant of its own (to unify).
 FIRST_RATIO_TOL = {"float32": 1e-5, "bfloat16": 0.15}
 
