@@ -44,9 +44,11 @@ def fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict):
+def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict, extra=()):
     """The sweep's stages as pipeline.py describes them: (name, script, argv, output dir, marker, inputs), then
-    {name: (algorithm, knob value)} for every trained policy. flags: extra argv per stage kind."""
+    {name: (algorithm, knob value)} for every trained policy. flags: extra argv per stage kind. extra: finished
+    policy run directories trained elsewhere on the same SFT/RM (e.g. DPO variants), evaluated with the rest
+    (algorithm from their config.json's stage, knob None)."""
     sft, rm, ev = root / "sft", root / "rm", root / "eval"
     plan = [("sft", "train_sft.py", ["--out-dir", sft, *flags["sft"]], sft, "metrics.json", []),
             ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm, *flags["rm"]], rm, "metrics.json", ["sft"])]
@@ -67,10 +69,19 @@ def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict):
                                             "--beta", b, "--out-dir", root / name, *flags["dpo"]], root / name,
                      "metrics.json", ["sft", "rm"]))
         policies[name] = ("dpo", b)
+    dirs, grid = [root / n for n in policies], list(policies)
+    for d in extra:
+        d = Path(d).resolve()
+        try:
+            stage = json.loads((d / "config.json").read_text()).get("stage", "?")
+        except (OSError, ValueError):
+            stage = "?"
+        policies[d.name] = (stage, None)
+        dirs.append(d)
     bon = ["--best-of", *best_of] if best_of else []
-    plan.append(("eval", "evaluate.py", ["--policies", sft, *[root / n for n in policies], "--ref", sft, "--reward",
+    plan.append(("eval", "evaluate.py", ["--policies", sft, *dirs, "--ref", sft, "--reward",
                                          rm, "--frontier", *bon, "--out-dir", ev, *flags["eval"]], ev, "report.json",
-                 ["sft", "rm", *policies]))
+                 ["sft", "rm", *grid]))
     return plan, policies
 
 
@@ -180,9 +191,9 @@ def write_plot(rep: dict, path: Path) -> bool:
                     yerr=[r["gold_sem"] for r in rs], fmt="o-" if algo == "bon" else "o", color=COLORS[algo],
                     capsize=3, label=algo if algo != "bon" else "best-of-n (KL bound)")
         for r in rs:
-            if r["knob"] is not None:
-                ax.annotate(fmt(r["knob"]), (r["kl"], r["gold"]), textcoords="offset points", xytext=(4, -10),
-                            fontsize=7, color=COLORS[algo])
+            if r["algo"] != "sft":
+                ax.annotate(r["name"] if r["knob"] is None else fmt(r["knob"]), (r["kl"], r["gold"]),
+                            textcoords="offset points", xytext=(4, -10), fontsize=7, color=COLORS[algo])
     ax.set_xlabel("KL(π ‖ π_SFT), nats")
     ax.set_ylabel("gold reward (held-out prompts)")
     ax.set_title("reward-KL frontier: runs vs the optimum")
@@ -204,6 +215,8 @@ def main(argv=None):
     p.add_argument("--best-of", type=int, nargs="*", default=[4, 16, 64], help="best-of-n rows")
     for kind in ("sft", "rm", "ppo", "grpo", "dpo", "eval"):
         p.add_argument(f"--{kind}-flags", default="", help=f"extra flags for every {kind} stage (one string)")
+    p.add_argument("--extra-policies", nargs="*", default=[], help="finished policy runs on the same SFT/RM to "
+                                                                    "evaluate with the grid (e.g. DPO variants)")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     a = p.parse_args(argv)
@@ -214,7 +227,7 @@ def main(argv=None):
         pipeline.fail("--best-of: every n must be >= 1")
     flags = {k: shlex.split(getattr(a, f"{k}_flags")) for k in ("sft", "rm", "ppo", "grpo", "dpo", "eval")}
     root = Path(a.out).resolve()
-    plan, policies = plan_runs(root, a.ppo_kl, a.grpo_kl, a.dpo_beta, a.best_of, flags)
+    plan, policies = plan_runs(root, a.ppo_kl, a.grpo_kl, a.dpo_beta, a.best_of, flags, a.extra_policies)
     for _, script, argv, *_ in plan:  # a mistyped flag or value: one line before any work
         pipeline.check_flags([(None, script, [str(x) for x in argv])], [])
     t0 = time.time()
