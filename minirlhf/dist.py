@@ -148,8 +148,18 @@ def wrap(model: torch.nn.Module, device: str):
     backward); the model itself otherwise. Call it on the model that is trained, after moving it to `device`."""
     if not enabled():
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+    return _DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+
+
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that also answers the wrapped model's attributes (model.config, model.lm_head.weight: scoring.py reads
+    them), so the training code can pass the wrapper wherever it passed the model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 def check_identical(*models) -> bool:
