@@ -171,3 +171,43 @@ def check_identical(*models) -> bool:
         flat = torch.cat([p.detach().float().flatten() for p in m.state_dict().values() if p.is_floating_point()])
         ok &= bool(torch.equal(all_reduce_max(flat), flat) and torch.equal(-all_reduce_max(-flat), flat))
     return ok
+
+
+# ----------------------------------------------------------------------------------------------- global statistics
+# The one-process functions in losses.py stay pure; these add the reduction around them: sums and counts are
+# all-reduced, so every rank gets the statistic of the whole (global) batch. World size 1: losses.py's own result.
+def masked_mean(x, mask):
+    """Mean of x over valid positions of all ranks' batches (a 0-d tensor, the same on every rank)."""
+    from . import losses
+    if not enabled():
+        return losses.masked_mean(x, mask)
+    mask = mask.to(x.dtype)
+    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return s[0] / s[1].clamp(min=1)
+
+
+def masked_var(x, mask, unbiased: bool = True):
+    """losses.masked_var over all ranks' valid positions (two-pass: global mean first, then the squares)."""
+    from . import losses
+    if not enabled():
+        return losses.masked_var(x, mask, unbiased)
+    mean = masked_mean(x, mask)
+    n = all_reduce_sum(mask.to(x.dtype).sum())
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """losses.masked_whiten with the global mean and variance: whitened advantages (and rewards) are the same
+    numbers as one process whitening the whole rollout batch (Huang et al. 2024: the statistics define the
+    update, so every rank must use the same ones)."""
+    from . import losses
+    if not enabled():
+        return losses.masked_whiten(x, mask, shift_mean, eps)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
