@@ -378,6 +378,7 @@ def main(argv=None):
     log.close()
     finite.check(model)
     train_seconds = time.time() - t0
+    dist.assert_identical(model)  # under torchrun: every rank ends with the same weights
     save_run(out, model, tok, a, kind="policy", stage="dpo", reference=a.policy)  # rank 0 only
     if not dist.is_main():  # the evaluation and the report are rank 0's
         run_.finish()

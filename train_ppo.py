@@ -309,6 +309,7 @@ def main(argv=None):
                               "elapsed_s": time.time() - t0}, finite, [policy, value_model])
     log.close()
     train_seconds = time.time() - t0
+    dist.assert_identical(policy, value_model)  # under torchrun: every rank ends with the same weights
     save_run(out, policy, tok, a, kind="policy", stage="ppo")  # rank 0 only
     if not dist.is_main():  # the held-out comparison and the report are rank 0's
         run_.finish()

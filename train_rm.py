@@ -286,6 +286,7 @@ def main(argv=None):
                        eval_reward_mean=sum(r) / len(r))
     metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
                    train_seconds=train_seconds, total_seconds=time.time() - t_start)
+    dist.assert_identical(rm)  # under torchrun: every rank ends with the same weights
     save_run(out, rm, tok, a, kind="reward", stage="rm", sft=a.sft, normalisation={
         "fit_on": f"{n_norm_used} EOS-ended of {len(norm_samples)} fresh SFT samples of train prompts",
         "n_samples": n_norm_used, "raw_mean": raw_mean,

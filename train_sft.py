@@ -230,6 +230,7 @@ def main(argv=None):
                               "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
     log.close()
     finite.check(model)
+    dist.assert_identical(model)  # under torchrun: every rank ends with the same weights
     save_run(out, model, tok, a, kind="policy", stage="sft")  # rank 0 only
     if not dist.is_main():  # the end-of-run samples and the report are rank 0's
         run_.finish()

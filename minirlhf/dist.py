@@ -162,6 +162,13 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def assert_identical(*models):
+    """Raise unless every rank holds the same weights (the scripts check once, before rank 0 saves)."""
+    if not check_identical(*models):
+        raise RuntimeError(f"rank {_rank}: the ranks' weights differ at the end of training (a bug: DDP keeps them "
+                           f"equal); nothing was saved")
+
+
 def check_identical(*models) -> bool:
     """Do all ranks hold the same weights? (a debugging aid and a test check; one all-reduce per model)."""
     if not enabled():
