@@ -148,7 +148,7 @@ def wrap(model: torch.nn.Module, device: str):
     backward); the model itself otherwise. Call it on the model that is trained, after moving it to `device`."""
     if not enabled():
         return model
-    return _DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+    return _DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
 
 class _DDP(torch.nn.parallel.DistributedDataParallel):
