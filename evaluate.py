@@ -324,7 +324,7 @@ def main(argv=None):
                                 batch_size=max(a.batch_size, 512), **shard)
         for n, m in bon.items():
             if "win_rate_vs_ref" in m:
-                m["win_rate"] = m.pop("win_rate_vs_ref")
+                m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
             keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
             m["samples"] = [{k: s[k] for k in keep if k in s} for s in m["samples"][:a.n_show]]
             report["policies"][f"bon-{n}"] = {"run_dir": None, **m}

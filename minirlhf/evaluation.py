@@ -375,8 +375,8 @@ def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_
     the rule PPO and GRPO train with), and keep the best of the first n.
 
     ref_samples: the reference's paired samples (one per prompt) that every policy's win rate is measured against.
-    Returns {n: metrics} with the keys of policy_metrics: gold_mean/sem, ref_gold_mean/sem and win_rate_vs_ref
-    (with a task), rm_mean/sem and rm_win_rate, kl_mean = the closed-form bound best_of_n_kl(n) (kl_sem 0,
+    Returns {n: metrics} with the keys of policy_metrics: gold_mean/sem, ref_gold_mean/sem, gold_gain/sem and
+    win_rate_vs_ref/sem (with a task), rm_mean/sem and rm_win_rate/sem, kl_mean = the closed-form bound best_of_n_kl(n) (kl_sem 0,
     kl_is_bound True), eos_rate, mean_len, distinct_2, n_prompts; plus "samples" (the chosen ones).
     distributed: sample_policy's sharded sampling under torchrun."""
     N, P = max(ns), len(prompts)
@@ -399,9 +399,10 @@ def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_
                 s["gold"] = g
             m["gold_mean"], m["gold_sem"] = mean_sem(gold)
             m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
-            m["win_rate_vs_ref"] = paired_win_rate(gold, ref_gold)
+            m["win_rate_vs_ref"], m["win_rate_vs_ref_sem"] = paired_win_rate_sem(gold, ref_gold)
+            m["gold_gain"], m["gold_gain_sem"] = paired_gain(gold, ref_gold)  # paired by prompt, as policy_metrics
         m["rm_mean"], m["rm_sem"] = mean_sem([s["rm"] for s in chosen])
-        m["rm_win_rate"] = paired_win_rate([s["rm"] for s in chosen], ref_rm)
+        m["rm_win_rate"], m["rm_win_rate_sem"] = paired_win_rate_sem([s["rm"] for s in chosen], ref_rm)
         m["eos_rate"] = sum(s["eos"] for s in chosen) / P
         m["mean_len"] = sum(s["length"] for s in chosen) / P
         m["distinct_2"] = distinct_n([s["response"] for s in chosen], 2)
