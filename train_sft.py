@@ -221,7 +221,8 @@ def main(argv=None):
                    "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
             peak = device_peak_flops(peak_tflops=a.peak_tflops) if device.startswith("cuda") or a.peak_tflops else None
             if peak:  # model FLOPs utilisation against the detected card's (or --peak-tflops) dense bf16 peak
-                row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)), row["tokens_per_s"], peak)
+                row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)),  # per device: tokens/s over ranks
+                                 row["tokens_per_s"] / dist.world_size(), peak)
             log.write(row)
             bar.log(step, loss=row["loss"], val=val_loss, tok_s=round(row["tokens_per_s"]))
         if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
