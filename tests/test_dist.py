@@ -101,6 +101,15 @@ def test_a_user_error_under_torchrun_stops_the_job(tmp_path):
     assert not (tmp_path / "sft").exists()
 
 
+def test_a_failure_on_rank_zero_alone_stops_the_others(tmp_path):
+    # only rank 0 checks the output location (the others write to scratch): rank 1 goes on into training and would
+    # wait in DDP's first collective for ever; torchrun must stop it once rank 0 exits with its one-line error
+    (tmp_path / "file").write_text("")
+    proc = run(["train_sft.py", "--out-dir", str(tmp_path / "file" / "sft"), *SFT], 2, tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "error: --out-dir" in proc.stderr and "is a file, not a folder" in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------- PPO statistics
 def _free_port() -> int:
     with socket.socket() as s:
