@@ -32,10 +32,9 @@ import torch
 
 from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
-from minirlhf.rollout import check_first_ratio, collect_rollout
+from minirlhf.rollout import check_first_ratio, collect_rollout, training_prompts
 from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs
 from minirlhf.tasks import get_task
@@ -145,14 +144,7 @@ def main(argv=None):
     # ---- prompts: each train prompt repeated group_size times in a row (group g = samples g*k .. g*k + k - 1)
     task = None if a.prompts else get_task(a.task)
     n_needed = a.iterations * a.prompts_per_iter
-    if a.prompts:
-        recs = read_jsonl(a.prompts, ("prompt",))
-        texts = [recs[i % len(recs)]["prompt"] for i in range(n_needed)]
-        wheres = [recs[i % len(recs)]["_where"] for i in range(n_needed)]
-    else:
-        texts = task.sample_prompts("train", n_needed, seed=a.seed)
-        wheres = ["built-in task prompt"] * n_needed
-    prompt_ids = [encode_prompt(tok, t, policy.config.block_size, w) for t, w in zip(texts, wheres)]
+    texts, prompt_ids = training_prompts(a.prompts, task, n_needed, a.seed, tok, policy.config.block_size)
     group_ids = torch.arange(a.prompts_per_iter // W, device=device).repeat_interleave(a.group_size)  # (B,)
     all_group_ids = torch.arange(a.prompts_per_iter, device=device).repeat_interleave(a.group_size)  # all ranks
 

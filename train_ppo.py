@@ -22,12 +22,11 @@ import torch
 
 from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
                              gae_advantages, kl_shaped_rewards, masked_mean,
                              ppo_policy_loss, ppo_value_loss)
-from minirlhf.rollout import check_first_ratio, collect_rollout
+from minirlhf.rollout import check_first_ratio, collect_rollout, training_prompts
 from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, response_values
 from minirlhf.tasks import get_task
@@ -128,14 +127,7 @@ def main(argv=None):
     # ---- prompts: train prompts for rollouts, held-out test prompts for the final comparison
     task = None if a.prompts else get_task(a.task)
     n_needed = a.iterations * a.batch_size
-    if a.prompts:
-        recs = read_jsonl(a.prompts, ("prompt",))
-        texts = [recs[i % len(recs)]["prompt"] for i in range(n_needed)]
-        wheres = [recs[i % len(recs)]["_where"] for i in range(n_needed)]
-    else:
-        texts = task.sample_prompts("train", n_needed, seed=a.seed)
-        wheres = ["built-in task prompt"] * n_needed
-    prompt_ids = [encode_prompt(tok, t, policy.config.block_size, w) for t, w in zip(texts, wheres)]
+    texts, prompt_ids = training_prompts(a.prompts, task, n_needed, a.seed, tok, policy.config.block_size)
 
     # one optimizer, two parameter groups; no weight decay (it would pull the policy away from the SFT weights
     # the KL penalty anchors it to); eps 1e-5 as in the PPO reference implementations
