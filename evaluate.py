@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from minirlhf import dist
 from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
 from minirlhf.data import read_jsonl
 from minirlhf.evaluation import (best_of_n_metrics, estimate_frontier, fraction_of_optimal, policy_metrics,
@@ -274,7 +275,7 @@ def validate(a: Args):
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
-    device = resolve_device(a.device)
+    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     t0 = time.time()
@@ -294,13 +295,16 @@ def main(argv=None):
 
     # The reference's paired samples (a different seed from the policies': the SFT row then compares two
     # independent SFT samples, so its win rate is ~0.5 by construction -- a built-in sanity check).
-    ref_samples = sample_policy(ref, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed + 1, **kw)
+    # Under torchrun the sampling (the costly, token-by-token part) is sharded across the ranks and gathered; the
+    # scoring passes then run on every rank over all samples, and rank 0 writes the one report.
+    shard = dict(distributed=dist.enabled())
+    ref_samples = sample_policy(ref, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed + 1, **kw, **shard)
     report = {"ref": a.ref, "task": None if task is None else a.task, "gold": task is not None,
               "n_prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "policies": {}}
     compiled = {}
     for name, (run_dir, model) in policies.items():
         t = time.time()
-        samples = sample_policy(model, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed, **kw)
+        samples = sample_policy(model, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed, **kw, **shard)
         if a.compile:  # scoring only; the KV-cache sampling loop would recompile at every length
             compiled.setdefault(id(model), torch.compile(model))
         scorer = compiled.get(id(model), model)
@@ -317,7 +321,7 @@ def main(argv=None):
         t = time.time()
         bon = best_of_n_metrics(ref, rm, tok, prompts, sorted(set(a.best_of)), ref_samples, a.max_new_tokens, task,
                                 a.missing_eos_penalty, seed=a.seed + 3, device=device, dtype=dtype,
-                                batch_size=max(a.batch_size, 512))
+                                batch_size=max(a.batch_size, 512), **shard)
         for n, m in bon.items():
             if "win_rate_vs_ref" in m:
                 m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
@@ -331,7 +335,7 @@ def main(argv=None):
         t = time.time()
         fr = estimate_frontier(ref, tok, task, prompts[:a.frontier_prompts], a.frontier_samples, a.max_new_tokens,
                                a.betas or None, a.min_ess, seed=a.seed + 2, device=device, dtype=dtype,
-                               batch_size=max(a.batch_size, 512))
+                               batch_size=max(a.batch_size, 512), **shard)
         report["frontier"], report["frontier_dropped"] = fr.pop("frontier"), fr.pop("dropped")
         report["frontier_info"] = fr
         for m in report["policies"].values():
@@ -344,6 +348,9 @@ def main(argv=None):
               f"{time.time() - t:.1f}s")
 
     out = run_.dir  # the report is written to the staging folder; run_.finish() moves it to --out-dir
+    if not dist.is_main():  # one report, rank 0's
+        run_.finish()
+        return
     report["plot"] = "report.png" if write_plot(report, out / "report.png") else None
     report["args"] = asdict(a)
     report["seconds"] = time.time() - t0

@@ -5,6 +5,7 @@
     bash pipeline.sh --force              # rerun every stage, even those that are up to date
     bash pipeline.sh --out runs/seed1 --seed 1
     bash pipeline.sh --init-from gpt2 --data my_sft.jsonl ...   # --init-from goes to train_sft.py only
+    bash pipeline.sh --nproc 8 --device cuda   # every stage under torchrun --standalone --nproc_per_node 8
 
     out/sft   train_sft.py  --out-dir out/sft
     out/rm    train_rm.py   --sft out/sft --out-dir out/rm              (also writes out/rm/prefs.jsonl)
@@ -182,9 +183,17 @@ def main():
     parser.add_argument("--out", default="out", help="folder that receives sft/ rm/ ppo/ grpo/ dpo/ eval/")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="only print which stages would run, and why")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per stage: > 1 runs every stage under "
+                                                             "torchrun --standalone --nproc_per_node N (one per GPU "
+                                                             "with --device cuda; gloo processes on the CPU)")
     parser.add_argument("--init-from", help="pretrained GPT-2 directory or Hub id for train_sft.py (SFT only; the "
                                             "later stages start from the SFT run)")
     a, extra = parser.parse_known_args()
+    if a.nproc < 1:
+        fail(f"--nproc {a.nproc}: must be >= 1")
+    # torchrun as a module of this Python (the same environment); --standalone: a local rendezvous on a free port
+    launch = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", str(a.nproc)]
     here = Path(__file__).resolve().parent  # the stage scripts sit next to this file
     root = Path(a.out).resolve()  # stages get absolute paths: the same run from any folder
     plan = stages(root, a.init_from)
@@ -200,11 +209,12 @@ def main():
             continue
         if should_resume(script, argv, out_dir):
             argv, reason = argv + ["--resume"], f"resuming the interrupted run in {runs.staging_dir(out_dir)}"
-        print(f"== {name}: python {script} {' '.join(argv)}   ({reason})", flush=True)
+        shown = "python" if a.nproc == 1 else f"torchrun --standalone --nproc_per_node {a.nproc}"
+        print(f"== {name}: {shown} {script} {' '.join(argv)}   ({reason})", flush=True)
         if a.dry_run:
             continue
         t = time.time()
-        rc = run_stage([sys.executable, str(here / script), *argv])
+        rc = run_stage([*launch, str(here / script), *argv])
         if rc != 0:
             print(f"pipeline: stage {name} failed (exit code {rc}); finished stages are skipped when you rerun",
                   file=sys.stderr)

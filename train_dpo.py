@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
 from minirlhf.data import collate_sft, encode_prompt, length_batches, load_pref_jsonl
 from minirlhf.evaluation import compare_to_reference, reward_model_scores
@@ -190,7 +191,8 @@ def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype,
     h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype,
                          "banned-unsampleable"]).encode())  # log-probs over the sampling distribution
     key, cache = h.hexdigest(), out / "ref_logps.pt"
-    for found in [cache] + [Path(d) / "ref_logps.pt" for d in also]:
+    hit = None
+    for found in [cache] + [Path(d) / "ref_logps.pt" for d in also] if dist.is_main() else []:
         if not found.is_file():
             continue
         try:
@@ -201,21 +203,35 @@ def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype,
             print(f"reference log-probs: reusing {found}")
             if found != cache:
                 torch_save(cache, saved)
-            return saved["train"].to(device), saved["test"].to(device)
+            hit = saved
+            break
+    hit = dist.broadcast_object(hit)  # under torchrun: rank 0's cache, so every rank decides alike
+    if hit is not None:
+        return hit["train"].to(device), hit["test"].to(device)
     t0 = time.time()
     pad = {}
     banned = tok.unsampleable_ids(model.config.vocab_size)
-    ref_train, _ = all_pair_logps(model, train_pairs, tok.pad_id, device, dtype, a.eval_batch_size, banned, stats=pad)
-    ref_test, _ = all_pair_logps(model, test_pairs, tok.pad_id, device, dtype, a.eval_batch_size, banned)
-    torch_save(cache, {"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()})
+    # under torchrun each rank scores a contiguous share of the pairs; all_gather_cat puts them back in order
+    ref_train, _ = all_pair_logps(model, dist.shard(train_pairs), tok.pad_id, device, dtype, a.eval_batch_size,
+                                  banned, stats=pad)
+    ref_test, _ = all_pair_logps(model, dist.shard(test_pairs), tok.pad_id, device, dtype, a.eval_batch_size, banned)
+    ref_train, ref_test = dist.all_gather_cat(ref_train), dist.all_gather_cat(ref_test)
+    if dist.is_main():
+        torch_save(cache, {"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()})
     print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s -> {cache} "
           f"(padding {pad.get('padding_share', 0.0):.0%} of the train pass)")
     return ref_train, ref_test
 
 
 # ----------------------------------------------------------------------------------------------- loss + stats
-def dpo_step_loss(logps, lens, ref, a: Args):
+def dpo_step_loss(logps, lens, ref, a: Args, n_pairs=None, n_tokens=None):
     """The training objective and the usual DPO diagnostics for one batch.
+
+    n_pairs, n_tokens: the divisors of the pair means and of the chosen responses' per-token NLL, by default this
+    batch's counts. Under torchrun each rank passes (global count) / world size: DDP averages the gradients over
+    ranks, so the ranks together then follow the gradient of the whole global batch's loss, also when their
+    shards hold different numbers of tokens; loss and stats are this rank's part (their sum over ranks divided
+    by the world size is the global batch's value).
 
     logps, lens (2B,) = policy log-probs and lengths of [chosen; rejected]; ref (B, 2) reference log-probs.
     Returns (loss, stats), stats as 0-d tensors (stats_to_host turns them into floats): rewards/* = beta * log-ratio (the implicit reward of Rafailov et al., eq. 5, up to
@@ -227,17 +243,19 @@ def dpo_step_loss(logps, lens, ref, a: Args):
         n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
         pi_c, pi_r, ref_c, ref_r = pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r
     losses = preference_loss(a.loss, pi_c, pi_r, ref_c, ref_r, a.beta, a.label_smoothing)  # (B,)
-    loss = losses.mean()
-    nll = -logps[:B].sum() / lens[:B].sum().clamp(min=1)  # per-token NLL of the chosen responses (as SFT's loss)
+    mean = (lambda x: x.mean()) if n_pairs is None else (lambda x: x.sum() / n_pairs)
+    loss = mean(losses)
+    # per-token NLL of the chosen responses (as SFT's loss)
+    nll = -logps[:B].sum() / (lens[:B].sum().clamp(min=1) if n_tokens is None else n_tokens)
     if a.nll_coef:
         loss = loss + a.nll_coef * nll
     with torch.no_grad():  # tensors, not floats: no host sync per step (stats_to_host once per log step)
         r_c, r_r = a.beta * (pi_c - ref_c), a.beta * (pi_r - ref_r)
-        stats = {"loss": loss.detach(), "pref_loss": losses.mean(), "nll_chosen": nll.detach(),
-                 "rewards/chosen": r_c.mean(), "rewards/rejected": r_r.mean(),
-                 "rewards/accuracy": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean(),
-                 "rewards/margin": (r_c - r_r).mean(),
-                 "logps/chosen": logps[:B].mean(), "logps/rejected": logps[B:].mean()}
+        stats = {"loss": loss.detach(), "pref_loss": mean(losses), "nll_chosen": nll.detach(),
+                 "rewards/chosen": mean(r_c), "rewards/rejected": mean(r_r),
+                 "rewards/accuracy": mean((r_c > r_r).float() + 0.5 * (r_c == r_r).float()),
+                 "rewards/margin": mean(r_c - r_r),
+                 "logps/chosen": mean(logps[:B]), "logps/rejected": mean(logps[B:])}
     return loss, stats
 
 
@@ -310,8 +328,11 @@ def validate(a: Args):
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
-    device = resolve_device(a.device)
+    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(a.dtype, device)
+    check(a.batch_size >= dist.world_size(), f"--batch-size {a.batch_size}: must be >= the number of processes "
+                                             f"({dist.world_size()}; it is the global batch, split across them)")
+    check(a.rounds == 1 or not dist.enabled(), "--rounds > 1 is not supported under torchrun (run one process)")
     set_seed(a.seed)
     task = None if a.task.lower() == "none" else get_task(a.task)
     run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
@@ -354,7 +375,8 @@ def main(argv=None):
         reward_model.eval().requires_grad_(False)
 
     opt = adamw(model, a.lr, a.weight_decay, device)
-    train_model = torch.compile(model) if a.compile else model
+    train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
+    train_model = torch.compile(train_model) if a.compile else train_model
     banned = tok.unsampleable_ids(model.config.vocab_size)
 
     # ---- training: shuffled passes over the pairs
@@ -401,9 +423,14 @@ def main(argv=None):
             if len(order) < a.batch_size:  # next epoch; the tail of the last one joins it (every pair is seen)
                 order = torch.cat([order, torch.randperm(len(train_pairs), generator=gen)])
             idx, order = order[:a.batch_size], order[a.batch_size:]
-            logps, lens = pair_logps(train_model, pair_batch([train_pairs[i] for i in idx], tok.pad_id, device),
-                                     device, dtype, banned)
-            loss, stats = dpo_step_loss(logps, lens, ref_train[idx.to(device)], a)
+            mine = dist.shard(idx)  # the same global batch on every rank; this rank's contiguous share of it
+            batch = pair_batch([train_pairs[i] for i in mine], tok.pad_id, device)
+            counts = {}
+            if dist.enabled():  # global pair and chosen-token counts (one all-reduce), divided by the world size
+                n_tok = dist.all_reduce_sum(batch["loss_mask"][:len(mine)].sum())
+                counts = dict(n_pairs=len(idx) / dist.world_size(), n_tokens=n_tok.clamp(min=1) / dist.world_size())
+            logps, lens = pair_logps(train_model, batch, device, dtype, banned)
+            loss, stats = dpo_step_loss(logps, lens, ref_train[mine.to(device)], a, **counts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
@@ -414,6 +441,8 @@ def main(argv=None):
                 test_stats = test_pair_stats(model, test_pairs, ref_test, a, tok, device, dtype)
             if step % a.log_interval == 0 or last:
                 finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
+                if dist.enabled():  # each rank holds its part: sum / world = the global batch's numbers
+                    stats = {k: dist.all_reduce_sum(v) / dist.world_size() for k, v in stats.items()}
                 stats = stats_to_host({**stats, "grad_norm": grad_norm})
                 row = {"step": step0 + step, "epoch": (step + 1) / steps_per_epoch, **stats, **test_stats, "lr": lr,
                        "elapsed_s": time.time() - t0}
@@ -427,7 +456,11 @@ def main(argv=None):
     log.close()
     finite.check(model)
     train_seconds = time.time() - t0
-    save_run(out, model, tok, a, kind="policy", stage="dpo", reference=a.policy)
+    dist.assert_identical(model)  # under torchrun: every rank ends with the same weights
+    save_run(out, model, tok, a, kind="policy", stage="dpo", reference=a.policy)  # rank 0 only
+    if not dist.is_main():  # the evaluation and the report are rank 0's
+        run_.finish()
+        return
 
     # ---- final numbers: implicit-reward accuracy on test pairs beside the Bayes ceiling, then gold vs reference
     metrics = {"train_loss": stats["loss"], "train_accuracy": stats["rewards/accuracy"],

@@ -30,11 +30,11 @@ from typing import Optional
 
 import torch
 
+from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
-from minirlhf.rollout import check_first_ratio, collect_rollout
+from minirlhf.rollout import check_first_ratio, collect_rollout, training_prompts
 from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs
 from minirlhf.tasks import get_task
@@ -115,10 +115,14 @@ def validate(a: Args):
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
-    device = resolve_device(a.device)
+    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
-    B = a.prompts_per_iter * a.group_size  # samples per rollout
+    W = dist.world_size()  # under torchrun each rank samples whole groups: prompts_per_iter / W prompts
+    check(a.prompts_per_iter % W == 0 and (a.prompts_per_iter // W * a.group_size) % a.minibatches == 0,
+          f"--prompts-per-iter {a.prompts_per_iter}: must be divisible by the number of processes {W}, and each "
+          f"process's samples (prompts / {W} x --group-size) by --minibatches {a.minibatches}")
+    B = a.prompts_per_iter * a.group_size // W  # samples per rollout (of this rank)
     run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
     state = run_.load_resume()
 
@@ -140,32 +144,27 @@ def main(argv=None):
     # ---- prompts: each train prompt repeated group_size times in a row (group g = samples g*k .. g*k + k - 1)
     task = None if a.prompts else get_task(a.task)
     n_needed = a.iterations * a.prompts_per_iter
-    if a.prompts:
-        recs = read_jsonl(a.prompts, ("prompt",))
-        texts = [recs[i % len(recs)]["prompt"] for i in range(n_needed)]
-        wheres = [recs[i % len(recs)]["_where"] for i in range(n_needed)]
-    else:
-        texts = task.sample_prompts("train", n_needed, seed=a.seed)
-        wheres = ["built-in task prompt"] * n_needed
-    prompt_ids = [encode_prompt(tok, t, policy.config.block_size, w) for t, w in zip(texts, wheres)]
-    group_ids = torch.arange(a.prompts_per_iter, device=device).repeat_interleave(a.group_size)  # (B,)
+    texts, prompt_ids = training_prompts(a.prompts, task, n_needed, a.seed, tok, policy.config.block_size)
+    group_ids = torch.arange(a.prompts_per_iter // W, device=device).repeat_interleave(a.group_size)  # (B,)
+    all_group_ids = torch.arange(a.prompts_per_iter, device=device).repeat_interleave(a.group_size)  # all ranks
 
     # no weight decay (it would pull the policy off the SFT weights the KL anchors it to); eps 1e-5 as for PPO
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.0, eps=1e-5, fused=device.startswith("cuda"))
-    train_policy = torch.compile(policy) if a.compile else policy
+    train_policy = dist.wrap(policy, device)  # DDP under torchrun (averages gradients), else the model itself
+    train_policy = torch.compile(train_policy) if a.compile else train_policy
     # Dr. GRPO's constant normaliser: the token budget of the responses in a minibatch (not their actual lengths)
     mb_size = B // a.minibatches
     constant = float(a.max_new_tokens * mb_size)
 
     out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
-    gen = torch.Generator(device=device).manual_seed(a.seed)
+    gen = torch.Generator(device=device).manual_seed(a.seed + 1_000_003 * dist.rank())  # own stream per rank
     t0, start = time.time(), 0
     first_ratio_dev, first_ratio_max = None, 0.0  # of the first iteration; the largest over all
     if state is not None:
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], [gen])
+        set_rng_state(state["rng_ranks"][dist.rank()] if dist.enabled() else state["rng"], [gen])
         start, first_ratio_dev, first_ratio_max = state["step"], state["first_ratio_dev"], state["first_ratio_max"]
         t0 -= state["elapsed_s"]
     log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
@@ -177,7 +176,8 @@ def main(argv=None):
 
         # ================================================================ rollout (no gradients)
         t_roll = time.time()
-        sl = slice(it * a.prompts_per_iter, (it + 1) * a.prompts_per_iter)
+        sl = dist.shard(range(it * a.prompts_per_iter, (it + 1) * a.prompts_per_iter))  # this rank's groups
+        sl = slice(sl.start, sl.stop)
         ids = [p for p in prompt_ids[sl] for _ in range(a.group_size)]
         strs = [p for p in texts[sl] for _ in range(a.group_size)]
         ro = collect_rollout(policy, ref, reward_model, tok, ids, strs, a.max_new_tokens, a.temperature,
@@ -188,15 +188,19 @@ def main(argv=None):
         seq_kl = ((ro.old_logp - ro.ref_logp) * mask).sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref)
         reward = ro.score - a.kl_coef * seq_kl if a.kl_in == "reward" else ro.score  # (B,) sequence reward
         adv = group_advantages(reward, group_ids, a.baseline, a.scale_by_std)  # (B,), one value per sample
-        roll = {"rm_score_mean": ro.rm_score.mean(), "rm_score_std": ro.rm_score.std(), "score_mean": ro.score.mean(),
-                "kl": seq_kl.mean(), "reward_mean": reward.mean(), "resp_len": ro.lengths.float().mean(),
-                "eos_rate": ro.has_eos.float().mean(), "zero_adv_groups": zero_advantage_share(reward, group_ids),
-                "adv_abs_mean": adv.abs().mean(),
-                "sample_logp_diff": ((ro.sample_logp - ro.old_logp) * mask).abs().max()}
-        row = {"iter": it, "episodes": (it + 1) * B, "beta": a.kl_coef,
+        g = dist.all_gather_cat  # the whole batch's per-sample numbers (the identity in one process)
+        rm_score, all_reward = g(ro.rm_score), g(reward)
+        roll = {"rm_score_mean": rm_score.mean(), "rm_score_std": rm_score.std(), "score_mean": g(ro.score).mean(),
+                "kl": g(seq_kl).mean(), "reward_mean": all_reward.mean(), "resp_len": g(ro.lengths).float().mean(),
+                "eos_rate": g(ro.has_eos).float().mean(),
+                "zero_adv_groups": zero_advantage_share(all_reward, all_group_ids),
+                "adv_abs_mean": g(adv).abs().mean(),
+                "sample_logp_diff": dist.all_reduce_max(((ro.sample_logp - ro.old_logp) * mask).abs().max())}
+        row = {"iter": it, "episodes": (it + 1) * a.prompts_per_iter * a.group_size, "beta": a.kl_coef,
                **dict(zip(roll, torch.stack([v.float() for v in roll.values()]).tolist()))}  # one host transfer
         if ro.gold is not None:  # gold reward: logged to expose reward hacking, never trained on
-            row["gold_mean"] = sum(ro.gold) / B
+            gold = dist.all_gather_objects(ro.gold)
+            row["gold_mean"] = sum(gold) / len(gold)
         row["rollout_s"] = time.time() - t_roll
 
         # ================================================================ update
@@ -220,6 +224,9 @@ def main(argv=None):
                 loss, st = grpo_policy_loss(logp, ro.old_logp[idx, :R], adv[idx], mb_mask, a.clip, a.loss_agg,
                                             None if kl_ref is None else kl_ref[idx, :R], a.kl_coef, a.kl_estimator,
                                             constant)
+                if dist.enabled() and a.loss_agg == "token":  # a per-token mean: normalise by the global count
+                    n_tok = mb_mask.sum()  # ("sequence" and "constant" divide by equal per-rank numbers already)
+                    loss = loss * (n_tok * W / dist.all_reduce_sum(n_tok).clamp(min=1))
                 opt.zero_grad(set_to_none=True)
                 finite.watch(it, loss=loss)  # checked once per iteration, before logging
                 loss.backward()
@@ -234,7 +241,13 @@ def main(argv=None):
                 mb_stats.append(torch.stack([loss.detach(), st["kl_loss"], st["approx_kl"], st["clipfrac"],
                                              masked_mean(entropy.detach(), mb_mask), masked_mean(ratio, mb_mask),
                                              ratio_max, norm]).float())
-        host = torch.cat([torch.stack(mb_stats).flatten(), first_dev.float()[None]]).tolist()
+        mb_stats = torch.stack(mb_stats)  # (minibatches, n_stats)
+        if dist.enabled():  # means over ranks (ratio_max and the first-ratio deviation: maxima)
+            mb_max = dist.all_reduce_max(mb_stats)
+            mb_stats = dist.all_reduce_sum(mb_stats) / W
+            mb_stats[:, stat_names.index("ratio_max")] = mb_max[:, stat_names.index("ratio_max")]
+            first_dev = dist.all_reduce_max(first_dev.float())
+        host = torch.cat([mb_stats.flatten(), first_dev.float()[None]]).tolist()
         dev, n = host.pop(), len(stat_names)
         cols = dict(zip(stat_names, zip(*(host[i:i + n] for i in range(0, len(host), n)))))
         row.update({k: (max(v) if k == "ratio_max" else sum(v) / len(v)) for k, v in cols.items()})
@@ -256,11 +269,16 @@ def main(argv=None):
         if a.save_interval and (it + 1) % a.save_interval == 0 and it != a.iterations - 1:
             run_.save_resume({"step": it + 1, "unit": "iteration", "policy": policy.state_dict(),
                               "optimizer": opt.state_dict(), "rng": rng_state([gen]),
+                              **({"rng_ranks": dist.all_gather_objects([rng_state([gen])])} if dist.enabled() else {}),
                               "first_ratio_dev": first_ratio_dev, "first_ratio_max": first_ratio_max,
                               "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [policy])
     log.close()
     train_seconds = time.time() - t0
-    save_run(out, policy, tok, a, kind="policy", stage="grpo")
+    dist.assert_identical(policy)  # under torchrun: every rank ends with the same weights
+    save_run(out, policy, tok, a, kind="policy", stage="grpo")  # rank 0 only
+    if not dist.is_main():  # the held-out comparison and the report are rank 0's
+        run_.finish()
+        return
 
     # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1), as train_ppo.py
     metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev,
@@ -278,7 +296,7 @@ def main(argv=None):
     write_json(out / "metrics.json", metrics)
     run_.finish()
     out = run_.out
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
 
 

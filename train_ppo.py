@@ -20,13 +20,13 @@ from typing import Optional
 
 import torch
 
+from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation import compare_to_reference
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
-                             gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten,
+                             gae_advantages, kl_shaped_rewards, masked_mean,
                              ppo_policy_loss, ppo_value_loss)
-from minirlhf.rollout import check_first_ratio, collect_rollout
+from minirlhf.rollout import check_first_ratio, collect_rollout, training_prompts
 from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, response_values
 from minirlhf.tasks import get_task
@@ -100,8 +100,11 @@ def validate(a: Args):
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
-    device = resolve_device(a.device)
+    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(a.dtype, device)
+    W = dist.world_size()  # each rank rolls out batch_size / W prompts and trains on minibatches of that share
+    check(a.batch_size % (W * a.minibatches) == 0, f"--batch-size {a.batch_size} must be divisible by --minibatches "
+                                                   f"{a.minibatches} times the number of processes {W}")
     set_seed(a.seed)
     run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
     state = run_.load_resume()
@@ -124,14 +127,7 @@ def main(argv=None):
     # ---- prompts: train prompts for rollouts, held-out test prompts for the final comparison
     task = None if a.prompts else get_task(a.task)
     n_needed = a.iterations * a.batch_size
-    if a.prompts:
-        recs = read_jsonl(a.prompts, ("prompt",))
-        texts = [recs[i % len(recs)]["prompt"] for i in range(n_needed)]
-        wheres = [recs[i % len(recs)]["_where"] for i in range(n_needed)]
-    else:
-        texts = task.sample_prompts("train", n_needed, seed=a.seed)
-        wheres = ["built-in task prompt"] * n_needed
-    prompt_ids = [encode_prompt(tok, t, policy.config.block_size, w) for t, w in zip(texts, wheres)]
+    texts, prompt_ids = training_prompts(a.prompts, task, n_needed, a.seed, tok, policy.config.block_size)
 
     # one optimizer, two parameter groups; no weight decay (it would pull the policy away from the SFT weights
     # the KL penalty anchors it to); eps 1e-5 as in the PPO reference implementations
@@ -139,22 +135,25 @@ def main(argv=None):
                              {"params": value_model.parameters(), "lr": a.value_lr}],
                             weight_decay=0.0, betas=(0.9, 0.999), eps=1e-5, fused=device.startswith("cuda"))
     base_lrs = [g["lr"] for g in opt.param_groups]
-    train_policy = torch.compile(policy) if a.compile else policy
-    train_value = torch.compile(value_model) if a.compile else value_model
+    # DDP under torchrun, one wrapper per trained model (they share no parameters); the models themselves otherwise
+    train_policy, train_value = dist.wrap(policy, device), dist.wrap(value_model, device)
+    train_policy = torch.compile(train_policy) if a.compile else train_policy
+    train_value = torch.compile(train_value) if a.compile else train_value
     kl_horizon = a.kl_horizon or default_kl_horizon(a.iterations * a.batch_size, a.batch_size)
     kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, kl_horizon) if a.target_kl > 0 \
         else FixedKLController(a.kl_coef)
 
     out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
-    gen = torch.Generator(device=device).manual_seed(a.seed)
+    # under torchrun every rank samples its own prompts with its own stream (rank 0 keeps the one-process seed)
+    gen = torch.Generator(device=device).manual_seed(a.seed + 1_000_003 * dist.rank())
     t0, start = time.time(), 0
     first_ratio_dev, first_ratio_max = None, 0.0  # of the first iteration; the largest over all
     if state is not None:
         policy.load_state_dict(state["policy"])
         value_model.load_state_dict(state["value_model"])
         opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], [gen])
+        set_rng_state(state["rng_ranks"][dist.rank()] if dist.enabled() else state["rng"], [gen])
         vars(kl_ctl).update(state["kl_ctl"])
         start, first_ratio_dev = state["step"], state["first_ratio_dev"]
         first_ratio_max = state["first_ratio_max"]
@@ -170,35 +169,45 @@ def main(argv=None):
 
         # ================================================================ rollout (no gradients)
         t_roll = time.time()
-        sl = slice(it * a.batch_size, (it + 1) * a.batch_size)
+        sl = dist.shard(range(it * a.batch_size, (it + 1) * a.batch_size))  # this rank's prompts of the batch
+        sl = slice(sl.start, sl.stop)
         ro = collect_rollout(policy, ref, reward_model, tok, prompt_ids[sl], texts[sl], a.max_new_tokens,
                              a.temperature, a.missing_eos_penalty, gen, device, dtype, value_model=value_model,
                              task=task, compile=a.compile)
         p_ids, p_mask, resp, resp_mask, mask = ro.prompt_ids, ro.prompt_mask, ro.resp, ro.resp_mask, ro.mask
         old_logp, old_values = ro.old_logp, ro.values  # (B, R) each
-        B = resp.size(0)
+        B = resp.size(0)  # this rank's rollouts; a.batch_size in all
+        g = dist.all_gather_cat  # per-sequence numbers of the whole batch (the identity in one process)
 
         # ================================================================ advantages
         rewards, kl, non_score = kl_shaped_rewards(ro.score, old_logp, ro.ref_logp, mask, beta)  # (B, R) each
         if a.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = dist.masked_whiten(rewards, mask, shift_mean=False)  # statistics of the global batch
         advantages, returns = gae_advantages(rewards, old_values, mask, a.gamma, a.lam)  # (B, R) each
-        advantages = masked_whiten(advantages, mask)
+        advantages = dist.masked_whiten(advantages, mask)  # = losses.masked_whiten of the global batch
         seq_kl = kl.sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref) per sequence
         # rollout statistics as tensors, moved to the host in one transfer
-        roll = {"rm_score_mean": ro.rm_score.mean(), "rm_score_std": ro.rm_score.std(),
-                "score_mean": ro.score.mean(), "kl": seq_kl.mean(), "non_score_reward": non_score.sum(1).mean(),
-                "total_reward": (ro.score + non_score.sum(1)).mean(), "resp_len": ro.lengths.float().mean(),
-                "eos_rate": ro.has_eos.float().mean(),
-                "explained_var": explained_variance(old_values, returns, mask),
-                "value_mean": masked_mean(old_values, mask),
+        # Under torchrun every number is the global batch's (per-sequence vectors gathered, token sums all-reduced),
+        # so the KL fed to the controller, and with it beta, is the same on every rank.
+        rm_score, score, non_score_sum = g(ro.rm_score), g(ro.score), g(non_score.sum(1))
+        if dist.enabled():
+            ev = 1.0 - dist.masked_var(returns - old_values, mask) / dist.masked_var(returns, mask).clamp(min=1e-8)
+        else:
+            ev = explained_variance(old_values, returns, mask)
+        roll = {"rm_score_mean": rm_score.mean(), "rm_score_std": rm_score.std(),
+                "score_mean": score.mean(), "kl": g(seq_kl).mean(), "non_score_reward": non_score_sum.mean(),
+                "total_reward": (score + non_score_sum).mean(), "resp_len": g(ro.lengths).float().mean(),
+                "eos_rate": g(ro.has_eos).float().mean(),
+                "explained_var": ev,
+                "value_mean": dist.masked_mean(old_values, mask),
                 # per-token rewards as trained on (after --whiten-rewards): mean and std over valid tokens
-                "reward_mean": masked_mean(rewards, mask), "reward_std": masked_var(rewards, mask).sqrt(),
-                "sample_logp_diff": ((ro.sample_logp - old_logp) * mask).abs().max()}
-        row = {"iter": it, "episodes": (it + 1) * B, "beta": beta,
+                "reward_mean": dist.masked_mean(rewards, mask), "reward_std": dist.masked_var(rewards, mask).sqrt(),
+                "sample_logp_diff": dist.all_reduce_max(((ro.sample_logp - old_logp) * mask).abs().max())}
+        row = {"iter": it, "episodes": (it + 1) * a.batch_size, "beta": beta,
                **dict(zip(roll, torch.stack([v.float() for v in roll.values()]).tolist()))}
         if ro.gold is not None:  # gold reward: logged to expose reward hacking, never trained on
-            row["gold_mean"] = sum(ro.gold) / B
+            gold = dist.all_gather_objects(ro.gold)
+            row["gold_mean"] = sum(gold) / len(gold)
         row["rollout_s"] = time.time() - t_roll
 
         # ================================================================ PPO update
@@ -230,6 +239,9 @@ def main(argv=None):
                 # model only; a weight on vf_loss would only rescale the value gradients, which Adam's per-parameter
                 # normalisation (and the per-model clip) undo: --value-lr is the value model's knob.
                 loss = pg_loss + vf_loss
+                if dist.enabled():  # per-token means of this rank's minibatch -> its share of the global one's
+                    n_tok = mb_mask.sum()
+                    loss = loss * (n_tok * dist.world_size() / dist.all_reduce_sum(n_tok).clamp(min=1))
                 finite.watch(it, pg_loss=pg_loss, vf_loss=vf_loss)  # checked once per iteration, before logging
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -248,9 +260,18 @@ def main(argv=None):
                                              vf_clipfrac, masked_mean(entropy.detach(), mb_mask),
                                              masked_mean(ratio, mb_mask), ratio_max, pg_norm, vf_norm]).float())
                 epoch_kl.append(pg["approx_kl"])
-            if a.approx_kl_stop > 0 and torch.stack(epoch_kl).mean().item() > a.approx_kl_stop:
+            epoch_kl = torch.stack(epoch_kl).mean()
+            if a.approx_kl_stop > 0 and dist.enabled():  # every rank must take the same decision
+                epoch_kl = dist.all_reduce_sum(epoch_kl) / dist.world_size()
+            if a.approx_kl_stop > 0 and epoch_kl.item() > a.approx_kl_stop:
                 break  # the policy moved too far from the one that collected the data
-        host = torch.cat([torch.stack(mb_stats).flatten(), first_dev.float()[None]]).tolist()  # the one transfer
+        mb_stats = torch.stack(mb_stats)  # (minibatches done, n_stats)
+        if dist.enabled():  # means over ranks (ratio_max and the first-ratio deviation: maxima)
+            mb_max = dist.all_reduce_max(mb_stats)
+            mb_stats = dist.all_reduce_sum(mb_stats) / dist.world_size()
+            mb_stats[:, stat_names.index("ratio_max")] = mb_max[:, stat_names.index("ratio_max")]
+            first_dev = dist.all_reduce_max(first_dev.float())
+        host = torch.cat([mb_stats.flatten(), first_dev.float()[None]]).tolist()  # the one transfer
         dev, n = host.pop(), len(stat_names)
         cols = dict(zip(stat_names, zip(*(host[i:i + n] for i in range(0, len(host), n)))))  # name -> per-minibatch
         row.update({k: (max(v) if k == "ratio_max" else sum(v) / len(v)) for k, v in cols.items()})
@@ -258,7 +279,7 @@ def main(argv=None):
         first_ratio_dev = dev if first_ratio_dev is None else first_ratio_dev
         first_ratio_max = max(first_ratio_max, dev)
         row["epochs_done"] = epoch + 1
-        kl_ctl.update(row["kl"], B)
+        kl_ctl.update(row["kl"], a.batch_size)  # the global KL and batch: beta is the same on every rank
         row["elapsed_s"] = time.time() - t0
         bad = [k for k, v in row.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
         if bad:
@@ -274,12 +295,17 @@ def main(argv=None):
         if a.save_interval and (it + 1) % a.save_interval == 0 and it != a.iterations - 1:
             run_.save_resume({"step": it + 1, "unit": "iteration", "policy": policy.state_dict(),
                               "value_model": value_model.state_dict(), "optimizer": opt.state_dict(),
-                              "rng": rng_state([gen]), "kl_ctl": vars(kl_ctl), "first_ratio_dev": first_ratio_dev,
+                              "rng": rng_state([gen]), "kl_ctl": vars(kl_ctl),
+                              **({"rng_ranks": dist.all_gather_objects([rng_state([gen])])} if dist.enabled() else {}), "first_ratio_dev": first_ratio_dev,
                               "first_ratio_max": first_ratio_max, "log_rows": log.rows,
                               "elapsed_s": time.time() - t0}, finite, [policy, value_model])
     log.close()
     train_seconds = time.time() - t0
-    save_run(out, policy, tok, a, kind="policy", stage="ppo")
+    dist.assert_identical(policy, value_model)  # under torchrun: every rank ends with the same weights
+    save_run(out, policy, tok, a, kind="policy", stage="ppo")  # rank 0 only
+    if not dist.is_main():  # the held-out comparison and the report are rank 0's
+        run_.finish()
+        return
 
     # ---- held-out comparison with the SFT policy (paired by prompt, gold reward, temperature 1)
     metrics = {"train_seconds": train_seconds, "first_ratio_dev": first_ratio_dev,
@@ -298,7 +324,7 @@ def main(argv=None):
     write_json(out / "metrics.json", metrics)
     run_.finish()
     out = run_.out
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
 
 

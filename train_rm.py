@@ -3,6 +3,7 @@
     python train_rm.py                                 # built-in simulated human, after python train_sft.py
     python train_rm.py --prefs my_prefs.jsonl          # your {"prompt", "chosen", "rejected"} records
     python train_rm.py --device cuda --n-prompts 20000 --batch-size 256   # same script, bigger
+    torchrun --standalone --nproc_per_node 2 train_rm.py ...   # sampling and training sharded across 2 processes
 
 Writes out/rm: model.pt + config.json + tokenizer.json (load with checkpoint.load_scalar; the gain/bias buffers
 normalise rewards of fresh SFT samples to mean 0, std 1), prefs.jsonl (train and test pairs), metrics.jsonl and
@@ -17,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from minirlhf import dist
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.losses import bradley_terry_loss
@@ -90,7 +92,7 @@ def validate(a: Args):
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
-    device = resolve_device(a.device)
+    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(a.dtype, device)
     set_seed(a.seed)
     task = get_task(a.task)
@@ -103,13 +105,15 @@ def main(argv=None):
     policy, tok, _ = load_policy(a.sft, "--sft", device)  # CheckpointError if missing or its tokenizer mismatches
     policy.eval()
     cfg = policy.config  # dropout already forced to 0 by load_run
-    kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype)
+    kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype, distributed=dist.enabled())
 
     # ---- preference pairs: collected from the simulated human, or the user's file
     stats = {}
     collected = out / "collected.json"  # the simulated human's labels, kept across --resume (~20 s of sampling)
-    if a.resume and not a.prefs and collected.is_file():
-        saved = json.loads(collected.read_text())
+    # under torchrun rank 0 reads its staging folder and every rank gets the same pairs
+    saved = dist.broadcast_object(json.loads(collected.read_text()) if a.resume and not a.prefs and dist.is_main()
+                                  and collected.is_file() else None)
+    if saved is not None:
         train_recs, test_recs, stats = saved["train"], saved["test"], saved["stats"]
         norm_prompts = task.sample_prompts("train", a.n_norm, seed=a.seed + 1)
         print(f"reusing the {len(train_recs) + len(test_recs)} preference pairs collected in {collected}")
@@ -138,7 +142,9 @@ def main(argv=None):
                             f"raise --max-new-tokens / --k)")
         norm_prompts = task.sample_prompts("train", a.n_norm, seed=a.seed + 1)
         write_json(collected, {"train": train_recs, "test": test_recs, "stats": stats})
-    # one file, both splits; "_where" (file:line of a user's record) is not data
+    # one file, both splits; "_where" (file:line of a user's record) is not data. Under torchrun every rank
+    # holds the same records (sample_many gathers the sharded samples in order): rank 0's file is the
+    # one-process run's file.
     with open(out / "prefs.jsonl", "w") as f:
         for r in train_recs + test_recs:
             f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
@@ -170,7 +176,8 @@ def main(argv=None):
     rm.gpt.load_state_dict(policy.state_dict())
     rm.to(device)
     opt = adamw(rm, a.lr, a.weight_decay, device)
-    train_rm = torch.compile(rm) if a.compile else rm
+    train_rm = dist.wrap(rm, device)  # DDP under torchrun (averages gradients), else the model itself
+    train_rm = torch.compile(train_rm) if a.compile else train_rm
 
     eval_pad = {}  # padding share of the length-batched evaluation passes (all_pair_rewards)
 
@@ -218,10 +225,13 @@ def main(argv=None):
         lr = cosine_lr(step, total_steps, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = next(batch_iter)
+        idx = next(batch_iter)  # the global batch: the same on every rank
+        mine = dist.shard(idx)  # this rank's pairs (contiguous: the pairs of a prompt mostly stay together)
         with autocast(device, dtype):
-            rc, rr = pair_rewards(train_rm, [train_pairs[i] for i in idx], tok.pad_id, device)  # (B,), (B,)
+            rc, rr = pair_rewards(train_rm, [train_pairs[i] for i in mine], tok.pad_id, device)  # (b,), (b,)
             loss = bradley_terry_loss(rc, rr, a.margin, a.center_coef)
+        if dist.enabled():  # a mean over this rank's b pairs -> its share of the mean over all B (DDP averages)
+            loss = loss * (len(mine) * dist.world_size() / len(idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
@@ -234,6 +244,9 @@ def main(argv=None):
         if step % a.log_interval == 0 or last:
             finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
             elapsed = time.time() - t0
+            if dist.enabled():  # the logged numbers are those of the global batch
+                rc, rr = dist.all_gather_cat(rc.detach()), dist.all_gather_cat(rr.detach())
+                loss = dist.all_reduce_sum(loss.detach()) / dist.world_size()
             row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
                    "accuracy": pairwise_accuracy(rc.detach(), rr.detach()), "test_accuracy": test_acc,
                    "margin_mean": (rc - rr).mean().item(), "reward_mean": torch.cat([rc, rr]).mean().item(),
@@ -263,7 +276,8 @@ def main(argv=None):
     # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences), on the samples
     # that ended with EOS only (the RM never saw cut-off responses; PPO replaces their score)
     norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
-    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype)
+    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype,
+                                                       distributed=dist.enabled())
     print(f"reward normalised on {n_norm_used} of {len(norm_samples)} fresh SFT samples (those that ended with EOS)")
     metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item(),
                    n_norm_used=n_norm_used)
@@ -272,12 +286,14 @@ def main(argv=None):
     if not a.prefs:
         eval_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed + 1)
         samples = sample_many(policy, tok, eval_prompts, a.max_new_tokens, seed=a.seed + 3, desc="evaluate", **kw)
-        r = reward_model_scores(rm, tok, samples, a.eval_batch_size, device, dtype)
+        r = dist.all_gather_objects(reward_model_scores(rm, tok, dist.shard(samples), a.eval_batch_size, device,
+                                                        dtype))  # each rank scores its share
         gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
         metrics.update(gold_pearson=pearson(r, gold), gold_spearman=spearman(r, gold),
                        eval_reward_mean=sum(r) / len(r))
     metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
                    train_seconds=train_seconds, total_seconds=time.time() - t_start)
+    dist.assert_identical(rm)  # under torchrun: every rank ends with the same weights
     save_run(out, rm, tok, a, kind="reward", stage="rm", sft=a.sft, normalisation={
         "fit_on": f"{n_norm_used} EOS-ended of {len(norm_samples)} fresh SFT samples of train prompts",
         "n_samples": n_norm_used, "raw_mean": raw_mean,
@@ -285,6 +301,8 @@ def main(argv=None):
     write_json(out / "metrics.json", metrics)
     collected.unlink(missing_ok=True)  # prefs.jsonl holds the same pairs
     run_.finish()
+    if not dist.is_main():
+        return
     out = run_.out
 
     print("reward model")

@@ -3,6 +3,7 @@
     python train_sft.py                          # built-in simulated-human task, CPU-sized defaults
     python train_sft.py --data my.jsonl          # your {"prompt", "completion"} or {"text"} records
     python train_sft.py --device cuda --n-layer 12 --n-embd 768 --batch-size 128   # same script, bigger
+    torchrun --standalone --nproc_per_node 2 train_sft.py ...   # data parallel: each rank a shard of the batch
 """
 import dataclasses
 import math
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from minirlhf import dist
 from minirlhf.checkpoint import load_run, load_state, save_run
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
 from minirlhf.evaluation import sample_policy
@@ -72,11 +74,15 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature for the end-of-run samples")
 
 
-def sft_loss(model, batch):
-    """Mean cross-entropy over completion tokens + EOS (loss_mask); prompt and padding do not count."""
+def sft_loss(model, batch, count=None):
+    """Mean cross-entropy over completion tokens + EOS (loss_mask); prompt and padding do not count.
+    count: the divisor, by default this batch's number of loss tokens. Under torchrun each rank passes
+    (global loss tokens) / world size: DDP averages the ranks' gradients, so the mean over ranks of
+    sum_r / (global / world) is sum / global, the per-token mean of the whole global batch, also when the
+    ranks' shards hold different numbers of tokens (a per-rank mean would weight their tokens unequally)."""
     logits = model(batch["idx"])  # right-padded: plain causal attention, PAD only ever follows real tokens
     nll = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
-    return (nll * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
+    return (nll * batch["loss_mask"].flatten()).sum() / (batch["loss_mask"].sum() if count is None else count)
 
 
 def validate(a: Args):
@@ -98,8 +104,10 @@ def validate(a: Args):
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
-    device = resolve_device(a.device)
+    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(a.dtype, device)
+    check(a.batch_size >= dist.world_size(), f"--batch-size {a.batch_size}: must be >= the number of processes "
+                                             f"({dist.world_size()}; it is the global batch, split across them)")
     set_seed(a.seed)
     task = get_task(a.task)
     run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
@@ -154,7 +162,8 @@ def main(argv=None):
           f"{model.num_params() / 1e6:.2f}M parameters, device {device} ({dtype})")
 
     opt = adamw(model, a.lr, a.weight_decay, device)
-    train_model = torch.compile(model) if a.compile else model
+    train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
+    train_model = torch.compile(train_model) if a.compile else train_model
 
     @torch.no_grad()
     def held_out_loss():
@@ -184,27 +193,36 @@ def main(argv=None):
         lr = cosine_lr(step, a.steps, a.lr, a.min_lr, a.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = collate_sft([train_data[i] for i in torch.randint(len(train_data), (a.batch_size,), generator=gen)],
-                            tok.pad_id, device)
+        # every rank draws the same global batch (same generator) and trains on its shard of it
+        rows = torch.randint(len(train_data), (a.batch_size,), generator=gen)
+        batch = collate_sft([train_data[i] for i in dist.shard(rows)], tok.pad_id, device)
+        count = n_tokens = None
+        if dist.enabled():  # global loss-token and token counts, one all-reduce
+            count, n_tokens = dist.all_reduce_sum(torch.stack([batch["loss_mask"].sum(),
+                                                               torch.tensor(float(batch["idx"].numel()),
+                                                                            device=device)])).unbind()
+            count = count / dist.world_size()
         with autocast(device, dtype):
-            loss = sft_loss(train_model, batch)
+            loss = sft_loss(train_model, batch, count)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)
         opt.step()
         finite.watch(step, loss=loss, grad_norm=grad_norm)
-        tokens_seen += batch["idx"].numel()
+        tokens_seen += batch["idx"].numel() if n_tokens is None else int(n_tokens)
         last = step == a.steps - 1
         if step % a.eval_interval == 0 or last:
             val_loss = held_out_loss()
         if step % a.log_interval == 0 or last:
             finite.check()  # a NaN stops the run here, naming its step, before anything is logged or saved
             elapsed = time.time() - t0
-            row = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            loss_global = dist.all_reduce_sum(loss.detach()) / dist.world_size() if dist.enabled() else loss
+            row = {"step": step, "loss": loss_global.item(), "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
             peak = device_peak_flops(peak_tflops=a.peak_tflops) if device.startswith("cuda") or a.peak_tflops else None
             if peak:  # model FLOPs utilisation against the detected card's (or --peak-tflops) dense bf16 peak
-                row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)), row["tokens_per_s"], peak)
+                row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)),  # per device: tokens/s over ranks
+                                 row["tokens_per_s"] / dist.world_size(), peak)
             log.write(row)
             bar.log(step, loss=row["loss"], val=val_loss, tok_s=round(row["tokens_per_s"]))
         if a.save_interval and (step + 1) % a.save_interval == 0 and not last:
@@ -213,14 +231,18 @@ def main(argv=None):
                               "log_rows": log.rows, "elapsed_s": time.time() - t0}, finite, [model])
     log.close()
     finite.check(model)
-    save_run(out, model, tok, a, kind="policy", stage="sft")
+    dist.assert_identical(model)  # under torchrun: every rank ends with the same weights
+    save_run(out, model, tok, a, kind="policy", stage="sft")  # rank 0 only
+    if not dist.is_main():  # the end-of-run samples and the report are rank 0's
+        run_.finish()
+        return
 
     # ---- samples on held-out prompts: do they stop, and does the grammar accept them?
     prompts = [r["prompt"] for r in val_recs][:a.n_samples]
     samples = sample_policy(model, tok, prompts, a.max_new_tokens, a.temperature, seed=a.seed, device=device,
                             dtype=dtype)
     eos_rate = sum(s["eos"] for s in samples) / len(samples)
-    metrics = {"train_loss": loss.item(), "val_loss": val_loss, "eos_rate": eos_rate, "n_samples": len(samples),
+    metrics = {"train_loss": loss_global.item(), "val_loss": val_loss, "eos_rate": eos_rate, "n_samples": len(samples),
                "train_seconds": time.time() - t0}
     if not a.data:
         gram = [s["eos"] and task.is_grammatical(s["prompt"] + s["response"]) for s in samples]
@@ -232,7 +254,7 @@ def main(argv=None):
     print("samples (prompt | response):")
     for s in samples[:5]:
         print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}")
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     print(f"wrote {out}/model.pt, config.json, tokenizer.json, metrics.jsonl, metrics.json")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import dist
 from .hf import is_hf_dir, load_hf_dir
 from .model import GPT, GPTConfig, ScalarModel
 from .runs import recover, unfinished_message
@@ -23,7 +24,10 @@ class CheckpointError(UserError):
 
 def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "policy", **extra):
     """Write model.pt, config.json and tokenizer.json into out_dir, each atomically; the same weights give the same
-    model.pt bytes (utils.atomic_write). The stage scripts pass their Run's staging folder (minirlhf/runs.py)."""
+    model.pt bytes (utils.atomic_write). The stage scripts pass their Run's staging folder (minirlhf/runs.py).
+    Under torchrun only rank 0 writes (every rank holds the same weights): a checkpoint is written once."""
+    if not dist.is_main():
+        return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

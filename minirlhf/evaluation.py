@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from . import dist
 from .data import encode_prompt, left_pad, length_batches, right_pad
 from .generation import generate
 from .losses import score_with_eos_penalty
@@ -172,7 +173,7 @@ def _record_padding(stats, key, real: int, total: int):
 @torch.no_grad()
 def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, batch_size: int = 64, seed: int = 0, device="cpu", dtype="float32",
-                  compile: bool = False, stats: dict = None):
+                  compile: bool = False, stats: dict = None, distributed: bool = False):
     """One sample per prompt (repeat a prompt in the list for several). Returns a list of dicts, in the order of
     `prompts`: prompt, response (text, no EOS), eos (bool: the response ended with EOS within the budget), length
     (response tokens, EOS included), tokens, logprobs (sampling).
@@ -180,7 +181,15 @@ def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float =
     Prompts are batched by length (data.length_batches, seeded), PAD, BOS and unused ids are never sampled
     (Tokenizer.unsampleable_ids), so tok.decode(tokens) is exactly the response. compile: the compiled decode
     step (generation.generate). stats: a dict that receives "sampling_padding_share" (padding / all positions
-    the model computed)."""
+    the model computed).
+    distributed: under torchrun each rank samples a contiguous share of the prompts, with its own stream (seed,
+    rank), and every rank gets all samples in prompt order (stats: this rank's share). Other samples than one
+    process draws (another stream), the same distribution; without torchrun the flag changes nothing."""
+    if distributed and dist.enabled():
+        r = dist.shard_range(len(prompts))
+        mine = sample_policy(model, tok, prompts[r.start:r.stop], max_new_tokens, temperature, top_k, top_p,
+                             batch_size, seed * 1_000_003 + dist.rank(), device, dtype, compile, stats)
+        return dist.all_gather_objects(mine)
     gen = torch.Generator(device=device).manual_seed(seed)
     banned = unsampleable_mask(tok, model, device)
     encoded = [encode_prompt(tok, p, model.config.block_size) for p in prompts]
@@ -331,13 +340,13 @@ def compare_to_reference(policy, ref, tok, task, prompts, max_new_tokens: int, s
 
 @torch.no_grad()
 def estimate_frontier(ref, tok, task, prompts, k: int, max_new_tokens: int, betas=None, min_ess: float = 10.0,
-                      seed: int = 0, batch_size: int = 512, device="cpu", dtype="float32"):
+                      seed: int = 0, batch_size: int = 512, device="cpu", dtype="float32", distributed: bool = False):
     """Sample k responses per prompt from the reference at temperature 1, score them with the gold reward and sweep
     beta (frontier_points). Returns a dict: frontier (kept points), dropped, ref_gold (the reference's mean on
     these prompts: the frontier at KL 0), kl_cap (= log k, the largest KL this many samples can show), n_prompts,
-    samples_per_prompt, min_ess."""
+    samples_per_prompt, min_ess. distributed: sample_policy's sharded sampling under torchrun."""
     samples = sample_policy(ref, tok, [p for p in prompts for _ in range(k)], max_new_tokens, 1.0,
-                            batch_size=batch_size, seed=seed, device=device, dtype=dtype)
+                            batch_size=batch_size, seed=seed, device=device, dtype=dtype, distributed=distributed)
     gold = torch.tensor(gold_scores(task, samples), dtype=torch.float64).view(len(prompts), k)
     kept, dropped = frontier_points(gold, betas, min_ess)
     return {"frontier": kept, "dropped": dropped, "ref_gold": gold.mean().item(), "kl_cap": math.log(k),
@@ -360,7 +369,7 @@ def best_of_n_select(scores, n: int):
 @torch.no_grad()
 def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_tokens: int, task=None,
                       missing_eos_penalty: float = 2.0, seed: int = 0, batch_size: int = 512, device="cpu",
-                      dtype="float32") -> dict:
+                      dtype="float32", distributed: bool = False) -> dict:
     """Best-of-n of the reference policy under the reward model, for each n in ns: draw max(ns) reference samples
     per prompt once (temperature 1), score them with the RM (a sample without EOS counts -missing_eos_penalty,
     the rule PPO and GRPO train with), and keep the best of the first n.
@@ -368,10 +377,12 @@ def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_
     ref_samples: the reference's paired samples (one per prompt) that every policy's win rate is measured against.
     Returns {n: metrics} with the keys of policy_metrics: gold_mean/sem, ref_gold_mean/sem, gold_gain/sem and
     win_rate_vs_ref/sem (with a task), rm_mean/sem and rm_win_rate/sem, kl_mean = the closed-form bound best_of_n_kl(n) (kl_sem 0,
-    kl_is_bound True), eos_rate, mean_len, distinct_2, n_prompts; plus "samples" (the chosen ones)."""
+    kl_is_bound True), eos_rate, mean_len, distinct_2, n_prompts; plus "samples" (the chosen ones).
+    distributed: sample_policy's sharded sampling under torchrun."""
     N, P = max(ns), len(prompts)
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
-    samples = sample_policy(ref, tok, [p for p in prompts for _ in range(N)], max_new_tokens, 1.0, seed=seed, **kw)
+    samples = sample_policy(ref, tok, [p for p in prompts for _ in range(N)], max_new_tokens, 1.0, seed=seed, **kw,
+                            distributed=distributed)
     rm = torch.tensor(reward_model_scores(reward_model, tok, samples, **kw), dtype=torch.float64)
     eos = torch.tensor([s["eos"] for s in samples])
     score = score_with_eos_penalty(rm, eos, missing_eos_penalty).view(P, N)

@@ -26,6 +26,7 @@ import random
 import numpy as np
 import torch
 
+from . import dist
 from .data import DataError, encode_prompt, encode_response, length_batches, padding_share, right_pad
 from .evaluation import reward_model_scores, sample_policy
 from .utils import autocast, progress
@@ -33,20 +34,30 @@ from .utils import autocast, progress
 
 # ----------------------------------------------------------------------------------------------- collection
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
-                dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None):
+                dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None,
+                distributed: bool = False):
     """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a progress bar on a terminal, in the
     order of `prompts`. Prompts are batched by length (data.length_batches, windows of 16 batches, seeded) and
     batch i is sampled with seed (seed, i), so the result depends on the seed and batch size only. compile and
-    stats: as in sample_policy."""
+    stats: as in sample_policy.
+    distributed: under torchrun each rank samples a contiguous share of the batches and all ranks get all samples.
+    A batch keeps its prompts and its seed (seed, i) whichever rank samples it, so the result is the one-process
+    result (same samples, token for token, on the same kind of device; stats then count this rank's share)."""
     lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
     out = [None] * len(prompts)
     batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)
-    for i, idx in enumerate(progress(batches, desc=desc, leave=False)):
+    mine = dist.shard_range(len(batches)) if distributed else range(len(batches))
+    done = []  # (prompt index, sample) of this rank's batches
+    for i in progress(mine, desc=desc, leave=False):
+        idx = batches[i]
         got = sample_policy(policy, tok, [prompts[j] for j in idx], max_new_tokens, temperature=1.0,
                             batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype,
                             compile=compile, stats=stats)
-        for j, sample in zip(idx, got):
-            out[j] = sample
+        done += zip(idx, got)
+    if distributed:
+        done = dist.all_gather_objects(done)
+    for j, sample in done:
+        out[j] = sample
     return out
 
 
@@ -135,11 +146,12 @@ def rank_pairs(prompts, samples, scores, k: int, pairs: str = "all", tokenizer_f
 
 
 def collect_preferences(policy, tok, task, prompts, k: int, max_new_tokens: int, split: str, seed: int = 0,
-                        batch_size: int = 512, device="cpu", dtype="float32"):
-    """Sample k responses per prompt from `policy` and label their pairs (label_pairs). Returns (records, stats)."""
+                        batch_size: int = 512, device="cpu", dtype="float32", distributed: bool = False):
+    """Sample k responses per prompt from `policy` and label their pairs (label_pairs). Returns (records, stats).
+    distributed: sample_many's sharded sampling (the same records as one process, on every rank)."""
     # k copies of each prompt next to each other: sample i answers prompt i // k.
     samples = sample_many(policy, tok, [p for p in prompts for _ in range(k)], max_new_tokens, seed, batch_size,
-                          device, dtype, desc=f"collect {split}")
+                          device, dtype, desc=f"collect {split}", distributed=distributed)
     return label_pairs(task, prompts, samples, k, split, seed, tokenizer_fingerprint=tok.fingerprint())
 
 
@@ -347,7 +359,8 @@ def set_normalisation(rm, rewards):
     return mean, std
 
 
-def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32"):
+def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32",
+                      distributed: bool = False):
     """set_normalisation on the reward model's scores of the EOS-ended `samples` (dicts from sample_policy) only:
     the RM never trained on responses that were cut off, and PPO replaces their score by a fixed penalty anyway,
     so their (meaningless) scores must not set the units. Returns (raw mean, raw std, number of samples used);
@@ -356,7 +369,11 @@ def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dty
     if not ended:
         raise DataError(f"none of the {len(samples)} normalisation samples ended with EOS within the budget "
                         "(raise --max-new-tokens, or train the SFT model longer)")
-    mean, std = set_normalisation(rm, reward_model_scores(rm, tok, ended, batch_size, device, dtype))
+    if distributed:  # each rank scores its share, every rank gets all scores (and so the same gain and bias)
+        scores = dist.all_gather_objects(reward_model_scores(rm, tok, dist.shard(ended), batch_size, device, dtype))
+    else:
+        scores = reward_model_scores(rm, tok, ended, batch_size, device, dtype)
+    mean, std = set_normalisation(rm, scores)
     return mean, std, len(ended)
 
 

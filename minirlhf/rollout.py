@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .data import left_pad
+from .data import encode_prompt, left_pad, read_jsonl
 from .generation import generate
 from .losses import score_with_eos_penalty
 from .scoring import RATIO_TOLERANCE, last_index, response_logprobs, response_values, reward_at_eos
@@ -38,6 +38,19 @@ def check_first_ratio(dev: float, dtype: str, it: int) -> float:
         raise UserError(f"iteration {it}: the ratio at the first minibatch deviates from 1 by {dev:.2e} (tolerance "
                         f"{tol:g} for {dtype}): rollout and training log-probs disagree")
     return tol
+
+
+def training_prompts(prompts_file, task, n: int, seed: int, tok, block_size: int):
+    """The n train prompts of an RL run, in order: a user's {"prompt"} JSONL cycled through, or the task's train split
+    (seeded). Returns (texts, token ids BOS + prompt); a prompt too long for the context is a FILE:LINE error."""
+    if prompts_file:
+        recs = read_jsonl(prompts_file, ("prompt",))
+        picked = [recs[i % len(recs)] for i in range(n)]
+        texts, wheres = [r["prompt"] for r in picked], [r["_where"] for r in picked]
+    else:
+        texts = task.sample_prompts("train", n, seed=seed)
+        wheres = ["built-in task prompt"] * n
+    return texts, [encode_prompt(tok, t, block_size, w) for t, w in zip(texts, wheres)]
 
 
 @dataclass

@@ -24,11 +24,13 @@ import json
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import dist
 from .utils import UserError, torch_save, write_json
 
 STAGING, REPLACED = ".partial", ".replaced"
@@ -147,6 +149,10 @@ class Run:
         state = run.load_resume()                   # None on a fresh start
         ... run.path("model.pt") ... run.save_resume({...}) every --save-interval steps ...
         run.finish()                                # after metrics.json: the run appears at out_dir
+
+    Under torchrun (minirlhf.dist) only rank 0 owns the run directory: the other ranks write whatever the script
+    writes into a private scratch folder that is deleted at exit, never save a resume checkpoint, and get rank 0's
+    resume state from load_resume() (so every rank agrees on it, also across nodes without a shared disk).
     """
 
     def __init__(self, out_dir, args, resume: bool = False):
@@ -156,6 +162,11 @@ class Run:
         if self.out.name.endswith(STAGING) or self.out.name.endswith(REPLACED):
             raise UserError(f"--out-dir {self.out}: names ending in {STAGING} or {REPLACED} are reserved for "
                             f"unfinished runs")
+        self.resumed = resume
+        if not dist.is_main():  # rank 0 checks and owns the location; this rank's files are thrown away
+            self.dir = Path(tempfile.mkdtemp(prefix=f"minirlhf-rank{dist.rank()}-"))
+            atexit.register(shutil.rmtree, self.dir, True)
+            return
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             recover(self.out)
@@ -206,9 +217,14 @@ class Run:
     def load_resume(self):
         """The dict given to the last save_resume(), or None on a fresh start. A resumed run that was killed before
         its first checkpoint starts over, but keeps what it left in the staging folder (the RM's collected
-        preferences, DPO's reference log-probs)."""
+        preferences, DPO's reference log-probs). Under torchrun rank 0 reads it and every rank gets a copy."""
         if not self.resumed:
             return None
+        if dist.enabled():
+            return dist.broadcast_object(self._read_resume() if dist.is_main() else None)
+        return self._read_resume()
+
+    def _read_resume(self):
         if not (self.dir / RESUME).is_file():
             print(f"no resume checkpoint in {self.dir} yet: starting over, keeping its files", flush=True)
             return None
@@ -224,10 +240,15 @@ class Run:
         """Write resume.pt atomically; never with non-finite weights (check raises first)."""
         if check is not None:
             check.check(*models)
-        torch_save(self.dir / RESUME, state)
+        if dist.is_main():  # one checkpoint per run (every rank holds the same weights)
+            torch_save(self.dir / RESUME, state)
 
     def finish(self):
-        """Swap the finished staging folder into place (see the module docstring). Call after the last file."""
+        """Swap the finished staging folder into place (see the module docstring). Call after the last file.
+        Other ranks than 0 just drop their scratch folder."""
+        if not dist.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
         for name in (RESUME, RUN_JSON):
             (self.dir / name).unlink(missing_ok=True)
         for leftover in self.dir.glob(".*.tmp"):  # temp folders of writes a kill -9 interrupted

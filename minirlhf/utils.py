@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import dist
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, bad data line, missing or mismatched checkpoint).
@@ -225,7 +227,7 @@ class Progress:
     def __init__(self, iterable, desc: str, total: int = None, **kw):
         self.desc = desc
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() and dist.is_main()  # under torchrun: one bar, rank 0's
         self.bar = tqdm(iterable, desc=desc, total=self.total, dynamic_ncols=True, disable=not self.tty, **kw)
 
     def __iter__(self):
@@ -250,4 +252,4 @@ class Progress:
 
 def progress(iterable, desc: str, **kw):
     """tqdm on a terminal, the bare iterable otherwise (for inner loops with no log line of their own)."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=not sys.stderr.isatty(), **kw)
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=not (sys.stderr.isatty() and dist.is_main()), **kw)

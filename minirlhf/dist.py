@@ -1,0 +1,220 @@
+"""Data parallelism under torchrun: the process group, one device per rank, collectives, "rank 0 only".
+
+    torchrun --standalone --nproc_per_node 2 train_sft.py ...        # one node, 2 processes (GPUs or CPU)
+    torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 --nproc_per_node 8 ...
+
+torchrun starts one process per rank and sets RANK, LOCAL_RANK, WORLD_SIZE (and MASTER_ADDR/PORT); setup() finds
+them, joins the process group (NCCL on CUDA, gloo on the CPU) and returns this rank's device (`--device cuda` ->
+cuda:LOCAL_RANK). Without them (a plain `python train_x.py`) nothing changes: world size 1, no process group, every
+helper below is the identity, so a one-process run computes exactly what it computed before this module existed.
+
+How the scripts use it (data parallelism, DistributedDataParallel):
+  * every rank draws the same global batch (same seed), takes its shard (shard()), and DDP averages the gradients.
+    A loss that is a mean per rank is then not the global mean when shards differ in size (tokens, pairs), so the
+    scripts normalise by the global count: loss_r = sum_r / (count_global / world) (the notes' torchrun section).
+  * statistics that define the update (PPO's advantage whitening, the KL fed to the adaptive beta) are all-reduced.
+  * sampling is sharded by batch index (each batch keeps its own seed), results are gathered in order.
+  * only rank 0 prints, shows progress, writes metrics, checkpoints and the run directory (runs.Run).
+A failing rank raises as usual (utils.run: one line, exit 2); torchrun then stops the other ranks, and the
+process group's timeout ends a collective that waits for a rank that is gone.
+"""
+import atexit
+import builtins
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as tdist
+
+_rank, _local_rank, _world = 0, 0, 1
+TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("MINIRLHF_DIST_TIMEOUT_MIN", "30")))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return _rank
+
+
+def world_size() -> int:
+    return _world
+
+
+def is_main() -> bool:
+    return _rank == 0
+
+
+def enabled() -> bool:
+    return _world > 1
+
+
+def setup(device: str) -> str:
+    """Join torchrun's process group when WORLD_SIZE > 1 and return this rank's device: 'cuda' (or 'cuda:N')
+    becomes cuda:LOCAL_RANK, anything else is kept. Idempotent; without torchrun returns `device` unchanged."""
+    global _rank, _local_rank, _world
+    if env_world_size() <= 1:
+        return device
+    _rank, _local_rank, _world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), env_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{_local_rank}"
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+        atexit.register(teardown)
+    if not is_main():  # one voice: the other ranks print nothing on stdout (errors on stderr still show)
+        _print = builtins.print
+
+        def print_(*args, **kw):
+            if kw.get("file") not in (None, sys.stdout):
+                _print(*args, **kw)
+        builtins.print = print_
+    return device
+
+
+def teardown():
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier():
+    if enabled():
+        tdist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+def shard_range(n: int) -> range:
+    """This rank's contiguous slice of n items: ranks get sizes differing by at most 1, in rank order, so the
+    shards concatenated in rank order are the items in their original order."""
+    lo, hi = n * _rank // _world, n * (_rank + 1) // _world
+    return range(lo, hi)
+
+
+def shard(items):
+    """This rank's contiguous shard of a list or tensor (see shard_range)."""
+    r = shard_range(len(items))
+    return items[r.start:r.stop]
+
+
+# ----------------------------------------------------------------------------------------------- collectives
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor; `t` itself is left alone). World size 1: `t` as it is."""
+    if not enabled():
+        return t
+    t = t.detach().clone()
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not enabled():
+        return t
+    t = t.detach().clone()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_objects(items: list) -> list:
+    """Concatenate every rank's list of picklable items, in rank order (a rank's shard() order)."""
+    if not enabled():
+        return list(items)
+    got = [None] * _world
+    tdist.all_gather_object(got, list(items))
+    return [x for part in got for x in part]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0 (shapes may differ in dim 0), in rank order, on t's device."""
+    if not enabled():
+        return t
+    parts = all_gather_objects([t.detach().cpu()])
+    return torch.cat(parts).to(t.device)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (e.g. a resume state read from rank 0's disk)."""
+    if not enabled():
+        return obj
+    box = [obj if is_main() else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------- models
+def wrap(model: torch.nn.Module, device: str):
+    """DistributedDataParallel around `model` under torchrun (the gradients are averaged over ranks in the
+    backward); the model itself otherwise. Call it on the model that is trained, after moving it to `device`."""
+    if not enabled():
+        return model
+    return _DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that also answers the wrapped model's attributes (model.config, model.lm_head.weight: scoring.py reads
+    them), so the training code can pass the wrapper wherever it passed the model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def assert_identical(*models):
+    """Raise unless every rank holds the same weights (the scripts check once, before rank 0 saves)."""
+    if not check_identical(*models):
+        raise RuntimeError(f"rank {_rank}: the ranks' weights differ at the end of training (a bug: DDP keeps them "
+                           f"equal); nothing was saved")
+
+
+def check_identical(*models) -> bool:
+    """Do all ranks hold the same weights? (a debugging aid and a test check; one all-reduce per model)."""
+    if not enabled():
+        return True
+    ok = True
+    for m in models:
+        flat = torch.cat([p.detach().float().flatten() for p in m.state_dict().values() if p.is_floating_point()])
+        ok &= bool(torch.equal(all_reduce_max(flat), flat) and torch.equal(-all_reduce_max(-flat), flat))
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------- global statistics
+# The one-process functions in losses.py stay pure; these add the reduction around them: sums and counts are
+# all-reduced, so every rank gets the statistic of the whole (global) batch. World size 1: losses.py's own result.
+def masked_mean(x, mask):
+    """Mean of x over valid positions of all ranks' batches (a 0-d tensor, the same on every rank)."""
+    from . import losses
+    if not enabled():
+        return losses.masked_mean(x, mask)
+    mask = mask.to(x.dtype)
+    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return s[0] / s[1].clamp(min=1)
+
+
+def masked_var(x, mask, unbiased: bool = True):
+    """losses.masked_var over all ranks' valid positions (two-pass: global mean first, then the squares)."""
+    from . import losses
+    if not enabled():
+        return losses.masked_var(x, mask, unbiased)
+    mean = masked_mean(x, mask)
+    n = all_reduce_sum(mask.to(x.dtype).sum())
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """losses.masked_whiten with the global mean and variance: whitened advantages (and rewards) are the same
+    numbers as one process whitening the whole rollout batch (Huang et al. 2024: the statistics define the
+    update, so every rank must use the same ones)."""
+    from . import losses
+    if not enabled():
+        return losses.masked_whiten(x, mask, shift_mean, eps)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
