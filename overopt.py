@@ -9,9 +9,9 @@ With the simulated human both are measured exactly. For each reward model (train
 collection: train_rm.py --max-pairs; 0 = all of it):
 - best-of-n of the SFT policy for n = 1, 2, 4, ... --bon-max, on --bon-prompts held-out prompts, the same samples for
   every RM (a sample without EOS scores -2 under the RM, as in training), KL from the closed form log n - (n-1)/n;
-- PPO with a weak KL penalty (--ppo-kl, default 0.01) for --ppo-iterations, its gold and RM score read from its own
-  rollouts along the way (metrics.jsonl: one batch of fresh samples of *train* prompts per iteration, averaged
-  over --window iterations per point; these are on-policy samples, not the held-out prompts of evaluate.py).
+- PPO with a weak KL penalty (--ppo-kl, default 0.01) for --ppo-iterations, its policy evaluated every
+  --eval-interval iterations on --eval-prompts held-out prompts (train_ppo.py --eval-interval: one sample per
+  prompt; gold gain over the SFT's samples of the same prompts +- paired s.e., KL +- s.e., RM score as trained on).
 The gold gain over SFT is fitted with both of Gao et al.'s forms in d = sqrt(KL) (minirlhf/overopt.py):
 best-of-n d(alpha - beta d), RL d(alpha - beta log d), and the KL at which the fitted gold peaks is reported with
 the measured peak. Each RM's test accuracy is reported beside the Bayes ceiling of its labels.
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import pipeline
+import sweep  # the stage runner and the report's plumbing
 from minirlhf.evaluation import best_of_n_kl
 from minirlhf.overopt import fit_gao, gao_curve
-from minirlhf.utils import write_json
 
 COLORS = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]
 
@@ -38,7 +38,8 @@ def rm_name(n: int) -> str:
     return "rm-all" if n == 0 else f"rm-{n}"
 
 
-def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, flags: dict):
+def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, flags: dict, eval_interval: int = 10,
+              eval_prompts: int = 256):
     """pipeline.py-style stages: the SFT (unless given), the collecting RM rm-all (all pairs), an RM per other
     --rm-pairs size trained on rm-all's prefs.jsonl, and a PPO run per RM. Returns (plan, sft dir, {rm name:
     (rm dir, ppo dir)})."""
@@ -60,49 +61,49 @@ def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, fla
                          sft_dep + ["rm-all"]))
         ppo = root / f"ppo-{name}"
         plan.append((f"ppo-{name}", "train_ppo.py", ["--policy", sft, "--reward", root / name, "--kl-coef", ppo_kl,
-                                                     "--iterations", ppo_iterations, "--out-dir", ppo,
+                                                     "--iterations", ppo_iterations, "--eval-interval",
+                                                     eval_interval, "--eval-prompts", eval_prompts, "--out-dir", ppo,
                                                      *flags["ppo"]], ppo, "metrics.json", sft_dep + [name]))
         runs[name] = (root / name, ppo)
     return plan, sft, runs
 
 
-def ppo_curve(metrics_jsonl: Path, window: int) -> list:
-    """[{iter, kl, gold, rm}] from a PPO run's metrics.jsonl, each the mean over `window` consecutive iterations
-    (one rollout batch each), so a point averages window x batch fresh samples."""
+def ppo_curve(metrics_jsonl: Path) -> list:
+    """[{iter, kl, kl_sem, gain, gain_sem, rm_gain}] from the held-out evaluations in a PPO run's metrics.jsonl
+    (train_ppo.py --eval-interval): KL(pi || SFT), the gold gain over the SFT's samples of the same prompts (paired
+    s.e.) and the gain of the RM score as PPO trains on it (a response without EOS scores -penalty)."""
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "kl" in r and "gold_mean" in r]
-    out = []
-    for i in range(0, len(rows) - window + 1, window):
-        chunk = rows[i:i + window]
-        out.append({"iter": chunk[-1]["iter"], "kl": max(0.0, sum(r["kl"] for r in chunk) / window),
-                    "gold": sum(r["gold_mean"] for r in chunk) / window,
-                    "rm": sum(r["rm_score_mean"] for r in chunk) / window})
-    return out
+    return [{"iter": r["iter"], "kl": max(0.0, r["eval_kl_mean"]), "kl_sem": r["eval_kl_sem"],
+             "gain": r["eval_gold_gain"], "gain_sem": r["eval_gold_gain_sem"],
+             "rm_gain": r["eval_score_mean"] - r["eval_ref_score_mean"]} for r in rows if "eval_kl_mean" in r]
 
 
 def bon_curve(gold, scores, ns) -> list:
     """Best-of-n along n from P prompts x N samples: gold (P, N) and RM scores (P, N) as nested lists. For each n,
-    the best of the first n samples under the RM (first on ties); returns [{n, kl (closed-form bound), gold, rm}]
-    with means over prompts."""
+    the best of the first n samples under the RM (first on ties). Gains are over the SFT policy itself, paired by
+    prompt: the pick's gold minus the mean gold of that prompt's N samples. Returns [{n, kl (closed-form bound),
+    gain, gain_sem (s.e. over prompts), rm_gain}]."""
+    import numpy as np
+    g, s = np.asarray(gold, dtype=np.float64), np.asarray(scores, dtype=np.float64)  # (P, N) each
+    rows = np.arange(len(g))
     out = []
     for n in ns:
-        picks = [max(range(n), key=lambda j: s[j]) for s in scores]
-        out.append({"n": n, "kl": best_of_n_kl(n),
-                    "gold": sum(g[j] for g, j in zip(gold, picks)) / len(gold),
-                    "rm": sum(s[j] for s, j in zip(scores, picks)) / len(scores)})
+        picks = s[:, :n].argmax(1)  # the first maximum on ties
+        gain = g[rows, picks] - g.mean(1)  # (P,)
+        out.append({"n": n, "kl": best_of_n_kl(n), "gain": float(gain.mean()),
+                    "gain_sem": float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else 0.0,
+                    "rm_gain": float((s[rows, picks] - s.mean(1)).mean())})
     return out
 
 
-def fit_curve(points, base_gold: float, form: str) -> dict:
-    """fit_gao on the gold gain of the points (KL > 0) plus the measured peak."""
-    kl = [p["kl"] for p in points]
-    gain = [p["gold"] - base_gold for p in points]
+def fit_curve(points, form: str) -> dict:
+    """fit_gao on the points' gold gains (those with KL > 0 carry the fit), plus the measured peak."""
     try:
-        fit = fit_gao(kl, gain, form)
+        fit = fit_gao([p["kl"] for p in points], [p["gain"] for p in points], form)
     except ValueError as e:
         fit = {"form": form, "error": str(e)}
-    best = max(points, key=lambda p: p["gold"])
-    fit["measured_peak"] = {"kl": best["kl"], "gain": best["gold"] - base_gold}
+    best = max(points, key=lambda p: p["gain"])
+    fit["measured_peak"] = {"kl": best["kl"], "gain": best["gain"], "gain_sem": best["gain_sem"]}
     return fit
 
 
@@ -127,33 +128,25 @@ def analyse(sft_dir: Path, runs: dict, a) -> dict:
                           512, device, dtype, desc="best-of-n samples")
     gold = gold_scores(task, samples)
     gold_pn = [gold[i * N:(i + 1) * N] for i in range(P)]
-    train_prompts = task.sample_prompts("train", a.base_prompts, seed=a.seed + 11)  # PPO's baseline: SFT on train
-    base = sample_many(policy, tok, train_prompts, a.max_new_tokens, a.seed + 13, 512, device, dtype, desc="base")
-    base_gold_train = sum(gold_scores(task, base)) / len(base)
-    base_gold_test = sum(gold) / len(gold)  # the SFT policy's expected gold on the best-of-n prompts
     ns = [2 ** i for i in range(int(math.log2(N)) + 1)]
     eos = torch.tensor([s["eos"] for s in samples])
-    rep = {"bon_prompts": P, "bon_max": N, "sft_gold_test": base_gold_test, "sft_gold_train": base_gold_train,
-           "rms": {}}
-    print(f"sampled {len(samples)} + {len(base)} SFT responses in {time.time() - t:.0f}s")
+    rep = {"bon_prompts": P, "bon_max": N, "sft_gold_test": sum(gold) / len(gold), "rms": {}}
+    print(f"sampled {len(samples)} SFT responses in {time.time() - t:.0f}s")
     for name, (rm_dir, ppo_dir) in runs.items():
         rm, _, _ = load_scalar(rm_dir, "--reward", device)
         rm.eval()
         raw = torch.tensor(reward_model_scores(rm, tok, samples, 512, device, dtype), dtype=torch.float64)
-        score = score_with_eos_penalty(raw, eos, 2.0).tolist()
-        base_rm_test = sum(score) / len(score)
-        base_rm_train = sum(reward_model_scores(rm, tok, base, 512, device, dtype)) / len(base)
+        score = score_with_eos_penalty(raw, eos, a.missing_eos_penalty).tolist()  # as PPO trains on it
         bon = bon_curve(gold_pn, [score[i * N:(i + 1) * N] for i in range(P)], ns)
-        ppo = ppo_curve(ppo_dir / "metrics.jsonl", a.window)
+        ppo = ppo_curve(ppo_dir / "metrics.jsonl")
         m = json.loads((Path(rm_dir) / "metrics.json").read_text())
         acc, ceil = m.get("test_accuracy"), m.get("bayes_accuracy")
         rep["rms"][name] = {
             "n_train_pairs": m.get("n_train_pairs"), "test_accuracy": acc, "bayes_accuracy": ceil,
             "share_of_ceiling": acc / ceil if acc is not None and ceil else None,
             "gold_spearman": m.get("gold_spearman"),
-            "bon": bon, "bon_fit": fit_curve(bon, base_gold_test, "bon"), "bon_rm_base": base_rm_test,
-            "ppo": ppo, "ppo_fit": fit_curve(ppo, base_gold_train, "rl") if ppo else None,
-            "ppo_rm_base": base_rm_train}
+            "bon": bon, "bon_fit": fit_curve(bon, "bon"),
+            "ppo": ppo, "ppo_fit": fit_curve(ppo, "rl") if ppo else None}
     return rep
 
 
@@ -165,64 +158,58 @@ def fmt_fit(f) -> str:
 
 
 def write_markdown(rep: dict, path: Path):
+    ar = rep["args"]
     lines = ["# Reward over-optimisation", "",
              f"Best-of-n: {rep['bon_prompts']} held-out prompts × {rep['bon_max']} SFT samples, the same for every RM "
-             f"(SFT gold {rep['sft_gold_test']:+.3f}); PPO: kl-coef {rep['args']['ppo_kl']}, "
-             f"{rep['args']['ppo_iterations']} iterations, points = means over {rep['args']['window']} rollout "
-             f"batches of train prompts (SFT gold on train prompts {rep['sft_gold_train']:+.3f}). Gains are gold − "
-             "SFT gold; KL in nats.", "",
+             f"(SFT gold {rep['sft_gold_test']:+.3f}); PPO: kl-coef {ar['ppo_kl']}, {ar['ppo_iterations']} "
+             f"iterations, evaluated every {ar['eval_interval']} on {ar['eval_prompts']} held-out prompts. Gains are "
+             "gold − the SFT's gold on the same prompts (± paired s.e.); KL in nats; RM gains are of the score as PPO "
+             "trains on it.", "",
              "| RM | train pairs | test acc | Bayes ceiling | share | best-of-n fit d(α−βd) | PPO fit d(α−β log d) | "
              "measured gold peak (bon / PPO) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rep["rms"].items():
-        mp = [f"{f['measured_peak']['gain']:+.2f} at KL {f['measured_peak']['kl']:.2f}"
-              for f in (r["bon_fit"], r["ppo_fit"]) if f]
+        mp = [f"{f['measured_peak']['gain']:+.2f} ± {f['measured_peak']['gain_sem']:.2f} at KL "
+              f"{f['measured_peak']['kl']:.2f}" for f in (r["bon_fit"], r["ppo_fit"]) if f]
         share = "-" if r["share_of_ceiling"] is None else f"{100 * r['share_of_ceiling']:.1f}%"
         lines.append(f"| {name} | {r['n_train_pairs']} | {r['test_accuracy']:.3f} | {r['bayes_accuracy']:.3f} | "
                      f"{share} | {fmt_fit(r['bon_fit'])} | {fmt_fit(r['ppo_fit'])} | {' / '.join(mp)} |")
-    lines += ["", "Best-of-n (n: KL bound, gold gain, RM score gain):", ""]
+    lines += ["", "Best-of-n (n: KL bound, gold gain ± s.e., RM score gain):", ""]
     for name, r in rep["rms"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{p['n']}: {p['kl']:.2f} {p['gold'] - rep['sft_gold_test']:+.2f} "
-                                               f"{p['rm'] - r['bon_rm_base']:+.2f}" for p in r["bon"]))
-    lines += ["", "PPO along training (iteration: KL, gold gain, RM score gain):", ""]
+        lines.append(f"- {name}: " + ", ".join(f"{p['n']}: {p['kl']:.2f} {p['gain']:+.2f}±{p['gain_sem']:.2f} "
+                                               f"{p['rm_gain']:+.2f}" for p in r["bon"]))
+    lines += ["", "PPO along training, held-out (iteration: KL, gold gain ± s.e., RM score gain):", ""]
     for name, r in rep["rms"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{p['iter']}: {p['kl']:.2f} {p['gold'] - rep['sft_gold_train']:+.2f} "
-                                               f"{p['rm'] - r['ppo_rm_base']:+.2f}" for p in r["ppo"]))
-    if rep.get("timings"):
-        lines += ["", "Stages: " + ", ".join(f"{n} {t if isinstance(t, str) else f'{t:.0f}s'}"
-                                             for n, t in rep["timings"])]
-    lines += ["", f"Plot: `{rep['plot']}`" if rep.get("plot") else "No plot (matplotlib is not installed)."]
+        lines.append(f"- {name}: " + ", ".join(f"{p['iter'] + 1}: {p['kl']:.2f} {p['gain']:+.2f}±{p['gain_sem']:.2f} "
+                                               f"{p['rm_gain']:+.2f}" for p in r["ppo"]))
+    lines += [""] + sweep.report_tail(rep)
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_plot(rep: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = sweep.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, kind, form, base in ((axes[0], "bon", "bon", rep["sft_gold_test"]),
-                                 (axes[1], "ppo", "rl", rep["sft_gold_train"])):
+    for ax, kind, form in ((axes[0], "bon", "bon"), (axes[1], "ppo", "rl")):
         for c, (name, r) in zip(COLORS, rep["rms"].items()):
             pts = r[kind]
             if not pts:
                 continue
             kl = [p["kl"] for p in pts]
-            ax.plot(kl, [p["gold"] - base for p in pts], "o", color=c, label=f"{name} gold")
-            ax.plot(kl, [p["rm"] - r[f"{kind}_rm_base"] for p in pts], "x--", color=c, alpha=0.6,
-                    label=f"{name} proxy (RM)")
+            ax.errorbar(kl, [p["gain"] for p in pts], yerr=[p["gain_sem"] for p in pts],
+                        xerr=[p.get("kl_sem", 0.0) for p in pts], fmt="o", ms=4, capsize=2, color=c,
+                        label=f"{name} gold")
+            ax.plot(kl, [p["rm_gain"] for p in pts], "x--", color=c, alpha=0.6, label=f"{name} proxy (RM)")
             f = r[f"{kind}_fit"]
             if f and "alpha" in f:
                 xs = [max(kl) * i / 100 for i in range(101)]
-                ys = gao_curve([math.sqrt(x) for x in xs], f["alpha"], f["beta"], form)
-                ax.plot(xs, ys, "-", color=c, lw=1)
+                ax.plot(xs, gao_curve([math.sqrt(x) for x in xs], f["alpha"], f["beta"], form), "-", color=c, lw=1)
                 if f["peak_kl"] is not None and f["peak_kl"] <= 1.5 * max(kl):
                     ax.axvline(f["peak_kl"], color=c, ls=":", lw=1)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("KL(π ‖ π_SFT), nats" + (" (closed-form bound)" if kind == "bon" else ""))
         ax.set_ylabel("gain over SFT (gold: points + fit; RM: crosses)")
-        ax.set_title("best-of-n: d(α − β d)" if kind == "bon" else "PPO (weak KL): d(α − β log d)")
+        ax.set_title("best-of-n: d(α − β d)" if kind == "bon" else "PPO, weak KL, held-out: d(α − β log d)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -239,10 +226,13 @@ def main(argv=None):
                    help="train pairs of each RM (0 = all that rm-all collected)")
     p.add_argument("--ppo-kl", type=float, default=0.01, help="PPO --kl-coef (weak, so the RM gets over-optimised)")
     p.add_argument("--ppo-iterations", type=int, default=120, help="PPO iterations per RM")
-    p.add_argument("--window", type=int, default=6, help="PPO iterations averaged per curve point")
+    p.add_argument("--eval-interval", type=int, default=10, help="PPO iterations between held-out evaluations "
+                                                                  "(train_ppo.py --eval-interval)")
+    p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts per PPO evaluation")
     p.add_argument("--bon-max", type=int, default=256, help="largest n of best-of-n (a power of 2)")
     p.add_argument("--bon-prompts", type=int, default=128, help="held-out prompts for best-of-n")
-    p.add_argument("--base-prompts", type=int, default=1024, help="train prompts for the SFT baseline of PPO's gain")
+    p.add_argument("--missing-eos-penalty", type=float, default=2.0, help="best-of-n: a sample without EOS scores "
+                   "-this under every RM (train_ppo.py's default, so both curves use the score PPO trains on)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -255,14 +245,17 @@ def main(argv=None):
         pipeline.fail("--rm-pairs: sizes must be >= 0 (0 = all)")
     if a.bon_max < 2 or a.bon_max & (a.bon_max - 1):
         pipeline.fail("--bon-max: must be a power of 2, >= 2")
-    if a.window < 1 or a.ppo_iterations < 2 * a.window or a.bon_prompts < 1 or a.ppo_kl < 0:
-        pipeline.fail("--window >= 1, --ppo-iterations >= 2 x --window, --bon-prompts >= 1, --ppo-kl >= 0")
+    if a.eval_interval < 1 or a.ppo_iterations < 2 * a.eval_interval:
+        pipeline.fail(f"--eval-interval {a.eval_interval}: must be >= 1 and at most half of --ppo-iterations "
+                      f"{a.ppo_iterations} (a curve needs two points)")
+    if a.bon_prompts < 2 or a.eval_prompts < 2 or a.ppo_kl < 0:
+        pipeline.fail("--bon-prompts and --eval-prompts must be >= 2, --ppo-kl >= 0")
     flags = {k: shlex.split(getattr(a, f"{k}_flags")) for k in ("sft", "rm", "ppo")}
     root = Path(a.out).resolve()
-    plan, sft, runs = plan_runs(root, a.sft, a.rm_pairs, a.ppo_kl, a.ppo_iterations, flags)
+    plan, sft, runs = plan_runs(root, a.sft, a.rm_pairs, a.ppo_kl, a.ppo_iterations, flags, a.eval_interval,
+                                a.eval_prompts)
     for _, script, argv, *_ in plan:
         pipeline.check_flags([(None, script, [str(x) for x in argv])], [])
-    import sweep  # the same stage runner
     t0 = time.time()
     timings = sweep.run_plan(plan, a.force, a.dry_run)
     if a.dry_run:
@@ -271,12 +264,7 @@ def main(argv=None):
     rep = analyse(sft, runs, a)
     timings.append(("analysis", round(time.time() - t, 1)))
     rep["args"], rep["timings"], rep["seconds"] = vars(a), timings, round(time.time() - t0, 1)
-    rep["plot"] = "report.png" if write_plot(rep, root / "report.png") else None
-    write_json(root / "report.json", rep)
-    write_markdown(rep, root / "report.md")
-    print((root / "report.md").read_text())
-    print(f"overopt done in {rep['seconds']:.0f}s; wrote {root}/report.md, report.json"
-          f"{', report.png' if rep['plot'] else ''}")
+    sweep.write_report(root, rep, write_plot, write_markdown, "overopt")
     return timings
 
 

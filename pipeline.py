@@ -102,7 +102,8 @@ def check_flags(plan, extra):
 
 
 def fail(msg: str):
-    print(f"pipeline: error: {msg}", file=sys.stderr)
+    """One line and exit 2, named after the command the user ran (pipeline.py, sweep.py, overopt.py)."""
+    print(f"{Path(sys.argv[0]).stem or 'pipeline'}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -164,19 +164,44 @@ def write_markdown(rep: dict, path: Path):
     if rep["frontier"]:
         lines += ["Optimal frontier (KL: gold*): " + ", ".join(f"{p['kl']:.2f}: {p['gold']:+.2f}"
                                                                for p in rep["frontier"]), ""]
-    if rep.get("timings"):
-        lines += ["Stages: " + ", ".join(f"{n} {t if isinstance(t, str) else f'{t:.0f}s'}"
-                                         for n, t in rep["timings"]), ""]
-    lines.append(f"Plot: `{rep['plot']}`" if rep.get("plot") else "No plot (matplotlib is not installed).")
+    lines += report_tail(rep)
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(rep: dict, path: Path) -> bool:
+def report_tail(rep: dict) -> list:
+    """The last lines of a report.md (sweep.py, overopt.py): the stages' times and where the plot is."""
+    lines = []
+    if rep.get("timings"):
+        lines += ["Stages: " + ", ".join(f"{n} {t if isinstance(t, str) else f'{t:.0f}s'}"
+                                         for n, t in rep["timings"]) + f" ({rep['seconds']:.0f}s in all)", ""]
+    lines.append(f"Plot: `{rep['plot']}`" if rep.get("plot") else "No plot (matplotlib is not installed).")
+    return lines
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed (setup.sh installs it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_report(root: Path, rep: dict, write_plot, write_markdown, what: str):
+    """report.png (when matplotlib is there), report.json and report.md into root; prints the markdown."""
+    rep["plot"] = "report.png" if write_plot(rep, root / "report.png") else None
+    write_json(root / "report.json", rep)
+    write_markdown(rep, root / "report.md")
+    print((root / "report.md").read_text())
+    print(f"{what} done in {rep['seconds']:.0f}s; wrote {root}/report.md, report.json"
+          f"{', report.png' if rep['plot'] else ''}")
+
+
+def write_plot(rep: dict, path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if rep["frontier"]:
@@ -238,12 +263,7 @@ def main(argv=None):
     rep["timings"], rep["seconds"] = timings, round(time.time() - t0, 1)
     rep["grid"] = {"ppo_kl": a.ppo_kl, "grpo_kl": a.grpo_kl, "dpo_beta": a.dpo_beta, "best_of": a.best_of,
                    "flags": flags}
-    rep["plot"] = "report.png" if write_plot(rep, root / "report.png") else None
-    write_json(root / "report.json", rep)
-    write_markdown(rep, root / "report.md")
-    print((root / "report.md").read_text())
-    print(f"sweep done in {rep['seconds']:.0f}s; wrote {root}/report.md, report.json"
-          f"{', report.png' if rep['plot'] else ''}")
+    write_report(root, rep, write_plot, write_markdown, "sweep")
     return timings
 
 

@@ -22,7 +22,7 @@ import torch
 
 from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.evaluation import compare_to_reference
+from minirlhf.evaluation import compare_to_reference, policy_metrics, sample_policy
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
                              gae_advantages, kl_shaped_rewards, masked_mean,
                              ppo_policy_loss, ppo_value_loss)
@@ -76,8 +76,12 @@ class Args:
     grad_clip: float = arg(1.0, "gradient norm clip, per model (0 = off)")
     approx_kl_stop: float = arg(0.0, "stop the epoch loop when an epoch's mean approx_kl exceeds this (0 = off)")
     log_interval: int = arg(10, "iterations between console lines (metrics.jsonl gets every iteration)")
-    # final evaluation
+    # evaluation
     n_eval: int = arg(512, "held-out test prompts for the final paired comparison with the SFT policy")
+    eval_interval: int = arg(0, "every N iterations also score the current policy on held-out prompts (gold, KL, "
+                                "RM score: eval_* keys of that iteration's metrics.jsonl line); 0 = only at the end")
+    eval_prompts: int = arg(256, "held-out test prompts of each --eval-interval evaluation (the SFT's samples on "
+                                 "them are drawn once)")
 
 
 def validate(a: Args):
@@ -90,11 +94,28 @@ def validate(a: Args):
                     "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ppo_epochs": POSITIVE, "minibatches": POSITIVE,
                     "lr": POSITIVE, "value_lr": POSITIVE, "clip": POSITIVE, "value_clip": POSITIVE,
                     "grad_clip": NON_NEGATIVE, "approx_kl_stop": NON_NEGATIVE, "log_interval": POSITIVE,
+                    "eval_interval": NON_NEGATIVE, "eval_prompts": (lambda v: v >= 2, ">= 2"),
                     "n_eval": (lambda v: v >= 2, ">= 2 (standard errors need two samples)")})
     check(a.batch_size % a.minibatches == 0, f"--batch-size {a.batch_size} must be divisible by --minibatches "
                                              f"{a.minibatches}")
+    check(not (a.eval_interval and a.prompts), "--eval-interval needs the built-in task's held-out prompts and gold "
+                                               "reward (not available with --prompts)")
     check(a.target_kl == 0 or a.kl_coef > 0, "--kl-coef 0 with --target-kl: the adaptive controller scales beta, "
                                              "so it must start > 0")
+
+
+@torch.no_grad()
+def held_out_eval(policy, ref, reward_model, tok, task, ref_samples, a: Args, device, dtype, seed: int) -> dict:
+    """The current policy on the held-out prompts of ref_samples (one sample each, temperature 1): gold, gain over
+    the reference's samples (paired s.e.), KL(pi || ref) +- s.e., the RM score raw and as trained on (EOS penalty),
+    win rate. Keys eval_*; what overopt.py plots against KL."""
+    samples = sample_policy(policy, tok, [s["prompt"] for s in ref_samples], a.max_new_tokens, 1.0,
+                            seed=a.seed + 2 + seed, device=device, dtype=dtype)
+    m = policy_metrics(policy, ref, tok, samples, ref_samples, task, reward_model, device=device, dtype=dtype,
+                       missing_eos_penalty=a.missing_eos_penalty)
+    keys = ("gold_mean", "gold_sem", "ref_gold_mean", "gold_gain", "gold_gain_sem", "kl_mean", "kl_sem", "rm_mean",
+            "ref_rm_mean", "score_mean", "ref_score_mean", "win_rate_vs_ref", "eos_rate")
+    return {f"eval_{k}": m[k] for k in keys}
 
 
 def main(argv=None):
@@ -159,6 +180,13 @@ def main(argv=None):
         first_ratio_max = state["first_ratio_max"]
         t0 -= state["elapsed_s"]
     log = MetricsLog(out / "metrics.jsonl", keep_rows=state["log_rows"] if state else None)
+    # Held-out evaluations along the way (--eval-interval; rank 0): the reference's samples on the held-out prompts
+    # are drawn once, so every evaluation is paired by prompt with the same SFT responses.
+    eval_prompts = eval_ref = None
+    if a.eval_interval and dist.is_main():
+        eval_prompts = task.sample_prompts("test", a.eval_prompts, seed=a.seed)
+        eval_ref = sample_policy(ref, tok, eval_prompts, a.max_new_tokens, 1.0, seed=a.seed + 1, device=device,
+                                 dtype=dtype)
     finite = FiniteCheck("train_ppo.py", unit="iteration")
     bar = Progress(range(start, a.iterations), desc="ppo", total=a.iterations)
     for it in bar:
@@ -286,6 +314,10 @@ def main(argv=None):
             raise NonFiniteError(f"train_ppo.py: {', '.join(bad)} became non-finite (NaN/inf) at iteration {it}; "
                                  f"stopped without saving (lower --lr, or raise --kl-coef)")
         finite.check(policy, value_model)  # before the next rollout samples from NaN weights
+        if eval_ref is not None and ((it + 1) % a.eval_interval == 0 or it == a.iterations - 1):
+            t_eval = time.time()
+            row.update(held_out_eval(policy, ref, reward_model, tok, task, eval_ref, a, device, dtype, seed=it))
+            row["eval_s"] = time.time() - t_eval
         log.write(row)
         if it % a.log_interval == 0 or it == a.iterations - 1:
             bar.write(f"it {it:4d} | rm {row['rm_score_mean']:+.3f} | gold {row.get('gold_mean', float('nan')):+.3f}"

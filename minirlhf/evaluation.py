@@ -275,7 +275,7 @@ def gold_scores(task, samples):
 
 @torch.no_grad()
 def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_model=None, batch_size: int = 64,
-                   device="cpu", dtype="float32", ref_logp=None):
+                   device="cpu", dtype="float32", ref_logp=None, missing_eos_penalty: float = None):
     """Metrics of one policy from its samples and, paired by prompt, the reference's samples (win rate).
 
     Adds "kl" (and "gold", "rm" when available) to each sample dict. With task=None (user data) the gold keys are
@@ -283,7 +283,8 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
     Error bars: win rates get the s.e. of the mean per-prompt outcome (win_rate_vs_ref_sem, rm_win_rate_sem); the
     gain over the reference (gold_gain) gets the paired s.e. of the per-prompt differences (gold_gain_sem).
     ref_logp: precomputed reference log-probs of `samples` (when policy is the reference itself, pass the
-    policy's own)."""
+    policy's own). missing_eos_penalty (with a reward model): also score_mean / ref_score_mean, the RM score as
+    RL trains on it (a response without EOS scores -penalty: losses.score_with_eos_penalty)."""
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
     assert [s["prompt"] for s in samples] == [s["prompt"] for s in ref_samples], "win rate needs paired prompts"
     pad = {}
@@ -310,7 +311,12 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
         for s, r in zip(samples, rm):
             s["rm"] = r
         m["rm_mean"], m["rm_sem"] = mean_sem(rm)
+        m["ref_rm_mean"] = sum(ref_rm) / n
         m["rm_win_rate"], m["rm_win_rate_sem"] = paired_win_rate_sem(rm, ref_rm)
+        if missing_eos_penalty is not None:
+            for key, ss, rr in (("score_mean", samples, rm), ("ref_score_mean", ref_samples, ref_rm)):
+                eos = torch.tensor([s["eos"] for s in ss])
+                m[key] = score_with_eos_penalty(torch.tensor(rr), eos, missing_eos_penalty).mean().item()
     m["eos_rate"] = sum(s["eos"] for s in samples) / n
     m["mean_len"] = sum(s["length"] for s in samples) / n
     m["distinct_2"] = distinct_n([s["response"] for s in samples], 2)

@@ -17,7 +17,7 @@ from minirlhf.checkpoint import save_run
 from minirlhf.evaluation import (distinct_n, estimate_frontier, fraction_of_optimal, frontier_gold_at, paired_gain,
                                  paired_win_rate_sem,
                                  frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate, policy_metrics,
-                                 sample_policy)
+                                 reward_model_scores, sample_policy)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -115,6 +115,25 @@ def test_kl_estimator_matches_exact_enumeration():
     for s in samples[:20]:
         assert s["kl"] == pytest.approx(exact_logprob(pi, tok, s["prompt"], s["tokens"])
                                         - exact_logprob(ref, tok, s["prompt"], s["tokens"]), abs=1e-4)
+
+
+def test_rm_scores_as_rl_trains_on_them_replace_unfinished_responses_by_the_penalty():
+    tok, pi, ref = TinyTok(), tiny_gpt(1), tiny_gpt(2)
+    torch.manual_seed(3)
+    rm = ScalarModel(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=8)).eval()
+    prompts = ["a", "b", "ab", ""] * 10
+    samples = sample_policy(pi, tok, prompts, N_NEW, seed=1)
+    ref_samples = sample_policy(ref, tok, prompts, N_NEW, seed=2)
+    assert 0 < sum(s["eos"] for s in samples) < len(samples)  # both kinds of rows occur
+    m = policy_metrics(pi, ref, tok, samples, ref_samples, TinyTask(), rm, missing_eos_penalty=3.0)
+    naive = sum(s["rm"] if s["eos"] else -3.0 for s in samples) / len(samples)
+    assert m["score_mean"] == pytest.approx(naive) and m["rm_mean"] == pytest.approx(
+        sum(s["rm"] for s in samples) / len(samples))
+    ref_rm = reward_model_scores(rm, tok, ref_samples)
+    assert m["ref_rm_mean"] == pytest.approx(sum(ref_rm) / len(ref_rm))
+    assert m["ref_score_mean"] == pytest.approx(sum(r if s["eos"] else -3.0 for s, r in zip(ref_samples, ref_rm))
+                                                / len(ref_rm))
+    assert "score_mean" not in policy_metrics(pi, ref, tok, samples, ref_samples, TinyTask(), rm)
 
 
 # ----------------------------------------------------------------------------------------------- frontier

@@ -30,6 +30,7 @@ def test_plan_collects_once_and_subsamples_for_the_smaller_rms(tmp_path):
     for name in ("rm-1000", "rm-4000", "rm-all"):
         argv = stage[f"ppo-{name}"]
         assert argv[argv.index("--reward") + 1] == str(tmp_path / name) and argv[argv.index("--kl-coef") + 1] == "0.01"
+        assert argv[argv.index("--eval-interval") + 1] == "10" and argv[argv.index("--eval-prompts") + 1] == "256"
         assert runs[name] == (tmp_path / name, tmp_path / f"ppo-{name}")
     # an existing SFT run: no SFT stage, and everything reads that one
     plan2, sft2, _ = overopt.plan_runs(tmp_path, tmp_path / "mine", [0], 0.0, 50, FLAGS)
@@ -41,22 +42,57 @@ def test_plan_collects_once_and_subsamples_for_the_smaller_rms(tmp_path):
 
 
 def test_best_of_n_curve_picks_the_rm_best_and_fits_recover_a_known_curve():
-    gold = [[0.0, 1.0, 2.0, 3.0], [5.0, 4.0, 3.0, 2.0]]
-    rm = [[0.0, 2.0, 1.0, 3.0], [1.0, 0.0, 0.0, 4.0]]
+    gold = [[0.0, 1.0, 2.0, 3.0], [5.0, 4.0, 3.0, 2.0]]  # prompt means 1.5 and 3.5
+    rm = [[0.0, 2.0, 1.0, 3.0], [1.0, 0.0, 0.0, 4.0]]  # prompt means 1.5 and 1.25
     pts = overopt.bon_curve(gold, rm, [1, 2, 4])
-    assert [p["gold"] for p in pts] == [2.5, 3.0, 2.5]  # n=2 picks (1.0, 5.0); n=4 picks (3.0, 2.0)
-    assert [p["rm"] for p in pts] == [0.5, 1.5, 3.5]
+    # n=1 picks (0.0, 5.0), n=2 picks (1.0, 5.0), n=4 picks (3.0, 2.0): gains over each prompt's mean gold
+    assert [p["gain"] for p in pts] == pytest.approx([0.0, 0.5, 0.0])
+    assert pts[1]["gain_sem"] == pytest.approx(abs(-0.5 - 1.5) / 2)  # s.e. of the per-prompt gains (-0.5, 1.5)
+    assert [p["rm_gain"] for p in pts] == pytest.approx([(-1.5 - 0.25) / 2, (0.5 - 0.25) / 2, (1.5 + 2.75) / 2])
     assert pts[0]["kl"] == 0.0 and pts[2]["kl"] == pytest.approx(math.log(4) - 0.75)
     # gold gain exactly d(1 - 0.5 d): the fit recovers it and the measured peak is the best point
-    fake = [{"kl": k, "gold": 0.2 + math.sqrt(k) * (1 - 0.5 * math.sqrt(k))} for k in (0.1, 0.5, 1.0, 2.0, 4.0)]
-    f = overopt.fit_curve(fake, 0.2, "bon")
+    fake = [{"kl": k, "gain": math.sqrt(k) * (1 - 0.5 * math.sqrt(k)), "gain_sem": 0.01}
+            for k in (0.1, 0.5, 1.0, 2.0, 4.0)]
+    f = overopt.fit_curve(fake, "bon")
     assert f["alpha"] == pytest.approx(1.0) and f["beta"] == pytest.approx(0.5) and f["peak_kl"] == pytest.approx(1.0)
-    assert f["measured_peak"]["kl"] == 1.0
+    assert f["measured_peak"]["kl"] == 1.0 and f["measured_peak"]["gain"] == pytest.approx(0.5)
 
 
-def test_ppo_curve_averages_windows_of_iterations(tmp_path):
-    rows = [{"iter": i, "kl": 0.1 * i, "gold_mean": float(i), "rm_score_mean": 2.0 * i} for i in range(7)]
+def test_ppo_curve_reads_the_held_out_evaluations(tmp_path):
+    rows = [{"iter": i, "kl": 0.1 * i, "gold_mean": float(i)} for i in range(7)]
+    for i in (2, 5, 6):  # train_ppo.py --eval-interval 3 over 7 iterations
+        rows[i].update(eval_kl_mean=0.5 * i, eval_kl_sem=0.1, eval_gold_gain=0.2 * i, eval_gold_gain_sem=0.05,
+                       eval_score_mean=1.0 * i, eval_ref_score_mean=0.5)
+    rows[2]["eval_kl_mean"] = -0.01  # the per-sample estimator can dip below 0 near the start: clamped
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    pts = overopt.ppo_curve(tmp_path / "metrics.jsonl", 3)
-    assert [p["iter"] for p in pts] == [2, 5] and [p["gold"] for p in pts] == [1.0, 4.0]
-    assert pts[1]["kl"] == pytest.approx(0.4) and pts[1]["rm"] == pytest.approx(8.0)
+    pts = overopt.ppo_curve(tmp_path / "metrics.jsonl")
+    assert [p["iter"] for p in pts] == [2, 5, 6] and [p["kl"] for p in pts] == [0.0, 2.5, 3.0]
+    assert [p["gain"] for p in pts] == pytest.approx([0.4, 1.0, 1.2])
+    assert [p["rm_gain"] for p in pts] == pytest.approx([1.5, 4.5, 5.5]) and pts[0]["gain_sem"] == 0.05
+
+
+def test_a_tiny_experiment_end_to_end_writes_the_report(tmp_path):
+    # the whole command on tiny models: two RMs (20 pairs and all), weak-KL PPO evaluated along the way on held-out
+    # prompts, best-of-n up to 4; report.json / report.md / report.png with every RM's curves and fits
+    from tests.test_runs import RM, SFT, run_script
+    run_script("train_sft.py", "--out-dir", tmp_path / "sft", *SFT, "--steps", "200")
+    ppo = ("--batch-size 8 --minibatches 2 --ppo-epochs 2 --n-eval 8 --device cpu")
+    overopt.main(["--out", str(tmp_path / "exp"), "--sft", str(tmp_path / "sft"), "--rm-pairs", "20", "0",
+                  "--ppo-iterations", "4", "--eval-interval", "2", "--eval-prompts", "6", "--bon-max", "4",
+                  "--bon-prompts", "5", "--max-new-tokens", "8", "--device", "cpu", "--rm-flags", " ".join(RM + ["--n-prompts", "80", "--k", "4"]),
+                  "--ppo-flags", ppo + " --max-new-tokens 8"])
+    exp = tmp_path / "exp"
+    rep = json.loads((exp / "report.json").read_text())
+    assert list(rep["rms"]) == ["rm-20", "rm-all"]
+    for name, r in rep["rms"].items():
+        assert [p["n"] for p in r["bon"]] == [1, 2, 4]
+        rm_gains = [p["rm_gain"] for p in r["bon"]]
+        assert rm_gains == sorted(rm_gains)  # the best of more samples scores at least as high under that RM
+        assert [p["iter"] for p in r["ppo"]] == [1, 3]  # evaluated after iterations 2 and 4
+        assert r["bayes_accuracy"] and r["test_accuracy"] is not None
+        assert {"alpha", "beta", "rmse", "measured_peak"} <= set(r["bon_fit"])
+    assert 0 < rep["rms"]["rm-20"]["n_train_pairs"] <= 20 < rep["rms"]["rm-all"]["n_train_pairs"]
+    md = (exp / "report.md").read_text()
+    assert "| rm-20 | 20 |" in md and "Stages:" in md
+    if rep["plot"]:
+        assert (exp / "report.png").stat().st_size > 10_000

@@ -337,6 +337,26 @@ def test_missing_eos_penalty_whitening_and_approx_kl_stop_in_a_run(tiny_runs, tm
     assert all(r["epochs_done"] == 2 and r["reward_std"] != pytest.approx(1.0, abs=1e-3) for r in rows)
 
 
+def test_held_out_evaluations_along_the_way_leave_training_unchanged(tiny_runs, tmp_path):
+    # --eval-interval 2 over 3 iterations: after iteration 1 and the last one; the held-out samples have their own
+    # random stream, so the training rows are the same as without the evaluations
+    rows = run_ppo(tiny_runs, tmp_path / "e", "--eval-interval", "2", "--eval-prompts", "8")
+    plain = run_ppo(tiny_runs, tmp_path / "p")
+    assert [("eval_kl_mean" in r) for r in rows] == [False, True, True]
+    for r, q in zip(rows, plain):
+        for k in ("rm_score_mean", "kl", "pg_loss", "vf_loss", "approx_kl", "gold_mean"):
+            assert r[k] == q[k], k
+    e1, e2 = rows[1], rows[2]
+    for e in (e1, e2):
+        assert e["eval_gold_gain"] == pytest.approx(e["eval_gold_mean"] - e["eval_ref_gold_mean"], abs=1e-5)
+        for k in ("eval_kl_mean", "eval_kl_sem", "eval_gold_gain_sem", "eval_rm_mean", "eval_score_mean",
+                  "eval_ref_score_mean", "eval_win_rate_vs_ref", "eval_s"):
+            assert math.isfinite(e[k]), k
+    # the reference's samples are drawn once: the same SFT baseline at every evaluation
+    for k in ("eval_ref_gold_mean", "eval_ref_rm_mean", "eval_ref_score_mean"):
+        assert e1[k] == e2[k], k
+
+
 def test_missing_reward_dir_is_a_clear_error(tiny_runs, tmp_path):
     cmd = [sys.executable, "train_ppo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tmp_path / "nope"),
            "--out-dir", str(tmp_path / "o"), "--device", "cpu"]
