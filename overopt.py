@@ -39,7 +39,7 @@ def rm_name(n: int) -> str:
 
 
 def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, flags: dict, eval_interval: int = 10,
-              eval_prompts: int = 256):
+              eval_prompts: int = 512):
     """pipeline.py-style stages: the SFT (unless given), the collecting RM rm-all (all pairs), an RM per other
     --rm-pairs size trained on rm-all's prefs.jsonl, and a PPO run per RM. Returns (plan, sft dir, {rm name:
     (rm dir, ppo dir)})."""
@@ -228,7 +228,7 @@ def main(argv=None):
     p.add_argument("--ppo-iterations", type=int, default=120, help="PPO iterations per RM")
     p.add_argument("--eval-interval", type=int, default=10, help="PPO iterations between held-out evaluations "
                                                                   "(train_ppo.py --eval-interval)")
-    p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts per PPO evaluation")
+    p.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts per PPO evaluation")
     p.add_argument("--bon-max", type=int, default=256, help="largest n of best-of-n (a power of 2)")
     p.add_argument("--bon-prompts", type=int, default=128, help="held-out prompts for best-of-n")
     p.add_argument("--missing-eos-penalty", type=float, default=2.0, help="best-of-n: a sample without EOS scores "

@@ -1,6 +1,6 @@
 """Reward-KL frontiers: every algorithm at several KL strengths against the optimal frontier, in one command.
 
-    python sweep.py                               # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-b*,eval}, report.*
+    python sweep.py                               # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-*,eval}, report.*
     python sweep.py --dry-run                     # the plan: which runs exist, which would run and why
     python sweep.py --ppo-kl 0.03 0.07 --dpo-beta 0.1 --grpo-kl --best-of 4 64   # another grid ("--grpo-kl" = none)
 
@@ -10,8 +10,9 @@ the *optimal* frontier (pi* = pi_ref exp(g / beta) / Z, estimated by evaluate.py
 also scored by its share of the best gain any policy could reach at its KL.
 
 One SFT run and one reward model are shared by every run (the sweep's first two stages); PPO and GRPO/RLOO train on
-that RM at each --ppo-kl / --grpo-kl coefficient, DPO on the RM's preference file at each --dpo-beta (with
---dpo-flags, e.g. "--rounds 2" for online DPO, applied to all DPO runs). One evaluate.py call then scores every policy
+that RM at each --ppo-kl / --grpo-kl coefficient, DPO on the RM's preference file at each --dpo-beta, online DPO
+(train_dpo.py --rounds: later rounds on fresh samples of the current policy, ranked by the same RM) at each
+--online-dpo-beta (--dpo-flags go to both kinds of DPO run). One evaluate.py call then scores every policy
 the same way (the same held-out prompts and seed: gold +- s.e., KL +- s.e., paired gain), adds best-of-n for each
 --best-of n and the optimal frontier. A run whose output is up to date with its flags is skipped (the same rules as
 pipeline.py: same args, newer than its inputs), an interrupted one is resumed, so a rerun after adding one grid
@@ -21,10 +22,12 @@ Writes into --out: report.json (one row per run: algorithm, its knob, gold, KL, 
 the frontier), report.md (the table) and report.png (gold vs KL, a point with error bars per run, one colour per
 algorithm, the frontier as a line; needs matplotlib, which pipeline.sh / setup.sh install).
 
-Default grid, and why: the defaults of each script sit in the middle (PPO and RLOO kl-coef 0.07, DPO beta 0.1), one
-point on each side spreads the runs over roughly KL 1-8 nats, where the frontier estimate (1024 samples per prompt,
-KL < log 1024 ~ 7) is measured rather than extrapolated. Three points per algorithm keep the whole sweep within
-~20 minutes on a 2-core CPU (measured: see README "Results").
+Default grid, and why: PPO and RLOO kl-coef 0.03 / 0.07 / 0.15 (the scripts' default in the middle, one point on
+each side) spread those runs over KL ~2.5-6 nats, where the frontier estimate (1024 samples per prompt) is measured
+up to ~4.3 and bounded beyond. Offline DPO spends little KL at any beta (~1-1.5 nats): beta 0.1 (the default), 0.2
+and 0.5 cover where its share of the optimum peaks (0.05 and 1.0 were measured worse: README "Results"); online DPO
+at beta 0.5 and 1.0 (3 rounds) reaches PPO's KL range. Best-of-n 4 / 16 / 64 traces what the RM alone gives.
+That grid runs in ~15 minutes on a 2-core CPU (measured: README "Results"), within the 20-minute budget.
 """
 import argparse
 import json
@@ -36,19 +39,22 @@ from pathlib import Path
 import pipeline  # the up-to-date / resume / run-a-stage logic, shared with the pipeline
 from minirlhf.utils import write_json
 
-ALGOS = ("ppo", "grpo", "dpo", "bon", "sft")
-COLORS = {"ppo": "tab:blue", "grpo": "tab:green", "dpo": "tab:red", "bon": "tab:purple", "sft": "black"}
+ALGOS = ("ppo", "grpo", "dpo", "dpo-online", "bon", "sft")
+COLORS = {"ppo": "tab:blue", "grpo": "tab:green", "dpo": "tab:red", "dpo-online": "tab:orange", "bon": "tab:purple",
+          "sft": "black"}
 
 
 def fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict, extra=()):
+def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict, extra=(), online_beta=(),
+              online_rounds: int = 3):
     """The sweep's stages as pipeline.py describes them: (name, script, argv, output dir, marker, inputs), then
-    {name: (algorithm, knob value)} for every trained policy. flags: extra argv per stage kind. extra: finished
-    policy run directories trained elsewhere on the same SFT/RM (e.g. DPO variants), evaluated with the rest
-    (algorithm from their config.json's stage, knob None)."""
+    {name: (algorithm, knob value)} for every trained policy. flags: extra argv per stage kind (the "dpo" flags go
+    to the online DPO runs too). online_beta: online DPO runs (train_dpo.py --rounds online_rounds), one per beta.
+    extra: finished policy run directories trained elsewhere on the same SFT/RM (e.g. DPO variants), evaluated
+    with the rest (algorithm from their config.json's stage, knob None)."""
     sft, rm, ev = root / "sft", root / "rm", root / "eval"
     plan = [("sft", "train_sft.py", ["--out-dir", sft, *flags["sft"]], sft, "metrics.json", []),
             ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm, *flags["rm"]], rm, "metrics.json", ["sft"])]
@@ -69,6 +75,12 @@ def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict, extra
                                             "--beta", b, "--out-dir", root / name, *flags["dpo"]], root / name,
                      "metrics.json", ["sft", "rm"]))
         policies[name] = ("dpo", b)
+    for b in online_beta:
+        name = f"dpo-online-b{fmt(b)}"
+        plan.append((name, "train_dpo.py", ["--policy", sft, "--prefs", rm / "prefs.jsonl", "--reward", rm,
+                                            "--beta", b, "--rounds", online_rounds, "--out-dir", root / name,
+                                            *flags["dpo"]], root / name, "metrics.json", ["sft", "rm"]))
+        policies[name] = ("dpo-online", b)
     dirs, grid = [root / n for n in policies], list(policies)
     for d in extra:
         d = Path(d).resolve()
@@ -142,7 +154,7 @@ def summarise(ev: dict, policies: dict) -> dict:
 
 
 def knob_label(r) -> str:
-    return {"ppo": "kl-coef", "grpo": "kl-coef", "dpo": "beta", "bon": "n"}.get(r["algo"], "")
+    return {"ppo": "kl-coef", "grpo": "kl-coef", "dpo": "beta", "dpo-online": "beta", "bon": "n"}.get(r["algo"], "")
 
 
 def write_markdown(rep: dict, path: Path):
@@ -236,7 +248,10 @@ def main(argv=None):
     p.add_argument("--out", default="out_sweep", help="folder that receives every run and the report")
     p.add_argument("--ppo-kl", type=float, nargs="*", default=[0.03, 0.07, 0.15], help="PPO --kl-coef values")
     p.add_argument("--grpo-kl", type=float, nargs="*", default=[0.03, 0.07, 0.15], help="RLOO --kl-coef values")
-    p.add_argument("--dpo-beta", type=float, nargs="*", default=[0.05, 0.1, 0.2], help="DPO --beta values")
+    p.add_argument("--dpo-beta", type=float, nargs="*", default=[0.1, 0.2, 0.5], help="DPO --beta values")
+    p.add_argument("--online-dpo-beta", type=float, nargs="*", default=[0.5, 1.0], help="online DPO (train_dpo.py --rounds "
+                   "--online-dpo-rounds) --beta values")
+    p.add_argument("--online-dpo-rounds", type=int, default=3, help="rounds of each online DPO run (>= 2)")
     p.add_argument("--best-of", type=int, nargs="*", default=[4, 16, 64], help="best-of-n rows")
     for kind in ("sft", "rm", "ppo", "grpo", "dpo", "eval"):
         p.add_argument(f"--{kind}-flags", default="", help=f"extra flags for every {kind} stage (one string)")
@@ -245,14 +260,18 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     a = p.parse_args(argv)
-    for name, vals in (("--ppo-kl", a.ppo_kl), ("--grpo-kl", a.grpo_kl), ("--dpo-beta", a.dpo_beta)):
-        if any(v < 0 for v in vals) or (name == "--dpo-beta" and any(v <= 0 for v in vals)):
-            pipeline.fail(f"{name}: values must be {'> 0' if name == '--dpo-beta' else '>= 0'}")
+    for name, vals in (("--ppo-kl", a.ppo_kl), ("--grpo-kl", a.grpo_kl), ("--dpo-beta", a.dpo_beta),
+                       ("--online-dpo-beta", a.online_dpo_beta)):
+        if any(v < 0 for v in vals) or ("dpo" in name and any(v <= 0 for v in vals)):
+            pipeline.fail(f"{name}: values must be {'> 0' if 'dpo' in name else '>= 0'}")
+    if a.online_dpo_rounds < 2:
+        pipeline.fail(f"--online-dpo-rounds {a.online_dpo_rounds}: must be >= 2 (round 1 is offline DPO)")
     if any(n < 1 for n in a.best_of):
         pipeline.fail("--best-of: every n must be >= 1")
     flags = {k: shlex.split(getattr(a, f"{k}_flags")) for k in ("sft", "rm", "ppo", "grpo", "dpo", "eval")}
     root = Path(a.out).resolve()
-    plan, policies = plan_runs(root, a.ppo_kl, a.grpo_kl, a.dpo_beta, a.best_of, flags, a.extra_policies)
+    plan, policies = plan_runs(root, a.ppo_kl, a.grpo_kl, a.dpo_beta, a.best_of, flags, a.extra_policies,
+                               a.online_dpo_beta, a.online_dpo_rounds)
     for _, script, argv, *_ in plan:  # a mistyped flag or value: one line before any work
         pipeline.check_flags([(None, script, [str(x) for x in argv])], [])
     t0 = time.time()
@@ -261,7 +280,8 @@ def main(argv=None):
         return timings
     rep = summarise(json.loads((root / "eval" / "report.json").read_text()), policies)
     rep["timings"], rep["seconds"] = timings, round(time.time() - t0, 1)
-    rep["grid"] = {"ppo_kl": a.ppo_kl, "grpo_kl": a.grpo_kl, "dpo_beta": a.dpo_beta, "best_of": a.best_of,
+    rep["grid"] = {"ppo_kl": a.ppo_kl, "grpo_kl": a.grpo_kl, "dpo_beta": a.dpo_beta,
+                   "online_dpo_beta": a.online_dpo_beta, "online_dpo_rounds": a.online_dpo_rounds, "best_of": a.best_of,
                    "flags": flags}
     write_report(root, rep, write_plot, write_markdown, "sweep")
     return timings

@@ -30,7 +30,7 @@ def test_plan_collects_once_and_subsamples_for_the_smaller_rms(tmp_path):
     for name in ("rm-1000", "rm-4000", "rm-all"):
         argv = stage[f"ppo-{name}"]
         assert argv[argv.index("--reward") + 1] == str(tmp_path / name) and argv[argv.index("--kl-coef") + 1] == "0.01"
-        assert argv[argv.index("--eval-interval") + 1] == "10" and argv[argv.index("--eval-prompts") + 1] == "256"
+        assert argv[argv.index("--eval-interval") + 1] == "10" and argv[argv.index("--eval-prompts") + 1] == "512"
         assert runs[name] == (tmp_path / name, tmp_path / f"ppo-{name}")
     # an existing SFT run: no SFT stage, and everything reads that one
     plan2, sft2, _ = overopt.plan_runs(tmp_path, tmp_path / "mine", [0], 0.0, 50, FLAGS)

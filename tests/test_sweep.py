@@ -43,6 +43,12 @@ def test_runs_share_sft_and_rm_and_finished_runs_are_skipped(tmp_path):
     fake_finished(plan, {"sft", "rm", "ppo-kl0.05", "dpo-b0.1"})
     done = dict(sweep.run_plan(plan, dry_run=True))
     assert [n for n, t in done.items() if t == "skipped"] == ["sft", "rm", "ppo-kl0.05", "dpo-b0.1"]
+    # online DPO runs: the same SFT, RM and preference file, --rounds on top
+    plan3, pol3 = sweep.plan_runs(tmp_path, [], [], [0.1], [], NONE, online_beta=[0.5], online_rounds=3)
+    assert [p[0] for p in plan3] == ["sft", "rm", "dpo-b0.1", "dpo-online-b0.5", "eval"]
+    argv = [str(x) for x in plan3[3][2]]
+    assert argv[argv.index("--rounds") + 1] == "3" and argv[argv.index("--beta") + 1] == "0.5"
+    assert argv[argv.index("--reward") + 1] == str(tmp_path / "rm") and pol3["dpo-online-b0.5"] == ("dpo-online", 0.5)
     # a changed flag for DPO reruns the DPO runs only
     plan2, _ = sweep.plan_runs(tmp_path, [0.05, 0.1], [0.07], [0.1, 0.2], [4, 16], {**NONE, "dpo": ["--rounds", "2"]})
     done = dict(sweep.run_plan(plan2, dry_run=True))
