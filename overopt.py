@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pipeline
 import sweep  # the stage runner and the report's plumbing
-from minirlhf.evaluation import best_of_n_kl
+from minirlhf.evaluation import best_of_n_kl, mean_parts
 from minirlhf.overopt import fit_gao, gao_curve
 
 COLORS = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]
@@ -38,7 +38,7 @@ def rm_name(n: int) -> str:
     return "rm-all" if n == 0 else f"rm-{n}"
 
 
-def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, flags: dict, eval_interval: int = 10,
+def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, flags: dict, eval_interval: int = 5,
               eval_prompts: int = 512):
     """pipeline.py-style stages: the SFT (unless given), the collecting RM rm-all (all pairs), an RM per other
     --rm-pairs size trained on rm-all's prefs.jsonl, and a PPO run per RM. Returns (plan, sft dir, {rm name:
@@ -75,14 +75,17 @@ def ppo_curve(metrics_jsonl: Path) -> list:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     return [{"iter": r["iter"], "kl": max(0.0, r["eval_kl_mean"]), "kl_sem": r["eval_kl_sem"],
              "gain": r["eval_gold_gain"], "gain_sem": r["eval_gold_gain_sem"],
-             "rm_gain": r["eval_score_mean"] - r["eval_ref_score_mean"]} for r in rows if "eval_kl_mean" in r]
+             "rm_gain": r["eval_score_mean"] - r["eval_ref_score_mean"],
+             "parts": {k[len("eval_part_"):]: v for k, v in r.items() if k.startswith("eval_part_")}}
+            for r in rows if "eval_kl_mean" in r]
 
 
-def bon_curve(gold, scores, ns) -> list:
+def bon_curve(gold, scores, ns, parts=None) -> list:
     """Best-of-n along n from P prompts x N samples: gold (P, N) and RM scores (P, N) as nested lists. For each n,
     the best of the first n samples under the RM (first on ties). Gains are over the SFT policy itself, paired by
     prompt: the pick's gold minus the mean gold of that prompt's N samples. Returns [{n, kl (closed-form bound),
-    gain, gain_sem (s.e. over prompts), rm_gain}]."""
+    gain, gain_sem (s.e. over prompts), rm_gain, parts}]; parts: the samples' gold parts (P, N) of dicts
+    (evaluation.gold_parts), whose means over the picks go to "parts" ({} without)."""
     import numpy as np
     g, s = np.asarray(gold, dtype=np.float64), np.asarray(scores, dtype=np.float64)  # (P, N) each
     rows = np.arange(len(g))
@@ -92,7 +95,8 @@ def bon_curve(gold, scores, ns) -> list:
         gain = g[rows, picks] - g.mean(1)  # (P,)
         out.append({"n": n, "kl": best_of_n_kl(n), "gain": float(gain.mean()),
                     "gain_sem": float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else 0.0,
-                    "rm_gain": float((s[rows, picks] - s.mean(1)).mean())})
+                    "rm_gain": float((s[rows, picks] - s.mean(1)).mean()),
+                    "parts": mean_parts([parts[i][j] for i, j in enumerate(picks.tolist())]) if parts else {}})
     return out
 
 
@@ -111,7 +115,7 @@ def analyse(sft_dir: Path, runs: dict, a) -> dict:
     """Best-of-n for every RM on one set of SFT samples, the PPO curves, the fits, the RM accuracies."""
     import torch
     from minirlhf.checkpoint import load_policy, load_scalar
-    from minirlhf.evaluation import gold_scores, reward_model_scores
+    from minirlhf.evaluation import gold_parts, gold_scores, reward_model_scores
     from minirlhf.losses import score_with_eos_penalty
     from minirlhf.preferences import sample_many
     from minirlhf.tasks import get_task
@@ -128,23 +132,26 @@ def analyse(sft_dir: Path, runs: dict, a) -> dict:
                           512, device, dtype, desc="best-of-n samples")
     gold = gold_scores(task, samples)
     gold_pn = [gold[i * N:(i + 1) * N] for i in range(P)]
+    parts = gold_parts(task, samples)
+    parts_pn = [parts[i * N:(i + 1) * N] for i in range(P)] if parts else None
     ns = [2 ** i for i in range(int(math.log2(N)) + 1)]
     eos = torch.tensor([s["eos"] for s in samples])
-    rep = {"bon_prompts": P, "bon_max": N, "sft_gold_test": sum(gold) / len(gold), "rms": {}}
+    rep = {"bon_prompts": P, "bon_max": N, "sft_gold_test": sum(gold) / len(gold), "rms": {},
+           "sft_parts": mean_parts(parts) if parts else {}, "gold_weights": getattr(task, "GOLD_WEIGHTS", None)}
     print(f"sampled {len(samples)} SFT responses in {time.time() - t:.0f}s")
     for name, (rm_dir, ppo_dir) in runs.items():
         rm, _, _ = load_scalar(rm_dir, "--reward", device)
         rm.eval()
         raw = torch.tensor(reward_model_scores(rm, tok, samples, 512, device, dtype), dtype=torch.float64)
         score = score_with_eos_penalty(raw, eos, a.missing_eos_penalty).tolist()  # as PPO trains on it
-        bon = bon_curve(gold_pn, [score[i * N:(i + 1) * N] for i in range(P)], ns)
+        bon = bon_curve(gold_pn, [score[i * N:(i + 1) * N] for i in range(P)], ns, parts_pn)
         ppo = ppo_curve(ppo_dir / "metrics.jsonl")
         m = json.loads((Path(rm_dir) / "metrics.json").read_text())
         acc, ceil = m.get("test_accuracy"), m.get("bayes_accuracy")
         rep["rms"][name] = {
             "n_train_pairs": m.get("n_train_pairs"), "test_accuracy": acc, "bayes_accuracy": ceil,
             "share_of_ceiling": acc / ceil if acc is not None and ceil else None,
-            "gold_spearman": m.get("gold_spearman"),
+            "gold_spearman": m.get("gold_spearman"), "part_weights": m.get("gold_part_weights"),
             "bon": bon, "bon_fit": fit_curve(bon, "bon"),
             "ppo": ppo, "ppo_fit": fit_curve(ppo, "rl") if ppo else None}
     return rep
@@ -181,11 +188,37 @@ def write_markdown(rep: dict, path: Path):
     for name, r in rep["rms"].items():
         lines.append(f"- {name}: " + ", ".join(f"{p['iter'] + 1}: {p['kl']:.2f} {p['gain']:+.2f}±{p['gain_sem']:.2f} "
                                                f"{p['rm_gain']:+.2f}" for p in r["ppo"]))
+    if rep.get("sft_parts"):
+        lines += ["", "What each RM misses, and what the optimisation then does: the RM's price of each part of the "
+                  "gold reward in gold units (a least-squares fit of its scores on the parts, on fresh SFT samples; "
+                  "train_rm.py's gold_part_weights), and the mean parts of the responses (SFT; best-of-n at the "
+                  "largest n; PPO at its measured gold peak and at the end):", ""]
+        for name, r in rep["rms"].items():
+            w = r.get("part_weights")
+            if w:
+                lines.append(f"- {name} prices: " + ", ".join(
+                    f"{k} {'n/a' if v is None else f'{v:+.2f}'} (gold {w['gold_weights'][k]:+.2f})"
+                    for k, v in w["weights"].items()) + f"; R² {w['r2']:.2f}")
+        lines.append(f"- SFT responses: {fmt_parts(rep['sft_parts'])}")
+        for name, r in rep["rms"].items():
+            seg = [f"best-of-{r['bon'][-1]['n']} {fmt_parts(r['bon'][-1]['parts'])}"]
+            if r["ppo"]:
+                peak = max(r["ppo"], key=lambda q: q["gain"])
+                seg += [f"PPO at its gold peak (KL {peak['kl']:.1f}) {fmt_parts(peak['parts'])}",
+                        f"PPO at the end (KL {r['ppo'][-1]['kl']:.1f}) {fmt_parts(r['ppo'][-1]['parts'])}"]
+            lines.append(f"- {name}: " + "; ".join(seg))
     lines += [""] + sweep.report_tail(rep)
     path.write_text("\n".join(lines) + "\n")
 
 
+def fmt_parts(parts: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) if parts else "-"
+
+
 def write_plot(rep: dict, path: Path) -> bool:
+    """Two panels (best-of-n, PPO), gold and proxy gains against d = sqrt(KL) as Gao et al. plot them (the weak-KL
+    PPO runs reach tens of nats, which a KL axis would squeeze the peaks out of): gold points with s.e. and the fit,
+    RM-score gains as crosses, the fitted peak as a dotted line and the measured one as a ring."""
     plt = sweep.pyplot()
     if plt is None:
         return False
@@ -195,19 +228,22 @@ def write_plot(rep: dict, path: Path) -> bool:
             pts = r[kind]
             if not pts:
                 continue
-            kl = [p["kl"] for p in pts]
-            ax.errorbar(kl, [p["gain"] for p in pts], yerr=[p["gain_sem"] for p in pts],
-                        xerr=[p.get("kl_sem", 0.0) for p in pts], fmt="o", ms=4, capsize=2, color=c,
-                        label=f"{name} gold")
-            ax.plot(kl, [p["rm_gain"] for p in pts], "x--", color=c, alpha=0.6, label=f"{name} proxy (RM)")
+            d = [math.sqrt(p["kl"]) for p in pts]
+            d_sem = [p.get("kl_sem", 0.0) / (2 * x) if x > 0 else 0.0 for p, x in zip(pts, d)]
+            ax.errorbar(d, [p["gain"] for p in pts], yerr=[p["gain_sem"] for p in pts], xerr=d_sem, fmt="o", ms=4,
+                        capsize=2, color=c, label=f"{name} gold ({r['n_train_pairs']} pairs)")
+            ax.plot(d, [p["rm_gain"] for p in pts], "x--", color=c, alpha=0.6, label=f"{name} proxy (RM score)")
             f = r[f"{kind}_fit"]
             if f and "alpha" in f:
-                xs = [max(kl) * i / 100 for i in range(101)]
-                ax.plot(xs, gao_curve([math.sqrt(x) for x in xs], f["alpha"], f["beta"], form), "-", color=c, lw=1)
-                if f["peak_kl"] is not None and f["peak_kl"] <= 1.5 * max(kl):
-                    ax.axvline(f["peak_kl"], color=c, ls=":", lw=1)
+                xs = [max(d) * i / 200 for i in range(201)]
+                ax.plot(xs, gao_curve(xs, f["alpha"], f["beta"], form), "-", color=c, lw=1)
+                if f["peak_d"] is not None and f["peak_d"] <= max(d):
+                    ax.axvline(f["peak_d"], color=c, ls=":", lw=1)
+            mp = f["measured_peak"] if f else None
+            if mp:
+                ax.plot([math.sqrt(mp["kl"])], [mp["gain"]], "o", ms=11, mfc="none", color=c)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel("KL(π ‖ π_SFT), nats" + (" (closed-form bound)" if kind == "bon" else ""))
+        ax.set_xlabel("d = √KL(π ‖ π_SFT), KL in nats" + (" (closed-form bound)" if kind == "bon" else ""))
         ax.set_ylabel("gain over SFT (gold: points + fit; RM: crosses)")
         ax.set_title("best-of-n: d(α − β d)" if kind == "bon" else "PPO, weak KL, held-out: d(α − β log d)")
         ax.grid(alpha=0.3)
@@ -226,7 +262,7 @@ def main(argv=None):
                    help="train pairs of each RM (0 = all that rm-all collected)")
     p.add_argument("--ppo-kl", type=float, default=0.01, help="PPO --kl-coef (weak, so the RM gets over-optimised)")
     p.add_argument("--ppo-iterations", type=int, default=120, help="PPO iterations per RM")
-    p.add_argument("--eval-interval", type=int, default=10, help="PPO iterations between held-out evaluations "
+    p.add_argument("--eval-interval", type=int, default=5, help="PPO iterations between held-out evaluations "
                                                                   "(train_ppo.py --eval-interval)")
     p.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts per PPO evaluation")
     p.add_argument("--bon-max", type=int, default=256, help="largest n of best-of-n (a power of 2)")

@@ -141,7 +141,8 @@ def summarise(ev: dict, policies: dict) -> dict:
                      "gain": m["gold_gain"], "gain_sem": m["gold_gain_sem"], "kl": m["kl_mean"],
                      "kl_sem": m["kl_sem"], "kl_is_bound": bool(m.get("kl_is_bound")), "win_rate": m["win_rate"],
                      "rm": m.get("rm_mean"), "frontier_gold": m.get("frontier_gold"),
-                     "frac_optimal": m.get("frac_optimal"), "frontier_extrapolated": m.get("frontier_extrapolated")})
+                     "frac_optimal": m.get("frac_optimal"), "frontier_extrapolated": m.get("frontier_extrapolated"),
+                     "parts": m.get("gold_parts")})
     best = {}
     for r in rows:
         if r["frac_optimal"] is not None and r["algo"] != "sft" and \
@@ -171,6 +172,13 @@ def write_markdown(rep: dict, path: Path):
         kl = f"{'≤' if r['kl_is_bound'] else ''}{r['kl']:.2f} ± {r['kl_sem']:.2f}"
         lines.append(f"| {r['name']} | {r['algo']} | {knob} | {r['gold']:+.3f} ± {r['gold_sem']:.3f} | {kl} | "
                      f"{r['win_rate']:.3f} | {share} |")
+    names = next((list(r["parts"]) for r in rep["runs"] if r.get("parts")), None)
+    if names:  # the parts the gold reward sums (task.gold_components): where each run's gain came from
+        lines += ["", "What the gold reward of each run is made of (means per response; the gold reward is "
+                  "sentiment minus the penalties):", "", "| run | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        lines += [f"| {r['name']} | " + " | ".join(f"{r['parts'][k]:.2f}" for k in names) + " |"
+                  for r in rep["runs"] if r.get("parts")]
     lines += ["", "Best share of the optimum per algorithm: " + ", ".join(
         f"{k} {100 * v['frac_optimal']:.0f}% ({v['name']})" for k, v in rep["best_share"].items()), ""]
     if rep["frontier"]:

@@ -108,14 +108,16 @@ def validate(a: Args):
 def held_out_eval(policy, ref, reward_model, tok, task, ref_samples, a: Args, device, dtype, seed: int) -> dict:
     """The current policy on the held-out prompts of ref_samples (one sample each, temperature 1): gold, gain over
     the reference's samples (paired s.e.), KL(pi || ref) +- s.e., the RM score raw and as trained on (EOS penalty),
-    win rate. Keys eval_*; what overopt.py plots against KL."""
+    win rate, and each part of the gold reward (eval_part_*: mean sentiment, repeated words, ... when the task breaks
+    its reward down). Keys eval_*; what overopt.py plots against KL."""
     samples = sample_policy(policy, tok, [s["prompt"] for s in ref_samples], a.max_new_tokens, 1.0,
                             seed=a.seed + 2 + seed, device=device, dtype=dtype)
     m = policy_metrics(policy, ref, tok, samples, ref_samples, task, reward_model, device=device, dtype=dtype,
                        missing_eos_penalty=a.missing_eos_penalty)
     keys = ("gold_mean", "gold_sem", "ref_gold_mean", "gold_gain", "gold_gain_sem", "kl_mean", "kl_sem", "rm_mean",
             "ref_rm_mean", "score_mean", "ref_score_mean", "win_rate_vs_ref", "eos_rate")
-    return {f"eval_{k}": m[k] for k in keys}
+    parts = {f"eval_part_{k}": v for k, v in m.get("gold_parts", {}).items()}  # which parts of the gold moved
+    return {**{f"eval_{k}": m[k] for k in keys}, **parts}
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ from minirlhf import dist
 from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.losses import bradley_terry_loss
-from minirlhf.evaluation import reward_model_scores
+from minirlhf.evaluation import gold_parts, reward_model_scores, reward_weights
 from minirlhf.model import ScalarModel
 from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of,
                                   informative_pairs, pair_rewards, token_id_counts,
@@ -108,7 +108,7 @@ def main(argv=None):
     kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype, distributed=dist.enabled())
 
     # ---- preference pairs: collected from the simulated human, or the user's file
-    stats = {}
+    stats, task_file = {}, False
     collected = out / "collected.json"  # the simulated human's labels, kept across --resume (~20 s of sampling)
     # under torchrun rank 0 reads its staging folder and every rank gets the same pairs
     saved = dist.broadcast_object(json.loads(collected.read_text()) if a.resume and not a.prefs and dist.is_main()
@@ -119,7 +119,9 @@ def main(argv=None):
         print(f"reusing the {len(train_recs) + len(test_recs)} preference pairs collected in {collected}")
     elif a.prefs:
         records = load_pref_jsonl(a.prefs)
-        has_gold_columns(records)  # checks the optional numeric columns now (FILE:LINE), not after training
+        # checks the optional numeric columns now (FILE:LINE), not after training; with gold columns the file
+        # comes from the built-in task, whose gold reward then also scores the RM on fresh samples (below)
+        task_file = has_gold_columns(records)
         train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
         if not test_recs:
             raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
@@ -282,8 +284,9 @@ def main(argv=None):
     metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item(),
                    n_norm_used=n_norm_used)
 
-    # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does?
-    if not a.prefs:
+    # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does? And how does it price
+    # each part of the gold reward (evaluation.reward_weights: a part it does not see is one a policy can exploit)?
+    if not a.prefs or task_file:
         eval_prompts = task.sample_prompts("test", a.n_eval, seed=a.seed + 1)
         samples = sample_many(policy, tok, eval_prompts, a.max_new_tokens, seed=a.seed + 3, desc="evaluate", **kw)
         r = dist.all_gather_objects(reward_model_scores(rm, tok, dist.shard(samples), a.eval_batch_size, device,
@@ -291,6 +294,9 @@ def main(argv=None):
         gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
         metrics.update(gold_pearson=pearson(r, gold), gold_spearman=spearman(r, gold),
                        eval_reward_mean=sum(r) / len(r))
+        parts = gold_parts(task, samples)
+        if parts:
+            metrics["gold_part_weights"] = reward_weights(parts, r, task.GOLD_WEIGHTS)
     metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
                    train_seconds=train_seconds, total_seconds=time.time() - t_start)
     dist.assert_identical(rm)  # under torchrun: every rank ends with the same weights
@@ -310,6 +316,10 @@ def main(argv=None):
               "gold_spearman", "train_loss", "train_accuracy", "test_loss"):
         v = metrics.get(k)
         print(f"  {k:<18} {'n/a' if v is None else f'{v:.4f}'}")
+    if "gold_part_weights" in metrics:  # in gold units; the gold reward's own weight in brackets
+        w = metrics["gold_part_weights"]
+        print(f"  {'weights (gold)':<18} " + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.2f}'} "
+                                                     f"({w['gold_weights'][k]:+.2f})" for k, v in w["weights"].items()))
     print(f"  {'pairs':<18} {len(train_pairs)} train / {len(test_pairs)} test, {time.time() - t_start:.0f}s in all")
     print(f"wrote {out}/model.pt, config.json, tokenizer.json, prefs.jsonl, metrics.jsonl, metrics.json")
 

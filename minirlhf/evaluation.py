@@ -273,6 +273,43 @@ def gold_scores(task, samples):
     return [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
 
 
+def gold_parts(task, samples):
+    """Each sample's parts of the gold reward (task.gold_components: the sentiment and each penalty's count), or
+    None when the task does not break its reward down."""
+    fn = getattr(task, "gold_components", None)
+    return None if fn is None else [fn(s["prompt"], s["response"], s["eos"]) for s in samples]
+
+
+def mean_parts(parts) -> dict:
+    """{part: mean over samples} of gold_parts' output."""
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+
+
+def reward_weights(parts, scores, gold_weights: dict) -> dict:
+    """How a learned reward prices each part of the gold reward, in gold units.
+
+    The gold reward is exactly sum_k gold_weights[k] * part_k, so a perfect reward model (up to the scale and shift
+    that Bradley-Terry cannot identify) scores a * gold + b. Least squares of the RM's scores (N,) on the parts
+    (N, K) plus an intercept gives one coefficient per part; dividing by scale = (coefficient of the first part) /
+    (its gold weight) puts them in gold units, directly comparable with gold_weights. A part whose weight is near 0
+    here but not in gold_weights is one the RM does not see (and a policy can exploit).
+    Returns {"r2" (of that linear fit), "scale", "weights": {part: weight, or None when the part never varies
+    among the samples}, "gold_weights"}."""
+    names = list(gold_weights)
+    X = np.array([[float(p[k]) for k in names] for p in parts], dtype=np.float64)  # (N, K)
+    y = np.asarray(scores, dtype=np.float64)
+    varies = X.std(0) > 0
+    A = np.concatenate([X[:, varies], np.ones((len(y), 1))], 1)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    resid = y - A @ coef
+    full = np.full(len(names), np.nan)
+    full[varies] = coef[:-1]
+    scale = full[0] / gold_weights[names[0]] if varies[0] else float("nan")
+    return {"r2": float(1.0 - resid.var() / y.var()) if y.var() > 0 else None, "scale": float(scale),
+            "weights": {k: (None if np.isnan(w) else float(w / scale)) for k, w in zip(names, full)},
+            "gold_weights": dict(gold_weights)}
+
+
 @torch.no_grad()
 def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_model=None, batch_size: int = 64,
                    device="cpu", dtype="float32", ref_logp=None, missing_eos_penalty: float = None):
@@ -305,6 +342,9 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
         m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
         m["win_rate_vs_ref"], m["win_rate_vs_ref_sem"] = paired_win_rate_sem(gold, ref_gold)
         m["gold_gain"], m["gold_gain_sem"] = paired_gain(gold, ref_gold)  # paired by prompt
+        parts = gold_parts(task, samples)
+        if parts:  # which parts of the gold reward the policy moved (sentiment up, repeats up, ...)
+            m["gold_parts"] = mean_parts(parts)
     if reward_model is not None:
         rm, ref_rm = reward_model_scores(reward_model, tok, samples, **kw), \
             reward_model_scores(reward_model, tok, ref_samples, **kw)
@@ -407,6 +447,9 @@ def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_
             m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
             m["win_rate_vs_ref"], m["win_rate_vs_ref_sem"] = paired_win_rate_sem(gold, ref_gold)
             m["gold_gain"], m["gold_gain_sem"] = paired_gain(gold, ref_gold)  # paired by prompt, as policy_metrics
+            parts = gold_parts(task, chosen)
+            if parts:
+                m["gold_parts"] = mean_parts(parts)
         m["rm_mean"], m["rm_sem"] = mean_sem([s["rm"] for s in chosen])
         m["rm_win_rate"], m["rm_win_rate_sem"] = paired_win_rate_sem([s["rm"] for s in chosen], ref_rm)
         m["eos_rate"] = sum(s["eos"] for s in chosen) / P

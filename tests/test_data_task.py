@@ -149,3 +149,19 @@ def test_annotator_agreement_near_target():
     assert abs(agree - expected) < 0.03
     assert task.preference_prob(1.0, 0.0) == pytest.approx(1 / (1 + 2.718281828 ** (-1 / task.TAU)), rel=1e-6)
     assert task.preference_prob(0.3, 0.3) == 0.5
+
+
+def test_gold_components_are_what_the_gold_reward_sums():
+    p, good = FLUENT_POSITIVE
+    parts = task.gold_components(p, good)
+    assert parts["repeated_words"] == parts["invalid_bigrams"] == parts["too_short"] == parts["no_eos"] == 0
+    assert parts["sentiment"] == task.gold_reward(p, good)  # a fluent review's gold is its sentiment
+    rep = task.gold_components(p, " very amazing . the food was very amazing .")
+    assert rep["repeated_words"] >= 2  # "amazing" and "food" again (plus whatever the prompt already used)
+    assert task.gold_components(p, " .", ended=False)["too_short"] == 1
+    assert task.gold_components(p, " asdf .")["invalid_bigrams"] >= 1
+    for e in task.sft_examples("train", 300, seed=2) + [{"prompt": p, "completion": " amazing amazing ."}]:
+        for ended in (True, False):
+            c = task.gold_components(e["prompt"], e["completion"], ended)
+            assert sum(task.GOLD_WEIGHTS[k] * v for k, v in c.items()) == task.gold_reward(e["prompt"],
+                                                                                           e["completion"], ended)

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from minirlhf.checkpoint import save_run
 from minirlhf.evaluation import (distinct_n, estimate_frontier, fraction_of_optimal, frontier_gold_at, paired_gain,
                                  paired_win_rate_sem,
                                  frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate, policy_metrics,
-                                 reward_model_scores, sample_policy)
+                                 reward_model_scores, reward_weights, sample_policy)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -134,6 +135,25 @@ def test_rm_scores_as_rl_trains_on_them_replace_unfinished_responses_by_the_pena
     assert m["ref_score_mean"] == pytest.approx(sum(r if s["eos"] else -3.0 for s, r in zip(ref_samples, ref_rm))
                                                 / len(ref_rm))
     assert "score_mean" not in policy_metrics(pi, ref, tok, samples, ref_samples, TinyTask(), rm)
+
+
+def test_reward_weights_recover_how_a_reward_prices_each_part_in_gold_units():
+    rng = np.random.default_rng(0)
+    gold_w = {"sentiment": 1.0, "repeated_words": -0.5, "too_short": -1.0, "no_eos": -1.5}
+    parts = [{"sentiment": float(rng.normal()), "repeated_words": int(rng.integers(0, 3)),
+              "too_short": int(rng.random() < 0.2), "no_eos": 0} for _ in range(400)]  # no_eos never varies
+    # an RM that ignores most of the repetition penalty, on another scale and shift (which BT cannot identify)
+    rm_w = {"sentiment": 1.0, "repeated_words": -0.05, "too_short": -1.0, "no_eos": -1.5}
+    scores = [3.0 * sum(rm_w[k] * p[k] for k in rm_w) + 0.7 for p in parts]
+    w = reward_weights(parts, scores, gold_w)
+    assert w["scale"] == pytest.approx(3.0) and w["r2"] == pytest.approx(1.0)
+    assert w["weights"]["repeated_words"] == pytest.approx(-0.05) and w["weights"]["too_short"] == pytest.approx(-1.0)
+    assert w["weights"]["no_eos"] is None and w["gold_weights"] == gold_w
+    # the gold reward itself gets its own weights back; noise lowers r2 but not the weights (on average)
+    gold = [sum(gold_w[k] * p[k] for k in gold_w) for p in parts]
+    assert reward_weights(parts, gold, gold_w)["weights"]["repeated_words"] == pytest.approx(-0.5)
+    noisy = reward_weights(parts, [g + rng.normal(0, 0.3) for g in gold], gold_w)
+    assert 0.7 < noisy["r2"] < 0.98 and noisy["weights"]["repeated_words"] == pytest.approx(-0.5, abs=0.1)
 
 
 # ----------------------------------------------------------------------------------------------- frontier

@@ -30,7 +30,7 @@ def test_plan_collects_once_and_subsamples_for_the_smaller_rms(tmp_path):
     for name in ("rm-1000", "rm-4000", "rm-all"):
         argv = stage[f"ppo-{name}"]
         assert argv[argv.index("--reward") + 1] == str(tmp_path / name) and argv[argv.index("--kl-coef") + 1] == "0.01"
-        assert argv[argv.index("--eval-interval") + 1] == "10" and argv[argv.index("--eval-prompts") + 1] == "512"
+        assert argv[argv.index("--eval-interval") + 1] == "5" and argv[argv.index("--eval-prompts") + 1] == "512"
         assert runs[name] == (tmp_path / name, tmp_path / f"ppo-{name}")
     # an existing SFT run: no SFT stage, and everything reads that one
     plan2, sft2, _ = overopt.plan_runs(tmp_path, tmp_path / "mine", [0], 0.0, 50, FLAGS)
@@ -91,8 +91,11 @@ def test_a_tiny_experiment_end_to_end_writes_the_report(tmp_path):
         assert [p["iter"] for p in r["ppo"]] == [1, 3]  # evaluated after iterations 2 and 4
         assert r["bayes_accuracy"] and r["test_accuracy"] is not None
         assert {"alpha", "beta", "rmse", "measured_peak"} <= set(r["bon_fit"])
+        # how the RM prices each part of the gold reward (also for rm-20, trained on a --prefs file of the task)
+        assert set(r["part_weights"]["weights"]) == set(rep["gold_weights"]) and r["part_weights"]["scale"]
+        assert set(r["bon"][-1]["parts"]) == set(r["ppo"][-1]["parts"]) == set(rep["sft_parts"])
     assert 0 < rep["rms"]["rm-20"]["n_train_pairs"] <= 20 < rep["rms"]["rm-all"]["n_train_pairs"]
     md = (exp / "report.md").read_text()
-    assert "| rm-20 | 20 |" in md and "Stages:" in md
+    assert "Stages:" in md and "- rm-all prices: sentiment +1.00 (gold +1.00)" in md and "- SFT responses:" in md
     if rep["plot"]:
         assert (exp / "report.png").stat().st_size > 10_000

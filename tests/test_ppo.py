@@ -350,7 +350,8 @@ def test_held_out_evaluations_along_the_way_leave_training_unchanged(tiny_runs, 
     for e in (e1, e2):
         assert e["eval_gold_gain"] == pytest.approx(e["eval_gold_mean"] - e["eval_ref_gold_mean"], abs=1e-5)
         for k in ("eval_kl_mean", "eval_kl_sem", "eval_gold_gain_sem", "eval_rm_mean", "eval_score_mean",
-                  "eval_ref_score_mean", "eval_win_rate_vs_ref", "eval_s"):
+                  "eval_ref_score_mean", "eval_win_rate_vs_ref", "eval_s", "eval_part_sentiment",
+                  "eval_part_repeated_words", "eval_part_no_eos"):
             assert math.isfinite(e[k]), k
     # the reference's samples are drawn once: the same SFT baseline at every evaluation
     for k in ("eval_ref_gold_mean", "eval_ref_rm_mean", "eval_ref_score_mean"):

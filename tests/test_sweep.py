@@ -63,7 +63,8 @@ def test_summary_rows_and_best_share(tmp_path):
     ev = {"n_prompts": 8, "frontier": [{"kl": 1.0, "gold": 0.5}, {"kl": 3.0, "gold": 1.0}],
           "frontier_info": {"ref_gold": -0.2},
           "policies": {"sft": pol(-0.2, 0.0, None), "ppo-kl0.05": pol(0.8, 3.0, 0.85), "ppo-kl0.1": pol(0.7, 2.0, 0.9),
-                       "dpo-b0.1": pol(0.3, 1.5, 0.6), "bon-4": pol(0.3, 0.6, 0.95, best_of=4, kl_is_bound=True)}}
+                       "dpo-b0.1": pol(0.3, 1.5, 0.6, gold_parts={"sentiment": 0.61, "repeated_words": 0.25}),
+                       "bon-4": pol(0.3, 0.6, 0.95, best_of=4, kl_is_bound=True)}}
     rep = sweep.summarise(ev, {"ppo-kl0.05": ("ppo", 0.05), "ppo-kl0.1": ("ppo", 0.1), "dpo-b0.1": ("dpo", 0.1)})
     algos = {r["name"]: (r["algo"], r["knob"]) for r in rep["runs"]}
     assert algos == {"sft": ("sft", None), "ppo-kl0.05": ("ppo", 0.05), "ppo-kl0.1": ("ppo", 0.1),
@@ -75,3 +76,4 @@ def test_summary_rows_and_best_share(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| ppo-kl0.1 | ppo | kl-coef 0.1 | +0.700 ± 0.040 | 2.00 ± 0.10 | 0.800 | 90% |" in md
     assert "| bon-4 | bon | n 4 | +0.300 ± 0.040 | ≤0.60 ± 0.10 |" in md
+    assert "| run | sentiment | repeated_words |" in md and "| dpo-b0.1 | 0.61 | 0.25 |" in md

@@ -28,6 +28,8 @@ The interface a task module provides (write one file like this one to add your o
     sft_examples(split, n, seed) -> list[dict]        {"prompt", "completion"} demonstrations
     sample_prompts(split, n, seed) -> list[str]       prompts drawn from the task's distribution
     gold_reward(prompt, response, ended) -> float     the hidden true reward
+    gold_components(prompt, response, ended) -> dict  optional: the parts gold_reward sums, with GOLD_WEIGHTS
+                                                      (their weights); diagnostics only
     is_grammatical(text) -> bool
     preference_prob(g_a, g_b) -> float                P(annotator prefers a)
     annotate(g_a, g_b, rng) -> bool                   one noisy label: True if a is preferred
@@ -150,18 +152,25 @@ def _analyse(text: str):
     return sentiments, invalid, repeats, n_clauses
 
 
+# gold_reward = sum of GOLD_WEIGHTS[k] * gold_components(...)[k]
+GOLD_WEIGHTS = {"sentiment": 1.0, "invalid_bigrams": -INVALID_BIGRAM_PENALTY, "repeated_words": -REPEAT_PENALTY,
+                "extra_clauses": -EXTRA_CLAUSE_PENALTY, "no_eos": -NO_EOS_PENALTY, "too_short": -TOO_SHORT_PENALTY}
+
+
+def gold_components(prompt: str, response: str, ended: bool = True) -> dict:
+    """The parts the gold reward is made of (GOLD_WEIGHTS gives each one's weight): the mean clause sentiment and
+    the count behind each penalty. Lets an experiment see *which* part of the true reward a policy gains or loses,
+    e.g. that an over-optimised policy keeps its sentiment but repeats words (overopt.py, evaluate.py)."""
+    sentiments, invalid, repeats, n_clauses = _analyse(prompt + response)
+    return {"sentiment": sum(sentiments) / len(sentiments) if sentiments else 0.0, "invalid_bigrams": invalid,
+            "repeated_words": repeats, "extra_clauses": max(0, n_clauses - MAX_CLAUSES), "no_eos": int(not ended),
+            "too_short": int(len(response.split()) < 2)}
+
+
 def gold_reward(prompt: str, response: str, ended: bool = True) -> float:
     """The hidden true reward of `response` (decoded text, without EOS) to `prompt`; `ended` = EOS was emitted."""
-    sentiments, invalid, repeats, n_clauses = _analyse(prompt + response)
-    g = sum(sentiments) / len(sentiments) if sentiments else 0.0
-    g -= INVALID_BIGRAM_PENALTY * invalid
-    g -= REPEAT_PENALTY * repeats
-    g -= EXTRA_CLAUSE_PENALTY * max(0, n_clauses - MAX_CLAUSES)
-    if not ended:
-        g -= NO_EOS_PENALTY
-    if len(response.split()) < 2:
-        g -= TOO_SHORT_PENALTY
-    return g
+    parts = gold_components(prompt, response, ended)
+    return sum(GOLD_WEIGHTS[k] * v for k, v in parts.items())
 
 
 def is_grammatical(text: str) -> bool:
