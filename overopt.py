@@ -14,9 +14,13 @@ collection: train_rm.py --max-pairs; 0 = all of it):
   prompt; gold gain over the SFT's samples of the same prompts +- paired s.e., KL +- s.e., RM score as trained on).
 The gold gain over SFT is fitted with both of Gao et al.'s forms in d = sqrt(KL) (minirlhf/overopt.py):
 best-of-n d(alpha - beta d), RL d(alpha - beta log d), and the KL at which the fitted gold peaks is reported with
-the measured peak. Each RM's test accuracy is reported beside the Bayes ceiling of its labels.
+the measured peak. Each RM's test accuracy is reported beside the Bayes ceiling of its labels, and, since the task
+breaks its gold reward into parts (tasks/reviews.py gold_components: sentiment, repeated words, ...), how each RM
+prices every part in gold units and which parts the best-of-n picks and the PPO policies move: what the proxy
+misses is what the optimisation exploits.
 
-Writes into --out: report.json, report.md and report.png (needs matplotlib; pipeline.sh / setup.sh install it).
+Writes into --out: report.json, report.md and report.png (gold and proxy gains against d = sqrt(KL), both fits, the
+peaks marked; needs matplotlib, which pipeline.sh / setup.sh install).
 Stages that are up to date are skipped, as in pipeline.py.
 """
 import argparse
