@@ -43,9 +43,10 @@ def rm_name(n: int) -> str:
 
 
 def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, flags: dict, eval_interval: int = 5,
-              eval_prompts: int = 512):
+              eval_prompts: int = 512, rm_min_steps: int = 100):
     """pipeline.py-style stages: the SFT (unless given), the collecting RM rm-all (all pairs), an RM per other
-    --rm-pairs size trained on rm-all's prefs.jsonl, and a PPO run per RM. Returns (plan, sft dir, {rm name:
+    --rm-pairs size trained on rm-all's prefs.jsonl for at least rm_min_steps steps (2 epochs of 1,000 pairs are 9
+    steps, inside the warmup: measured test accuracy 0.56, against 0.66 with 100 steps), and a PPO run per RM. Returns (plan, sft dir, {rm name:
     (rm dir, ppo dir)})."""
     plan = []
     if sft is None:
@@ -61,8 +62,8 @@ def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, fla
         name = rm_name(n)
         if n:
             plan.append((name, "train_rm.py", ["--sft", sft, "--prefs", full / "prefs.jsonl", "--max-pairs", n,
-                                               "--out-dir", root / name, *flags["rm"]], root / name, "metrics.json",
-                         sft_dep + ["rm-all"]))
+                                               "--min-steps", rm_min_steps, "--out-dir", root / name, *flags["rm"]],
+                         root / name, "metrics.json", sft_dep + ["rm-all"]))
         ppo = root / f"ppo-{name}"
         plan.append((f"ppo-{name}", "train_ppo.py", ["--policy", sft, "--reward", root / name, "--kl-coef", ppo_kl,
                                                      "--iterations", ppo_iterations, "--eval-interval",
@@ -264,6 +265,8 @@ def main(argv=None):
     p.add_argument("--sft", default=None, help="an existing SFT run directory (default: train one in --out)")
     p.add_argument("--rm-pairs", type=int, nargs="+", default=[1000, 4000, 0],
                    help="train pairs of each RM (0 = all that rm-all collected)")
+    p.add_argument("--rm-min-steps", type=int, default=100, help="optimizer steps at least, for the RMs on a "
+                   "subset (train_rm.py --min-steps: more epochs over fewer pairs)")
     p.add_argument("--ppo-kl", type=float, default=0.01, help="PPO --kl-coef (weak, so the RM gets over-optimised)")
     p.add_argument("--ppo-iterations", type=int, default=120, help="PPO iterations per RM")
     p.add_argument("--eval-interval", type=int, default=5, help="PPO iterations between held-out evaluations "
@@ -293,7 +296,7 @@ def main(argv=None):
     flags = {k: shlex.split(getattr(a, f"{k}_flags")) for k in ("sft", "rm", "ppo")}
     root = Path(a.out).resolve()
     plan, sft, runs = plan_runs(root, a.sft, a.rm_pairs, a.ppo_kl, a.ppo_iterations, flags, a.eval_interval,
-                                a.eval_prompts)
+                                a.eval_prompts, a.rm_min_steps)
     for _, script, argv, *_ in plan:
         pipeline.check_flags([(None, script, [str(x) for x in argv])], [])
     t0 = time.time()

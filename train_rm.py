@@ -61,6 +61,8 @@ class Args:
                             "time (0 = all; the test pairs are kept; for reward models of several data sizes)")
     # optimisation
     epochs: float = arg(2.0, "passes over the train pairs")
+    min_steps: int = arg(0, "train at least this many steps (more passes over a small --max-pairs subset, which 2 "
+                            "epochs would give too few steps to leave the warmup; overopt.py uses 100)")
     batch_size: int = arg(8, "comparison groups (prompts, with all their pairs) per step")
     lr: float = arg(2e-3, "peak learning rate")
     min_lr: float = arg(1e-4, "final learning rate of the cosine schedule")
@@ -81,7 +83,7 @@ def validate(a: Args):
     """Every flag's range, before any work (one line naming the flag, exit 2)."""
     check(a.k >= 2, f"--k {a.k}: must be >= 2 (need at least 2 samples per prompt to form a pair)")
     check_flags(a, {"n_prompts": POSITIVE, "n_test_prompts": POSITIVE, "max_new_tokens": POSITIVE,
-                    "max_pairs": NON_NEGATIVE, "gen_batch_size": POSITIVE, "test_frac": FRACTION, "epochs": POSITIVE, "batch_size": POSITIVE,
+                    "max_pairs": NON_NEGATIVE, "gen_batch_size": POSITIVE, "test_frac": FRACTION, "epochs": POSITIVE, "min_steps": NON_NEGATIVE, "batch_size": POSITIVE,
                     "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
                     "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE, "margin": NON_NEGATIVE,
                     "center_coef": NON_NEGATIVE, "log_interval": POSITIVE, "eval_interval": POSITIVE,
@@ -191,7 +193,7 @@ def main(argv=None):
     # Each step takes `batch_size` whole comparison groups (all pairs of a prompt together); an epoch is one
     # shuffled pass over the groups.
     steps_per_epoch = math.ceil(len(groups) / a.batch_size)
-    total_steps = max(1, round(a.epochs * steps_per_epoch))
+    total_steps = max(1, a.min_steps, round(a.epochs * steps_per_epoch))
     order_rng = random.Random(a.seed)
 
     def batches():

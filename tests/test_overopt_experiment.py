@@ -26,7 +26,7 @@ def test_plan_collects_once_and_subsamples_for_the_smaller_rms(tmp_path):
     for n in (1000, 4000):
         argv = stage[f"rm-{n}"]
         assert argv[argv.index("--prefs") + 1] == str(tmp_path / "rm-all" / "prefs.jsonl")
-        assert argv[argv.index("--max-pairs") + 1] == str(n)
+        assert argv[argv.index("--max-pairs") + 1] == str(n) and argv[argv.index("--min-steps") + 1] == "100"
     for name in ("rm-1000", "rm-4000", "rm-all"):
         argv = stage[f"ppo-{name}"]
         assert argv[argv.index("--reward") + 1] == str(tmp_path / name) and argv[argv.index("--kl-coef") + 1] == "0.01"
@@ -95,6 +95,8 @@ def test_a_tiny_experiment_end_to_end_writes_the_report(tmp_path):
         assert set(r["part_weights"]["weights"]) == set(rep["gold_weights"]) and r["part_weights"]["scale"]
         assert set(r["bon"][-1]["parts"]) == set(r["ppo"][-1]["parts"]) == set(rep["sft_parts"])
     assert 0 < rep["rms"]["rm-20"]["n_train_pairs"] <= 20 < rep["rms"]["rm-all"]["n_train_pairs"]
+    # the small RM trains for --rm-min-steps (100) steps, not the handful that 2 epochs of 20 pairs would give
+    assert json.loads((exp / "rm-20" / "metrics.json").read_text())["steps"] == 100
     md = (exp / "report.md").read_text()
     assert "Stages:" in md and "- rm-all prices: sentiment +1.00 (gold +1.00)" in md and "- SFT responses:" in md
     if rep["plot"]:
