@@ -148,7 +148,11 @@ def why_rerun(script, argv, out_dir: Path, marker: str, input_markers) -> str:
 
 
 def _die_with_parent():
-    """In the child, before exec: Linux sends it SIGTERM when the pipeline dies, even by SIGKILL."""
+    """In the child, before exec: Linux sends it SIGTERM when the pipeline dies, even by SIGKILL. And SIGINT /
+    SIGTERM get their default actions back: a pipeline started with them ignored (a background job of a script,
+    some CI runners) would hand that on through exec, and the stage would ignore the signals run_stage forwards."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)  # the child's Python then installs its own KeyboardInterrupt handler
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -307,10 +307,17 @@ def test_pipeline_rejects_bad_flags_before_running(flags, message, tmp_path):
     assert "== sft" not in proc.stdout and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_stopping_the_pipeline_stops_its_stage(sig, tmp_path):
+def ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ignore_sigint: the pipeline starts with SIGINT ignored, as a background job of a script or a CI runner starts it;
+# its stage must still stop on the SIGINT the pipeline forwards (it used to inherit "ignored" and run on)
+@pytest.mark.parametrize("sig,preexec", [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGKILL, None),
+                                         (signal.SIGINT, ignore_sigint)])
+def test_stopping_the_pipeline_stops_its_stage(sig, preexec, tmp_path):
     proc = subprocess.Popen([sys.executable, "pipeline.py", "--out", str(tmp_path / "out")], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
     try:
         marker = runs.staging_dir(tmp_path / "out" / "sft") / runs.RUN_JSON  # the SFT stage has started
         t = time.time()
