@@ -44,8 +44,8 @@ from minirlhf.evaluation import (best_of_n_metrics, estimate_frontier, fraction_
                                  sample_policy)
 from minirlhf.tasks import get_task
 from minirlhf.runs import Run
-from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, resolve_device,
-                            resolve_dtype, run, set_seed, write_json)
+from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, pyplot,
+                            resolve_device, resolve_dtype, run, save_figure, set_seed, write_json)
 
 
 @dataclass
@@ -190,15 +190,8 @@ def training_path(run_dir, smooth: int = 10):
 def write_plot(report, path):
     """report.png: gold vs KL, the frontier, each policy with error bars, training paths. False without matplotlib
     or without a gold reward (user prompts: nothing to put on the y axis)."""
-    if not report["gold"]:
-        return False
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    if not report["gold"]:  # the plot is gold vs KL: nothing to draw on user prompts
+    plt = pyplot()
+    if plt is None or not report["gold"]:  # the plot is gold vs KL: nothing to draw on user prompts
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     if report.get("frontier"):
@@ -226,10 +219,7 @@ def write_plot(report, path):
     ax.set_title("gold reward vs KL to the reference")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def load_models(a: Args, device):

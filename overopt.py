@@ -34,6 +34,7 @@ import pipeline
 import sweep  # the stage runner and the report's plumbing
 from minirlhf.evaluation import best_of_n_kl, mean_parts
 from minirlhf.overopt import fit_gao, gao_curve
+from minirlhf.utils import pyplot, save_figure
 
 COLORS = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]
 
@@ -224,7 +225,7 @@ def write_plot(rep: dict, path: Path) -> bool:
     """Two panels (best-of-n, PPO), gold and proxy gains against d = sqrt(KL) as Gao et al. plot them (the weak-KL
     PPO runs reach tens of nats, which a KL axis would squeeze the peaks out of): gold points with s.e. and the fit,
     RM-score gains as crosses, the fitted peak as a dotted line and the measured one as a ring."""
-    plt = sweep.pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -253,10 +254,7 @@ def write_plot(rep: dict, path: Path) -> bool:
         ax.set_title("best-of-n: d(α − β d)" if kind == "bon" else "PPO, weak KL, held-out: d(α − β log d)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def main(argv=None):

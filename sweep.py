@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import pipeline  # the up-to-date / resume / run-a-stage logic, shared with the pipeline
-from minirlhf.utils import write_json
+from minirlhf.utils import pyplot, save_figure, write_json
 
 ALGOS = ("ppo", "grpo", "dpo", "dpo-online", "bon", "sft")
 COLORS = {"ppo": "tab:blue", "grpo": "tab:green", "dpo": "tab:red", "dpo-online": "tab:orange", "bon": "tab:purple",
@@ -198,17 +198,6 @@ def report_tail(rep: dict) -> list:
     return lines
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed (setup.sh installs it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def write_report(root: Path, rep: dict, write_plot, write_markdown, what: str):
     """report.png (when matplotlib is there), report.json and report.md into root; prints the markdown."""
     rep["plot"] = "report.png" if write_plot(rep, root / "report.png") else None
@@ -244,10 +233,7 @@ def write_plot(rep: dict, path: Path) -> bool:
     ax.set_title("reward-KL frontier: runs vs the optimum")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, path)
 
 
 def main(argv=None):

@@ -99,21 +99,23 @@ def shard(items):
 
 
 # ----------------------------------------------------------------------------------------------- collectives
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a new tensor; `t` itself is left alone). World size 1: `t` as it is."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """op over ranks (a new tensor; `t` itself is left alone). World size 1: `t` as it is."""
     if not enabled():
         return t
     t = t.detach().clone()
-    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    tdist.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor; `t` itself is left alone). World size 1: `t` as it is."""
+    return _all_reduce(t, tdist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not enabled():
-        return t
-    t = t.detach().clone()
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return t
+    """Maximum over ranks, as all_reduce_sum."""
+    return _all_reduce(t, tdist.ReduceOp.MAX)
 
 
 def all_gather_objects(items: list) -> list:

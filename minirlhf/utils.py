@@ -253,3 +253,24 @@ class Progress:
 def progress(iterable, desc: str, **kw):
     """tqdm on a terminal, the bare iterable otherwise (for inner loops with no log line of their own)."""
     return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=not (sys.stderr.isatty() and dist.is_main()), **kw)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed (it is optional:
+    setup.sh installs it for the report.png of evaluate.py, sweep.py and overopt.py; without it they write text)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path) -> bool:
+    """Lay out, write and close a figure; True (what the write_plot functions return when they drew one)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
