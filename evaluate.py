@@ -21,11 +21,11 @@ report.json keys:
                     (win_rate_sem: s.e. of the mean per-prompt outcome 1 / 0.5 / 0; gold_gain = gold_mean -
                     ref_gold_mean with the paired s.e. of the per-prompt differences)
                     + {rm_mean, rm_sem, rm_win_rate, rm_win_rate_sem} with --reward
-                    + {frontier_gold, frontier_extrapolated, frac_optimal} with --frontier
+                    + {frontier_gold, frontier_extrapolated, frac_optimal, frac_optimal_sem} with --frontier
     policies.bon-<n>  the same keys (run_dir null) + {best_of, kl_is_bound: true}   with --best-of
     (no gold_* / win_rate / frontier keys on user prompts, which have no gold reward)
-    frontier [{beta, kl, gold, ess, ess_min}], frontier_dropped [same], frontier_info {ref_gold, kl_cap,
-    n_prompts, samples_per_prompt, min_ess}     with --frontier
+    frontier [{beta, kl, gold, value, ess, ess_min}], frontier_dropped [same], frontier_info {ref_gold, kl_cap,
+    n_prompts, samples_per_prompt, min_ess, n_bootstrap}     with --frontier
     ref, task, gold (bool), plot (file name or null), args, seconds
 """
 import json
@@ -39,9 +39,9 @@ import torch
 
 from minirlhf import dist
 from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
-from minirlhf.data import read_jsonl
-from minirlhf.evaluation import (best_of_n_metrics, estimate_frontier, fraction_of_optimal, policy_metrics,
-                                 sample_policy)
+from minirlhf.data import encode_prompt, read_jsonl
+from minirlhf.evaluation import (best_of_n_metrics, estimate_frontier, fraction_of_optimal,
+                                 fraction_of_optimal_sem, policy_metrics, sample_policy)
 from minirlhf.tasks import get_task
 from minirlhf.runs import Run
 from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, pyplot,
@@ -100,8 +100,9 @@ def table_rows(report):
             r += [fmt_pm(m["rm_mean"], m["rm_sem"]), f"{m['rm_win_rate']:.3f} ± {m['rm_win_rate_sem']:.3f}"]
         r += [f"{m['eos_rate']:.3f}", f"{m['mean_len']:.1f}", f"{m['distinct_2']:.3f}"]
         if fr:
-            f = m.get("frac_optimal")
-            r.append("-" if f is None else ("≥" if m["frontier_extrapolated"] else "") + f"{100 * f:.0f}%")
+            f, se = m.get("frac_optimal"), m.get("frac_optimal_sem")
+            r.append("-" if f is None else ("≥ " if m["frontier_extrapolated"] else "") + f"{100 * f:.0f}%"
+                     + ("" if se is None else f" ± {100 * se:.0f}"))
         rows.append(r)
     return head, rows
 
@@ -142,12 +143,14 @@ def write_markdown(report, path):
                f"π* ∝ π_ref · exp(gold/β), estimated by self-normalised importance weighting of "
                f"{fi['samples_per_prompt']} reference samples on each of {fi['n_prompts']} prompts (Ziegler et al. "
                f"2019). Reference gold on these prompts {fi['ref_gold']:+.3f}. With this many samples the estimate "
-               f"cannot exceed KL = log {fi['samples_per_prompt']} = {fi['kl_cap']:.2f} nats; points with mean "
-               f"ESS < {fi['min_ess']:g} are dropped ({len(report['frontier_dropped'])} of "
+               f"cannot exceed KL = log {fi['samples_per_prompt']} = {fi['kl_cap']:.2f} nats; points whose worst "
+               f"prompt has an ESS < {fi['min_ess']:g} are dropped ({len(report['frontier_dropped'])} of "
                f"{len(report['frontier']) + len(report['frontier_dropped'])}).\n",
                "**% of optimal** = (policy gold − reference gold) / (frontier gold at the policy's KL − frontier "
                "gold at KL 0). Beyond the frontier's largest KL the optimum is bounded by the duality bound "
-               "gold_β + β·(KL − KL_β), so the percentage shown with ≥ is a lower bound.\n",
+               "β·log Z_β + β·KL (log Z's Jensen bias added back), so the percentage shown with ≥ is a lower bound. "
+               f"± is its standard error: the policy's paired gain s.e. and the frontier's spread over "
+               f"{fi['n_bootstrap']} bootstrap resamples of its {fi['n_prompts']} prompts, in quadrature.\n",
                markdown_table(["beta", "KL", "gold", "ESS (mean / min)"],
                               [[f"{p['beta']:.3g}", f"{p['kl']:.3f}", f"{p['gold']:+.3f}",
                                 f"{p['ess']:.1f} / {p['ess_min']:.1f}"] for p in report["frontier"]]), ""]
@@ -224,9 +227,15 @@ def write_plot(report, path):
 
 def load_models(a: Args, device):
     """The reference, each policy (the reference object itself when a policy path is the reference's), the RM."""
+    names = report_names(a.policies)
     ref, tok, ref_cfg = load_policy(a.ref, "--ref", device)
-    policies, names = {}, []
-    for d in a.policies:
+    rm = None
+    if a.reward:
+        rm, _, rm_cfg = load_scalar(a.reward, "--reward", device)
+        if rm_cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
+            raise CheckpointError(f"--reward {a.reward} and --ref {a.ref} use different tokenizers")
+    policies = {}
+    for d, name in zip(a.policies, names):
         if os.path.realpath(d) == os.path.realpath(a.ref):
             model, cfg = ref, ref_cfg
         else:
@@ -234,17 +243,34 @@ def load_models(a: Args, device):
             if cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
                 raise CheckpointError(f"--policies {d} and --ref {a.ref} use different tokenizers: the KL between "
                                       "them is not defined")
-        name = Path(d).name or d
-        if name in names:
-            name = d
-        names.append(name)
         policies[name] = (d, model.eval())
-    rm = None
-    if a.reward:
-        rm, _, rm_cfg = load_scalar(a.reward, "--reward", device)
-        if rm_cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
-            raise CheckpointError(f"--reward {a.reward} and --ref {a.ref} use different tokenizers")
     return ref.eval(), tok, policies, rm
+
+
+def check_contexts(a: Args, ref, policies: dict, rm, tok, prompts):
+    """The reference (KL) and the RM score every sample of every policy, and the RM the reference's best-of-n
+    samples: a context too short for the longest (prompt + response) is refused before any sampling."""
+    longest = max(len(encode_prompt(tok, p, 2 ** 62)) for p in prompts) + a.max_new_tokens
+    samplers = [(f"--policies {d}", m) for d, m in policies.values()] + ([("--ref " + a.ref, ref)] if a.best_of else [])
+    for who, model in samplers:
+        need = min(longest, model.config.block_size)  # a sample never outgrows its own policy's context
+        for flag, path, scorer in (("--ref", a.ref, ref), ("--reward", a.reward, rm)):
+            if scorer is not None and scorer is not model and scorer.config.block_size < need:
+                raise CheckpointError(f"{flag} {path} has a context of {scorer.config.block_size} tokens, but "
+                                      f"{who}'s samples reach {need} (prompt + --max-new-tokens {a.max_new_tokens}): "
+                                      f"it cannot score them")
+
+
+def report_names(paths) -> list:
+    """The report's name of each policy: its folder's name, or the path as given where two folders share a name;
+    the same path given twice is refused (one row would silently replace the other)."""
+    names = [Path(d).name or str(d) for d in paths]
+    names = [str(d) if names.count(n) > 1 else n for d, n in zip(paths, names)]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise UserError(f"--policies: {paths[names.index(n)]} and {paths[i]} would both be reported as {n!r}; "
+                            f"name each policy once")
+    return names
 
 
 def validate(a: Args):
@@ -270,8 +296,9 @@ def main(argv=None):
     set_seed(a.seed)
     t0 = time.time()
     task = None if a.prompts else get_task(a.task)
-    run_ = Run(a.out_dir, a)  # before any work: is the output location writable? (no --resume: nothing to keep)
-
+    # before any work: is the output location writable, free and no input of the run? (no --resume: nothing to keep)
+    run_ = Run(a.out_dir, a, inputs={"--policies": a.policies, "--ref": a.ref, "--reward": a.reward,
+                                       "--prompts": a.prompts})
     ref, tok, policies, rm = load_models(a, device)
     if a.prompts:
         recs = read_jsonl(a.prompts, ("prompt",))
@@ -280,6 +307,7 @@ def main(argv=None):
             raise UserError(f"--prompts {a.prompts}: needs at least 2 records")
     else:
         prompts = task.sample_prompts("test", a.n_prompts, seed=a.seed)
+    check_contexts(a, ref, policies, rm, tok, prompts)
     kw = dict(batch_size=a.batch_size, device=device, dtype=dtype)
     print(f"evaluating {', '.join(policies)} against {a.ref} on {len(prompts)} prompts, device {device} ({dtype})")
 
@@ -327,12 +355,15 @@ def main(argv=None):
                                a.betas or None, a.min_ess, seed=a.seed + 2, device=device, dtype=dtype,
                                batch_size=max(a.batch_size, 512), **shard)
         report["frontier"], report["frontier_dropped"] = fr.pop("frontier"), fr.pop("dropped")
-        report["frontier_info"] = fr
+        boot = fr.pop("bootstrap")  # the frontier's noise over its prompts, for the shares' error bars
+        report["frontier_info"] = {**fr, "n_bootstrap": len(boot)}
         for m in report["policies"].values():
             noise = m["gold_gain_sem"]  # the gain's s.e., paired by prompt (not the unpaired hypot of the two)
             frac, opt, extrapolated = fraction_of_optimal(m["gold_mean"], m["ref_gold_mean"], m["kl_mean"],
                                                           report["frontier"], fr["ref_gold"], noise)
-            m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac)
+            sem = None if frac is None else fraction_of_optimal_sem(m["gold_mean"], m["ref_gold_mean"],
+                                                                      m["kl_mean"], noise, boot)
+            m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac, frac_optimal_sem=sem)
         print(f"  frontier: {len(report['frontier'])} points kept, {len(report['frontier_dropped'])} dropped "
               f"(ESS < {a.min_ess:g}), KL up to {max([p['kl'] for p in report['frontier']], default=0):.2f}, "
               f"{time.time() - t:.1f}s")

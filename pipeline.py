@@ -133,6 +133,8 @@ def why_rerun(script, argv, out_dir: Path, marker: str, input_markers) -> str:
     done = out_dir / marker
     if not done.is_file():
         return "no finished output yet"
+    if marker == "report.json" and not (out_dir / "report.md").is_file():  # the table the pipeline prints
+        return "its report.md is missing"
     old = stored_args(out_dir, marker)
     if old is None:
         return f"cannot read its config in {out_dir}"

@@ -141,8 +141,8 @@ def summarise(ev: dict, policies: dict) -> dict:
                      "gain": m["gold_gain"], "gain_sem": m["gold_gain_sem"], "kl": m["kl_mean"],
                      "kl_sem": m["kl_sem"], "kl_is_bound": bool(m.get("kl_is_bound")), "win_rate": m["win_rate"],
                      "rm": m.get("rm_mean"), "frontier_gold": m.get("frontier_gold"),
-                     "frac_optimal": m.get("frac_optimal"), "frontier_extrapolated": m.get("frontier_extrapolated"),
-                     "parts": m.get("gold_parts")})
+                     "frac_optimal": m.get("frac_optimal"), "frac_optimal_sem": m.get("frac_optimal_sem"),
+                     "frontier_extrapolated": m.get("frontier_extrapolated"), "parts": m.get("gold_parts")})
     best = {}
     for r in rows:
         if r["frac_optimal"] is not None and r["algo"] != "sft" and \
@@ -162,12 +162,15 @@ def write_markdown(rep: dict, path: Path):
     lines = ["# Reward-KL sweep", "",
              f"Every policy on the same {rep['n_prompts']} held-out prompts (one sample each, temperature 1); gold ± "
              "s.e., KL(π ‖ π_SFT) ± s.e. in nats (best-of-n: the closed-form bound), share of the optimal gold gain "
-             "at the run's KL (≥: past the frontier's measured range, a lower bound).", "",
+             "at the run's KL ± its s.e. (policy and frontier noise; ≥: past the frontier's measured range, a lower "
+             "bound).", "",
              "| run | algorithm | knob | gold ± se | KL ± se | win vs SFT | % of optimal |",
              "|---|---|---|---|---|---|---|"]
     for r in rep["runs"]:
+        se = r.get("frac_optimal_sem")
         share = "-" if r["frac_optimal"] is None else \
-            f"{'≥' if r['frontier_extrapolated'] else ''}{100 * r['frac_optimal']:.0f}%"
+            f"{'≥' if r['frontier_extrapolated'] else ''}{100 * r['frac_optimal']:.0f}%" + \
+            ("" if se is None else f" ± {100 * se:.0f}")
         knob = "-" if r["knob"] is None else f"{knob_label(r)} {fmt(r['knob'])}"
         kl = f"{'≤' if r['kl_is_bound'] else ''}{r['kl']:.2f} ± {r['kl_sem']:.2f}"
         lines.append(f"| {r['name']} | {r['algo']} | {knob} | {r['gold']:+.3f} ± {r['gold_sem']:.3f} | {kl} | "

@@ -13,7 +13,9 @@ preferences directly, by a classification loss on delta = log-ratio(chosen) - lo
 The reference is the starting policy. Its log-probs of every chosen/rejected response are computed once before
 training and cached in the run directory (ref_logps.pt), so no second model sits in memory while training.
 
-Why --nll-coef defaults to 0.2 (DPO + NLL on the chosen response, as in Pang et al. 2024, 2404.19733): plain DPO
+Why --nll-coef defaults to 0.2 (DPO + NLL on the chosen response, after Pang et al. 2024, 2404.19733; the NLL here is
+the per-token mean pooled over all chosen tokens of the batch, as RPO computes it, not Pang et al.'s mean over pairs
+of each response's length-normalised NLL, so a long chosen response weighs more): plain DPO
 only constrains the *difference* of two log-ratios, and pushing a rejected response down raises the logsumexp,
 i.e. every other token's probability (the "squeezing" of Ren & Sutherland 2024, 2407.10490). Here 372 of the 438
 tokens never occur in the data; Adam scales their tiny, sign-noisy output gradients up to full-size steps, and
@@ -43,7 +45,7 @@ import torch
 
 from minirlhf import dist
 from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.data import collate_sft, encode_prompt, length_batches, load_pref_jsonl
+from minirlhf.data import DataError, collate_sft, encode_prompt, length_batches, load_pref_jsonl
 from minirlhf.evaluation import compare_to_reference, reward_model_scores
 from minirlhf.losses import preference_loss
 from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, rank_pairs, response_ids,
@@ -77,8 +79,8 @@ class Args:
     beta: float = arg(0.1, "beta: strength of the implicit KL penalty (rewards are beta * log-ratios)")
     label_smoothing: float = arg(0.0, "sigmoid loss: assumed label-flip rate eps (conservative DPO)")
     ipo_length_average: bool = arg(True, "ipo: average log-ratios over response tokens (as TRL) instead of summing")
-    nll_coef: float = arg(0.2, "add this times the chosen responses' per-token NLL (keeps chosen log-probs up; "
-                               "0 = plain DPO, see the module docstring)")
+    nll_coef: float = arg(0.2, "add this times the NLL of the chosen responses, pooled per token over the batch (RPO "
+                               "style, not Pang et al.'s per-pair length-normalised mean); 0 = plain DPO")
     # data
     test_frac: float = arg(0.1, "share of prompts held out as test pairs when the file has no 'split' field")
     max_pairs: int = arg(8000, "train on a seeded random subset of at most this many training pairs (0 = all); "
@@ -183,11 +185,13 @@ def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None,
 def reference_logps(model, train_pairs, test_pairs, a: Args, tok, device, dtype, out: Path, also=()):
     """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy (before any
     update) and cached in the run directory `out`; the cache is reused only when the prefs file, the reference
-    checkpoint and the split are the same. A cache in one of the folders `also` (the finished run a rerun will
-    replace) is reused too, and copied into `out`."""
-    h = hashlib.sha256()
-    for path in (Path(a.prefs), Path(a.policy) / "model.pt"):
-        h.update(path.read_bytes())
+    weights and the split are the same. A cache in one of the folders `also` (the finished run a rerun will
+    replace) is reused too, and copied into `out`. The key hashes the loaded weights, not a file, so a Hugging Face
+    directory (safetensors) as --policy is keyed like a run directory."""
+    h = hashlib.sha256(Path(a.prefs).read_bytes())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype,
                          "banned-unsampleable"]).encode())  # log-probs over the sampling distribution
     key, cache = h.hexdigest(), out / "ref_logps.pt"
@@ -335,7 +339,9 @@ def main(argv=None):
     check(a.rounds == 1 or not dist.enabled(), "--rounds > 1 is not supported under torchrun (run one process)")
     set_seed(a.seed)
     task = None if a.task.lower() == "none" else get_task(a.task)
-    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    # before any work: is the output location writable, free and no input of the run?
+    run_ = Run(a.out_dir, a, resume=a.resume, inputs={"--policy": a.policy, "--prefs": a.prefs,
+                                                       "--reward": a.reward if a.rounds > 1 else None})
     state = run_.load_resume()
 
     # ---- policy (= reference) and pairs
@@ -344,6 +350,8 @@ def main(argv=None):
     records = load_pref_jsonl(a.prefs)
     has_gold = has_gold_columns(records)
     train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
+    if not test_recs:  # the implicit-reward accuracy is measured on them (train_rm.py refuses such a file too)
+        raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
     n_all = len(train_recs), len(test_recs)
     train_recs, test_recs = subsample(train_recs, a.max_pairs, a.seed), subsample(test_recs, a.max_test_pairs, a.seed)
     n_ids, n_other = token_id_counts(train_recs + test_recs, tok)

@@ -123,7 +123,9 @@ def main(argv=None):
           f"--prompts-per-iter {a.prompts_per_iter}: must be divisible by the number of processes {W}, and each "
           f"process's samples (prompts / {W} x --group-size) by --minibatches {a.minibatches}")
     B = a.prompts_per_iter * a.group_size // W  # samples per rollout (of this rank)
-    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    # before any work: is the output location writable, free and no input of the run?
+    run_ = Run(a.out_dir, a, resume=a.resume, inputs={"--policy": a.policy, "--reward": a.reward,
+                                                       "--prompts": a.prompts})
     state = run_.load_resume()
 
     # ---- three models: the policy (trained), the frozen reference (SFT copy) and the frozen reward model. No value

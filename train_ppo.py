@@ -129,7 +129,9 @@ def main(argv=None):
     check(a.batch_size % (W * a.minibatches) == 0, f"--batch-size {a.batch_size} must be divisible by --minibatches "
                                                    f"{a.minibatches} times the number of processes {W}")
     set_seed(a.seed)
-    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    # before any work: is the output location writable, free and no input of the run?
+    run_ = Run(a.out_dir, a, resume=a.resume, inputs={"--policy": a.policy, "--reward": a.reward,
+                                                       "--prompts": a.prompts})
     state = run_.load_resume()
 
     # ---- the four models. load_run turns dropout off in all of them: with dropout the rollout and training

@@ -30,8 +30,9 @@ from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_pref
                                   spearman, split_prefs, subsample_groups, has_gold_columns)
 from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, arg, autocast, check,
-                            check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
+from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, UserError, adamw, cosine_lr, arg,
+                            autocast, check, check_flags, parse_args, read_json, resolve_device, resolve_dtype, run,
+                            set_seed, write_json)
 
 
 @dataclass
@@ -91,6 +92,17 @@ def validate(a: Args):
                     "n_eval": (lambda v: v >= 2, ">= 2 (a correlation)")})
 
 
+def read_collected(path):
+    """The preferences collected before a crash (collected.json in the staging folder), checked before reuse."""
+    saved = read_json(path, "--resume")
+    ok = isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("train", "test")) \
+        and isinstance(saved.get("stats"), dict) and all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                                                         for r in saved["train"] + saved["test"])
+    if not ok:
+        raise UserError(f"--resume: {path} is damaged; run without --resume to collect the preferences again")
+    return saved
+
+
 def main(argv=None):
     a = parse_args(Args, argv)
     validate(a)
@@ -99,7 +111,8 @@ def main(argv=None):
     set_seed(a.seed)
     task = get_task(a.task)
     t_start = time.time()
-    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    # before any work: is the output location writable, free and no input of the run?
+    run_ = Run(a.out_dir, a, resume=a.resume, inputs={"--sft": a.sft, "--prefs": a.prefs})
     state = run_.load_resume()
     out = run_.dir  # everything is written to the staging folder; run_.finish() moves it to --out-dir
 
@@ -113,7 +126,7 @@ def main(argv=None):
     stats, task_file = {}, False
     collected = out / "collected.json"  # the simulated human's labels, kept across --resume (~20 s of sampling)
     # under torchrun rank 0 reads its staging folder and every rank gets the same pairs
-    saved = dist.broadcast_object(json.loads(collected.read_text()) if a.resume and not a.prefs and dist.is_main()
+    saved = dist.broadcast_object(read_collected(collected) if a.resume and not a.prefs and dist.is_main()
                                   and collected.is_file() else None)
     if saved is not None:
         train_recs, test_recs, stats = saved["train"], saved["test"], saved["stats"]
@@ -231,11 +244,14 @@ def main(argv=None):
             g["lr"] = lr
         idx = next(batch_iter)  # the global batch: the same on every rank
         mine = dist.shard(idx)  # this rank's pairs (contiguous: the pairs of a prompt mostly stay together)
+        # A step with fewer pairs than processes leaves a rank none: it scores one pair at weight 0 instead, so
+        # that its backward still joins DDP's gradient all-reduce.
         with autocast(device, dtype):
-            rc, rr = pair_rewards(train_rm, [train_pairs[i] for i in mine], tok.pad_id, device)  # (b,), (b,)
+            rc, rr = pair_rewards(train_rm, [train_pairs[i] for i in mine or idx[:1]], tok.pad_id, device)  # (b,)
             loss = bradley_terry_loss(rc, rr, a.margin, a.center_coef)
         if dist.enabled():  # a mean over this rank's b pairs -> its share of the mean over all B (DDP averages)
             loss = loss * (len(mine) * dist.world_size() / len(idx))
+            rc, rr = rc[:len(mine)], rr[:len(mine)]  # the logged statistics: this rank's real pairs only
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), a.grad_clip if a.grad_clip > 0 else 1e9)

@@ -110,7 +110,9 @@ def main(argv=None):
                                              f"({dist.world_size()}; it is the global batch, split across them)")
     set_seed(a.seed)
     task = get_task(a.task)
-    run_ = Run(a.out_dir, a, resume=a.resume)  # before any work: is the output location writable?
+    # before any work: is the output location writable, free and no input of the run?
+    run_ = Run(a.out_dir, a, resume=a.resume, inputs={"--data": a.data, "--init": a.init,
+                                                       "--init-from": a.init_from, "--tokenizer": a.tokenizer})
     state = run_.load_resume()
 
     # ---- data: demonstrations as (prompt, completion) records
@@ -139,7 +141,10 @@ def main(argv=None):
         model = load_state(GPT(cfg), weights, f"--init {a.init}")
     else:
         if state is not None:  # the resumed run's own tokenizer (its training data were encoded with it)
-            tok = Tokenizer.load(run_.path("tokenizer.json"))
+            try:
+                tok = Tokenizer.load(run_.path("tokenizer.json"))
+            except ValueError as e:
+                raise UserError(f"--resume: {e}; run without --resume to start over") from None
         elif a.tokenizer:
             try:
                 tok = Tokenizer.load(a.tokenizer)

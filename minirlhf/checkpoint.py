@@ -5,7 +5,6 @@ plus stage-specific extras}. A later stage loads an earlier one's directory thro
 missing or mismatched checkpoint with one message naming the flag and the directory.
 """
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -15,11 +14,29 @@ from .hf import is_hf_dir, load_hf_dir
 from .model import GPT, GPTConfig, ScalarModel
 from .runs import recover, unfinished_message
 from .tokenizer import Tokenizer
-from .utils import UserError, atomic_write, torch_save, write_json
+from .utils import UserError, atomic_write, read_json, torch_load, torch_save, write_json
 
 
 class CheckpointError(UserError):
     pass
+
+
+# Sizes past these are a damaged or hand-edited config, not a model: refused before any tensor is allocated.
+MODEL_LIMITS = {"vocab_size": 2 ** 24, "block_size": 2 ** 20, "n_layer": 1024, "n_head": 1024, "n_embd": 2 ** 16}
+
+
+def check_state_dict(state, where: str):
+    """A state dict (names -> tensors) whose floating tensors are all finite; one line naming the file otherwise.
+    NaN weights would give NaN rewards that look like numbers in a report, or fail deep inside sampling."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{where}: does not hold a state dict (parameter names -> tensors) but a "
+                              f"{type(state).__name__}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where}: holds non-finite weights (NaN/inf) in {bad[0]}"
+                              + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")
+                              + "; it cannot be used (retrain it, with a lower --lr)")
 
 
 def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "policy", **extra):
@@ -57,6 +74,9 @@ def check_model_config(cfg: GPTConfig, where: str):
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) < 1:
             raise CheckpointError(f"{where}: model field {name!r} must be >= 1, got {getattr(cfg, name)}")
+        if getattr(cfg, name) > MODEL_LIMITS[name]:
+            raise CheckpointError(f"{where}: model field {name!r} = {getattr(cfg, name)} is absurd (at most "
+                                  f"{MODEL_LIMITS[name]})")
     if cfg.n_embd % cfg.n_head:
         raise CheckpointError(f"{where}: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -75,14 +95,16 @@ def load_run(run_dir, flag: str, kind: str = None):
     if unfinished:
         raise CheckpointError(unfinished)
     if is_hf_dir(run_dir):
-        return load_hf_dir(run_dir, flag, kind)
+        state, model_config, tokenizer, config = load_hf_dir(run_dir, flag, kind)
+        check_state_dict(state, f"{where}: the safetensors weights")
+        return state, model_config, tokenizer, config
     for name in ("model.pt", "config.json", "tokenizer.json"):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{where}: no {name} there (run the stage that writes it first)")
+    config = read_json(run_dir / "config.json", where)
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         model_config = dataclasses.replace(GPTConfig(**config["model"]), dropout=0.0)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{where}: config.json is not a minirlhf run config ({e})") from None
     check_model_config(model_config, f"{where}: config.json")
     if kind is not None and config.get("kind") != kind:
@@ -96,11 +118,8 @@ def load_run(run_dir, flag: str, kind: str = None):
     if tokenizer.vocab_size > model_config.vocab_size:
         raise CheckpointError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_config.vocab_size}")
-    try:
-        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{where}: cannot read model.pt, a damaged or truncated file? ({first})") from None
+    state = torch_load(run_dir / "model.pt", where)
+    check_state_dict(state, f"{where}: model.pt")
     return state, model_config, tokenizer, config
 
 

@@ -66,6 +66,10 @@ def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
             except _NonFinite as e:
                 raise DataError(f"{where}: {e} is not a finite number (NaN and infinities are not valid "
                                 "data)") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid data (JSON nested too deeply)") from None
+            except ValueError as e:  # an integer of more than 4300 digits
+                raise DataError(f"{where}: not valid data ({str(e).splitlines()[0][:120]})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             # a record with any of the required fields is judged against them, otherwise against the alternative
@@ -77,6 +81,12 @@ def read_jsonl(path, required: tuple, alternatives: tuple = ()) -> list:
             bad = [k for k in fields if not isinstance(rec[k], str)]
             if bad:
                 raise DataError(f"{where}: field {bad[0]!r} must be a string")
+            for k in fields:  # "\ud800" is valid JSON but no text: a lone surrogate cannot be tokenized
+                try:
+                    rec[k].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise DataError(f"{where}: field {k!r} holds a lone surrogate (\\u{ord(rec[k][e.start]):04x}), "
+                                    "which is not text") from None
             rec["_where"] = where
             records.append(rec)
     if not records:
@@ -168,6 +178,8 @@ def length_batches(lengths, batch_size: int, window: int = None, seed: int = 0) 
     (a model never sees all short sequences first; the same seed gives the same batches). Every index appears
     exactly once; put results back in input order with the indices. Returns a list of lists of ints."""
     n = len(lengths)
+    if n == 0:
+        return []
     window = n if not window else max(window, batch_size)
     batches = []
     for w in range(0, n, window):

@@ -72,8 +72,10 @@ def read_safetensors(path) -> tuple:
         raise bad(f"header length {n} goes beyond the file's {size} bytes")
     try:
         header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not JSON: {e}") from None
+    except RecursionError:
+        raise bad("header is JSON nested too deeply") from None
+    except ValueError as e:  # also UnicodeDecodeError, and integers too long to convert
+        raise bad(f"header is not JSON: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(header, dict):
         raise bad(f"header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
@@ -84,11 +86,11 @@ def read_safetensors(path) -> tuple:
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"entry {name!r} is not a {{dtype, shape, data_offsets}} object")
-        if e["dtype"] not in DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
             raise bad(f"tensor {name!r} has unknown dtype {e['dtype']!r}")
         shape, offs = e["shape"], e["data_offsets"]
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2 ** 63 for d in shape)):
+            raise bad(f"tensor {name!r} has shape {str(shape)[:100]}, not a list of non-negative integers below 2^63")
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_len):
             raise bad(f"tensor {name!r} has data_offsets {offs!r} outside the {data_len}-byte buffer")
@@ -175,7 +177,8 @@ def check_gpt2_config(hf: dict, where: str) -> dict:
     # gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation, which model.py uses
     need("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
          "gelu_new (tanh GELU)")
-    need("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-5, nn.LayerNorm's")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    need("layer_norm_epsilon", type(eps) in (int, float) and abs(eps - 1e-5) < 1e-12, "1e-5, nn.LayerNorm's")
     need("n_inner", hf.get("n_inner") in (None, 4 * hf["n_embd"]), "an MLP of 4 * n_embd")
     need("scale_attn_weights", hf.get("scale_attn_weights", True) is True, "attention scaled by 1/sqrt(head_dim)")
     need("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False), "false")
@@ -213,6 +216,9 @@ def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
         t = by_name[name]
         if tuple(t.shape) != shape:
             raise HFError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
+        if not t.is_floating_point():  # integer weights cast to float would train, on nonsense
+            raise HFError(f"{where}: tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}; weights "
+                          f"must be floating point (F32, F16, BF16 or F64)")
         t = t.float()
         if name.endswith(CONV1D):
             t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
@@ -223,6 +229,10 @@ def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
     score = by_name.get("score.weight")
     if score is not None and tuple(score.shape) != (1, C):
         raise HFError(f"{where}: score.weight has shape {tuple(score.shape)}; only one label (1, {C}) is supported")
+    for name in ("lm_head.weight", "score.weight"):
+        if name in by_name and not by_name[name].is_floating_point():
+            raise HFError(f"{where}: tensor {name!r} is stored as {str(by_name[name].dtype).removeprefix('torch.')}; "
+                          f"weights must be floating point")
     return state, (score.float() if score is not None else None)
 
 
@@ -257,7 +267,7 @@ def is_hf_dir(path) -> bool:
     """A Hugging Face model directory: config.json with a model_type (our run configs have a "kind" instead)."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(config, dict) and "model_type" in config and "kind" not in config
 
@@ -270,9 +280,13 @@ def read_weights(d: Path, where: str) -> dict:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            if not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("its weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
+        except RecursionError:
+            raise HFError(f"{where}: {index.name} is not a safetensors index (JSON nested too deeply)") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise HFError(f"{where}: {index.name} is not a safetensors index ({e})") from None
+            raise HFError(f"{where}: {index.name} is not a safetensors index ({str(e)[:200]})") from None
         tensors = {}
         for f in files:
             if Path(f).name != f:
@@ -320,9 +334,14 @@ def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropo
     where = f"{flag} {d}"
     try:
         hf = json.loads((d / "config.json").read_text())
+    except RecursionError:
+        raise HFError(f"{where}: cannot read config.json (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
-        raise HFError(f"{where}: cannot read config.json ({e})") from None
+        raise HFError(f"{where}: cannot read config.json ({str(e).splitlines()[0][:200]})") from None
     check_gpt2_config(hf, where)
+    offset = hf.get("minirlhf_score_offset", 0.0)
+    if type(offset) not in (int, float) or not math.isfinite(offset):
+        raise HFError(f"{where}: config.json minirlhf_score_offset = {offset!r} must be a finite number")
     tokenizer = load_tokenizer(d, where)
     state, score = gpt2_from_hf(read_weights(d, where), hf, where)
     is_reward = score is not None
@@ -345,7 +364,7 @@ def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropo
         # could not fold is recorded in config.json and restored here
         state = {"gpt." + k: v for k, v in state.items()}
         state.update({"head.weight": score, "head.bias": torch.zeros(1), "gain": torch.tensor(1.0),
-                      "bias": torch.tensor(float(hf.get("minirlhf_score_offset", 0.0)))})
+                      "bias": torch.tensor(float(offset))})
     config = {"kind": "reward" if is_reward else "policy", "model": dataclasses.asdict(cfg),
               "tokenizer_fingerprint": tokenizer.fingerprint(), "args": None, "hf_dir": str(d)}
     return state, cfg, tokenizer, config
@@ -441,10 +460,12 @@ def export_hf(run_dir, out_dir, flag: str = "RUN_DIR") -> dict:
         tok.save(stage / "tokenizer.json")
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         # PreTrainedTokenizerFast reads tokenizer.json as is; it does not add BOS: prepend it yourself (minirlhf
-        # sequences are BOS + prompt + response + EOS)
+        # sequences are BOS + prompt + response + EOS). split_special_tokens: text that spells a special token
+        # ("<|eos|>") is encoded as text, as minirlhf encodes it (tokenizer.json does not store that setting)
         write_json(stage / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
                                                      "model_max_length": cfg.block_size, "padding_side": "right",
-                                                     "clean_up_tokenization_spaces": False})
+                                                     "clean_up_tokenization_spaces": False,
+                                                     "split_special_tokens": True})
         write_json(stage / "special_tokens_map.json", specials)
         if not reward:
             write_json(stage / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,

@@ -215,6 +215,9 @@ def has_gold_columns(records) -> bool:
         for k in ("chosen_gold", "rejected_gold", "label_prob"):
             if k in r and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
                 raise DataError(f"{r.get('_where', 'prefs')}: field {k!r} must be a number")
+        if "label_prob" in r and not 0 <= r["label_prob"] <= 1:
+            raise DataError(f"{r.get('_where', 'prefs')}: field 'label_prob' {r['label_prob']} must be a probability "
+                            f"in [0, 1]")
     return all(k in r for r in records for k in ("chosen_gold", "rejected_gold", "label_prob"))
 
 

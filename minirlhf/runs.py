@@ -10,7 +10,15 @@ staging folder into place:
 
 so a reader sees the complete old run or the complete new one, never a mix (issue 14, item 8). A crash between the
 two renames leaves out_dir missing beside a complete out_dir.partial and out_dir.replaced; recover() finishes the
-swap (every Run and every load_run calls it). A run killed before finish() leaves the earlier run untouched.
+swap (every Run and every load_run calls it) -- only with a staging folder whose finish() had begun (run.json
+gone, metrics.json or report.json written); otherwise it puts the old run back. A run killed before finish() leaves
+the earlier run untouched.
+
+Safety of the output location: it may not equal, contain or lie inside any input of the run (a run directory, a data
+or prefs file); an existing folder there is replaced only when it is a finished minirlhf run (or an evaluation
+report) or empty, never a folder of the user's own files; and one run at a time holds it (an exclusive lock on
+.<name>.lock beside it, for the run's lifetime). A fresh run that stops with an error before its first resume
+checkpoint removes its staging folder (there is nothing in it to resume).
 
 Resume: every --save-interval steps a stage saves resume.pt (models, optimizer, step, RNG states, its own extras)
 into the staging folder; --resume continues from it and refuses when the saved args differ from the new ones in
@@ -20,7 +28,9 @@ decide whether to pass --resume).
 """
 import atexit
 import dataclasses
+import fcntl
 import json
+import os
 import random
 import shutil
 import sys
@@ -31,7 +41,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .utils import UserError, torch_save, write_json
+from .utils import UserError, torch_load, torch_save, write_json
 
 STAGING, REPLACED = ".partial", ".replaced"
 RESUME, RUN_JSON = "resume.pt", "run.json"
@@ -48,15 +58,94 @@ def replaced_dir(out_dir) -> Path:
     return out_dir.with_name(out_dir.name + REPLACED)
 
 
+FINAL_FILES = ("metrics.json", "report.json")  # written last by a stage / by evaluate.py: the run is complete
+
+
+def is_finished_run(d) -> bool:
+    """A folder holding a finished minirlhf run (a stage's metrics.json or an evaluation's report.json)."""
+    return any((Path(d) / name).is_file() for name in FINAL_FILES)
+
+
+def is_complete_staging(d) -> bool:
+    """A staging folder whose finish() had begun: run.json removed, its final file written."""
+    d = Path(d)
+    return d.is_dir() and not (d / RUN_JSON).exists() and is_finished_run(d)
+
+
 def recover(out_dir):
     """Complete a swap that a crash interrupted (see the module docstring). Safe to call any time."""
     out, staging, old = Path(out_dir), staging_dir(out_dir), replaced_dir(out_dir)
     if not old.exists():
         return
     if not out.exists():
-        # The first rename happened, the second did not: finish() only renames a complete staging folder.
-        (staging if staging.is_dir() else old).rename(out)
+        # The first rename happened, the second did not. Only a staging folder that finish() had completed is
+        # promoted; an unfinished one stays (resumable) and the old run is put back.
+        (staging if is_complete_staging(staging) else old).rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_location(out_dir, inputs: dict):
+    """Refuse an --out-dir that equals, contains or lies inside an input of the run (finishing the run would
+    replace or write into it). inputs: {flag: a path, a list of paths, or None}."""
+    out = Path(out_dir).resolve()
+    pairs = [(flag, p) for flag, ps in inputs.items() for p in (ps if isinstance(ps, (list, tuple)) else [ps])]
+    for flag, path in pairs:
+        if not path:
+            continue
+        p = Path(path).resolve()
+        how = "is" if p == out else "contains" if out in p.parents else "lies inside" if p in out.parents else None
+        if how:
+            raise UserError(f"--out-dir {out_dir}: {how} the input {flag} {path}; the run would replace it (choose "
+                            f"another --out-dir)")
+
+
+def check_replaceable(out_dir):
+    """Refuse an existing --out-dir that a finished run would replace although it is not a minirlhf run."""
+    out = Path(out_dir)
+    if out.is_file():
+        raise UserError(f"--out-dir {out}: is a file, not a folder")
+    if out.is_dir() and not is_finished_run(out) and any(out.iterdir()):
+        raise UserError(f"--out-dir {out}: exists and is not a finished minirlhf run (no metrics.json or "
+                        f"report.json); a run would replace its files: choose another --out-dir or empty it")
+
+
+_locks = {}  # lock file -> open descriptor held by this process
+
+
+def lock_location(out_dir) -> Path:
+    """Take the exclusive lock of an output location (.<name>.lock beside it) for this process; a second run on the
+    same location stops with one line. The lock is released (and its file removed) by unlock_location or at exit."""
+    path = Path(out_dir).with_name(f".{Path(out_dir).name}.lock")
+    unlock_location(path)  # an earlier, abandoned run of this same process (tests call main() repeatedly)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"--out-dir {out_dir}: another run is writing there right now (it holds {path}); "
+                            f"wait for it to end or choose another --out-dir") from None
+        try:  # the holder before us may have removed the file on release: ours must be the one at the path
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _locks[path] = fd
+    return path
+
+
+def unlock_location(lock_path):
+    fd = _locks.pop(Path(lock_path), None)
+    if fd is not None:
+        Path(lock_path).unlink(missing_ok=True)  # while still locked: the next holder re-creates it
+        os.close(fd)
+
+
+@atexit.register
+def _unlock_all():
+    for path in list(_locks):
+        unlock_location(path)
 
 
 def unfinished_message(out_dir, flag: str = None) -> str:
@@ -155,20 +244,25 @@ class Run:
     resume state from load_resume() (so every rank agrees on it, also across nodes without a shared disk).
     """
 
-    def __init__(self, out_dir, args, resume: bool = False):
+    def __init__(self, out_dir, args, resume: bool = False, inputs: dict = None):
+        if not str(out_dir).strip() or Path(out_dir).name in ("", ".", ".."):
+            raise UserError(f"--out-dir {str(out_dir)!r}: must name a run folder (e.g. out/sft), not "
+                            f"{'an empty path' if not str(out_dir).strip() else 'the current or a parent folder'}")
         self.out = Path(out_dir)
         self.dir = staging_dir(self.out)
         self.args = args_dict(args)
         if self.out.name.endswith(STAGING) or self.out.name.endswith(REPLACED):
             raise UserError(f"--out-dir {self.out}: names ending in {STAGING} or {REPLACED} are reserved for "
                             f"unfinished runs")
-        self.resumed = resume
+        check_output_location(self.out, inputs or {})
+        self.resumed, self.finished, self.lock = resume, False, None
         if not dist.is_main():  # rank 0 checks and owns the location; this rank's files are thrown away
             self.dir = Path(tempfile.mkdtemp(prefix=f"minirlhf-rank{dist.rank()}-"))
             atexit.register(shutil.rmtree, self.dir, True)
             return
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_location(self.out)  # before recover(): a run finishing there now completes first
             recover(self.out)
         except (FileExistsError, NotADirectoryError):
             files = [p for p in self.out.parents if p.is_file()]
@@ -177,6 +271,7 @@ class Run:
         except OSError as e:
             raise UserError(f"--out-dir {self.out}: cannot create or use {e.filename or self.out.parent}: "
                             f"{e.strerror or e}") from None
+        check_replaceable(self.out)
         if resume:
             if not self.dir.is_dir():
                 raise UserError(f"--resume: no unfinished run in {self.dir} (nothing to resume: run without "
@@ -200,16 +295,29 @@ class Run:
             except OSError as e:
                 raise UserError(f"--out-dir {self.out}: cannot create {self.dir}: {e.strerror or e}") from None
             write_json(self.dir / RUN_JSON, {"args": self.args})  # also proves the folder is writable
-            atexit.register(self._drop_if_empty)
-        self.resumed = resume
+            atexit.register(self._drop_if_unresumable)
+        self.inode = self.dir.stat().st_ino  # the staging folder this run owns (see _check_staging)
 
-    def _drop_if_empty(self):
-        """At exit: a run stopped by an early error (a mistyped path) leaves no staging folder behind."""
+    def _drop_if_unresumable(self):
+        """At exit: a fresh run stopped before its first resume checkpoint (a data error, a mistyped path, Ctrl-C)
+        leaves no staging folder behind; there is nothing in it to resume."""
         try:
-            if self.dir.is_dir() and [p.name for p in self.dir.iterdir()] == [RUN_JSON]:
+            if not self.finished and self.dir.is_dir() and self.dir.stat().st_ino == self.inode \
+                    and not (self.dir / RESUME).exists():
                 shutil.rmtree(self.dir, ignore_errors=True)
         except OSError:
             pass
+
+    def _check_staging(self):
+        """The staging folder must be the one this run created: one that vanished (deleted by hand, or taken over)
+        is not silently re-created and finished half-empty."""
+        try:  # run.json too: a re-created folder may get the same inode number
+            ok = self.dir.stat().st_ino == self.inode and (self.dir / RUN_JSON).is_file()
+        except OSError:
+            ok = False
+        if not ok:
+            raise UserError(f"the staging folder {self.dir} vanished or was replaced during the run; nothing was "
+                            f"written to {self.out} (run again)")
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -228,11 +336,20 @@ class Run:
         if not (self.dir / RESUME).is_file():
             print(f"no resume checkpoint in {self.dir} yet: starting over, keeping its files", flush=True)
             return None
-        try:
-            state = torch.load(self.dir / RESUME, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"--resume: cannot read {self.dir / RESUME} ({str(e).splitlines()[0]}); run without "
-                            f"--resume to start over") from None
+        where = f"--resume: {self.dir / RESUME}"
+        state = torch_load(self.dir / RESUME, where)
+        # save_resume records the state's keys and the run's args: a damaged file, or one copied from another run,
+        # is refused here rather than failing on a missing key (or training past its end) later
+        keys = state.get("keys") if isinstance(state, dict) else None
+        if not isinstance(keys, list) or any(k not in state for k in keys) or type(state.get("step")) is not int:
+            raise UserError(f"{where} is damaged (missing entries); run without --resume to start over")
+        diff = args_diff(state.get("args", {}), self.args)
+        if diff:
+            raise UserError(f"{where} belongs to another run ({'; '.join(diff)}); run without --resume to start over")
+        total = self.args.get("steps", self.args.get("iterations"))
+        if not 0 <= state["step"] <= (total if type(total) is int else state["step"]):
+            raise UserError(f"{where} is at {state.get('unit', 'step')} {state['step']}, outside this run's "
+                            f"{total}; run without --resume to start over")
         print(f"resuming from {self.dir / RESUME} ({state.get('unit', 'step')} {state['step']})", flush=True)
         return state
 
@@ -241,7 +358,8 @@ class Run:
         if check is not None:
             check.check(*models)
         if dist.is_main():  # one checkpoint per run (every rank holds the same weights)
-            torch_save(self.dir / RESUME, state)
+            self._check_staging()
+            torch_save(self.dir / RESUME, {**state, "keys": sorted(state), "args": comparable(self.args)})
 
     def finish(self):
         """Swap the finished staging folder into place (see the module docstring). Call after the last file.
@@ -249,6 +367,8 @@ class Run:
         if not dist.is_main():
             shutil.rmtree(self.dir, ignore_errors=True)
             return
+        self._check_staging()
+        check_replaceable(self.out)  # a folder of someone else's files that appeared there during the run
         for name in (RESUME, RUN_JSON):
             (self.dir / name).unlink(missing_ok=True)
         for leftover in self.dir.glob(".*.tmp"):  # temp folders of writes a kill -9 interrupted
@@ -261,3 +381,5 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             raise UserError(f"cannot move {self.dir} to {self.out}: {e.strerror or e}") from None
+        self.finished = True
+        unlock_location(self.lock)

@@ -6,12 +6,14 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
 import sys
 import tempfile
 import typing
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +57,36 @@ def arg(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+MAX_SEED = 2 ** 32  # numpy's seeds are 32-bit
+MAX_INT_FLAG = 2 ** 40  # larger counts are typos (and overflow torch's index arithmetic)
+
+
 def parse_args(args_cls, argv=None):
-    """Build an argparse parser from an Args dataclass (field `out_dir` becomes `--out-dir`) and parse argv."""
-    return args_cls(**vars(build_parser(args_cls).parse_args(argv)))
+    """Build an argparse parser from an Args dataclass (field `out_dir` becomes `--out-dir`) and parse argv.
+    Integer flags are bounded here for every script: --seed in [0, 2^32), any other below 2^40."""
+    args = args_cls(**vars(build_parser(args_cls).parse_args(argv)))
+    for f in dataclasses.fields(args_cls):
+        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        values = v if isinstance(v, list) else [v]
+        if f.name == "seed":
+            check(0 <= v < MAX_SEED, f"{flag} {v}: must be in [0, 2^32)")
+        elif any(type(x) is int and abs(x) >= MAX_INT_FLAG for x in values):
+            raise UserError(f"{flag} {v if not isinstance(v, list) else ' '.join(map(str, v))}: too large "
+                            f"(must be below 2^40)")
+    return args
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line ("error: argument --x: ..."), exit 2, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser(args_cls) -> argparse.ArgumentParser:
     """The argparse parser of an Args dataclass (pipeline.py also uses it to check flags before running)."""
-    parser = argparse.ArgumentParser(description=(args_cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _OneLineParser(description=(args_cls.__doc__ or "").strip(),
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(args_cls)
     for f in dataclasses.fields(args_cls):
         flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
@@ -94,6 +117,15 @@ def run(main):
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(e)
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text
+                or "can't allocate memory" in text):
+            raise
+        first = (text.strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"error: out of memory ({first}); try a smaller --batch-size (or --gen-batch-size / "
+              f"--eval-batch-size), a shorter --block-size or a smaller model", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -180,6 +212,38 @@ def atomic_write(path, write):
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+JSON_ERRORS = (ValueError, RecursionError, UnicodeDecodeError)  # ValueError: bad JSON, integers past 4300 digits
+
+
+def read_json(path, where: str):
+    """A JSON file's contents; a missing, unreadable or malformed file (also one nested too deep, or with numbers
+    too long to convert) is a UserError naming `where`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{where}: cannot read {Path(path).name} ({e.strerror or e})") from None
+    except JSON_ERRORS as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise UserError(f"{where}: {Path(path).name} is not valid JSON ({why})") from None
+
+
+def torch_load(path, where: str):
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary pickled objects (which can
+    run code). Anything that fails to load is a UserError naming `where`; a file holding other objects is refused
+    without torch's suggestion to load it with weights_only=False."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):  # a torch.save archive holding objects the weights-only unpickler refuses
+            raise UserError(f"{where}: {Path(path).name} holds pickled objects other than tensors; minirlhf loads "
+                            f"weights only and never unpickles code") from None
+        raise UserError(f"{where}: cannot read {Path(path).name}, a damaged or truncated file? (not a torch.save "
+                        f"archive)") from None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{where}: cannot read {Path(path).name}, a damaged or truncated file? ({first})") from None
 
 
 def write_json(path, obj):

@@ -84,6 +84,22 @@ def test_sharded_preference_collection_writes_the_one_process_file(runs):
         m2["raw_reward_mean"], abs=1e-4)
 
 
+def test_a_step_with_fewer_pairs_than_processes_trains_what_one_process_trains(tmp_path, tiny_sft):  # noqa: F811
+    # k = 2 and one prompt per step: each step holds one pair, so rank 0's shard of it is empty (it scores one pair at
+    # weight 0, so that its backward still joins DDP's all-reduce)
+    args = ["train_rm.py", "--sft", str(tiny_sft), "--n-prompts", "6", "--n-test-prompts", "4", "--k", "2",
+            "--n-norm", "8", "--n-eval", "8", "--gen-batch-size", "8", "--max-new-tokens", "8", "--batch-size", "1",
+            "--epochs", "1", "--lr", "1e-2", "--warmup-steps", "1", "--device", "cpu", "--log-interval", "1"]
+    for n in (1, 2):
+        run([*args, "--out-dir", str(tmp_path / f"rm{n}")], n, tmp_path)
+    m1, m2 = (json.loads((tmp_path / f"rm{n}" / "metrics.json").read_text()) for n in (1, 2))
+    assert m1["steps"] == m2["steps"] == m1["n_train_pairs"] >= 2  # one pair per step
+    assert max_diff(tmp_path / "rm1", tmp_path / "rm2") < 2e-4
+    rows1, rows2 = ([json.loads(x) for x in (tmp_path / f"rm{n}" / "metrics.jsonl").read_text().splitlines()]
+                    for n in (1, 2))
+    assert [r["accuracy"] for r in rows1] == [r["accuracy"] for r in rows2]  # the real pair, not the dummy
+
+
 def test_only_rank_zero_writes_and_prints(runs):
     t = runs["dir"]
     for stage in ("sft", "rm", "dpo"):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import evaluate
 from minirlhf.checkpoint import save_run
-from minirlhf.evaluation import (distinct_n, estimate_frontier, fraction_of_optimal, frontier_gold_at, paired_gain,
+from minirlhf.evaluation import (bootstrap_frontiers, distinct_n, estimate_frontier, fraction_of_optimal,
+                                 fraction_of_optimal_sem, frontier_gold_at, paired_gain,
                                  paired_win_rate_sem,
                                  frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate, policy_metrics,
                                  reward_model_scores, reward_weights, sample_policy)
@@ -189,9 +190,53 @@ def test_frontier_points_drop_low_ess_and_sort_by_kl():
     torch.manual_seed(1)
     g = torch.randn(4, 64, dtype=torch.float64)
     kept, dropped = frontier_points(g, [0.01, 10.0, 1.0, 2.0], min_ess=5.0)
-    assert [p["beta"] for p in dropped] == [0.01] and dropped[0]["ess"] < 5.0
-    assert [p["beta"] for p in kept] == [10.0, 2.0, 1.0] and all(p["ess"] >= 5.0 for p in kept)
+    assert [p["beta"] for p in dropped] == [0.01] and dropped[0]["ess_min"] < 5.0
+    assert [p["beta"] for p in kept] == [10.0, 2.0, 1.0] and all(p["ess_min"] >= 5.0 for p in kept)
     assert all(a["kl"] < b["kl"] and a["gold"] < b["gold"] for a, b in zip(kept, kept[1:]))
+    # the worst prompt decides, not the mean: one prompt whose optimum rests on a single sample drops the point
+    g[0, 0] = 12.0
+    one = optimal_policy_estimate(g, 1.0)
+    assert one["ess"] >= 5.0 > one["ess_min"]
+    assert [p["beta"] for p in frontier_points(g, [1.0], min_ess=5.0)[1]] == [1.0]
+
+
+def test_frontier_bound_past_the_measured_range_is_an_upper_bound_on_gaussian_gold():
+    """g ~ N(0, 1) under the reference: pi* tilts it to N(1/beta, 1), so KL = 1/(2 beta^2) and V(c) = sqrt(2c)
+    exactly. With 32 prompts x 1,024 samples the old bound (points kept on the mean ESS, log Z uncorrected) gave
+    2.71 at c = 3.84 against the true 2.77: a "lower bound" on the share that was not one."""
+    for seed in range(5):
+        g = torch.randn(32, 1024, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        kept, _ = frontier_points(g, min_ess=10.0)
+        ref = g.mean().item()
+        top = kept[-1]["kl"]
+        for c, slack in ((top * 1.1, 0.99), (top * 1.5, 1.0), (2.0, 1.0), (3.0, 1.0), (3.84, 1.0), (5.0, 1.0)):
+            if c <= top:
+                continue
+            est, extrapolated = frontier_gold_at(kept, c, ref)  # just past the range: within 1% of a bound
+            assert extrapolated and est >= slack * math.sqrt(2 * c), (seed, c, est)
+        for c in (0.1, 0.5, top * 0.9):  # inside: close to the truth, a little under (chord and finite-K bias)
+            est, extrapolated = frontier_gold_at(kept, c, ref)
+            assert not extrapolated and math.sqrt(2 * c) - 0.1 < est < math.sqrt(2 * c) + 0.02, (seed, c, est)
+    # the correction for log Z's Jensen bias is what makes the old points a bound here: without it they are not
+    mean_kept = [p for p in frontier_points(g, min_ess=1.0)[0] if p["ess"] >= 10.0]
+    uncorrected = min(p["gold"] + p["beta"] * (3.84 - p["kl"]) for p in mean_kept)
+    assert uncorrected < math.sqrt(2 * 3.84)
+
+
+def test_share_error_bar_includes_the_frontier_noise_over_its_prompts():
+    g = torch.randn(32, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.5
+    kept, _ = frontier_points(g, min_ess=10.0)
+    ref = g.mean().item()
+    boot = bootstrap_frontiers(g, min_ess=10.0, n_boot=100, seed=1)
+    assert len(boot) == 100 and all(b[0] for b in boot) and len({round(b[1], 9) for b in boot}) > 50
+    kl = kept[-1]["kl"] / 2
+    gold = ref + 0.8 * (frontier_gold_at(kept, kl, ref)[0] - ref)
+    frontier_only = fraction_of_optimal_sem(gold, ref, kl, 0.0, boot)
+    both = fraction_of_optimal_sem(gold, ref, kl, 0.02, boot)
+    assert frontier_only > 0.005 and both > frontier_only
+    fracs = [fraction_of_optimal(gold, ref, kl, f, r)[0] for f, r in boot]
+    assert frontier_only == pytest.approx(float(np.std(fracs, ddof=1)))
+    assert both == pytest.approx(math.hypot(frontier_only, np.mean(fracs) * 0.02 / (gold - ref)))
 
 
 def test_frontier_of_tiny_gpt_matches_exact_optimum():
@@ -220,7 +265,8 @@ def test_frontier_interpolation_and_duality_bound_bracket_the_exact_frontier():
     p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
     g = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
     ref_gold = (p * g).sum().item()
-    pts = sorted(({"beta": b, "gold": exact_optimum(p, g, b)[0], "kl": exact_optimum(p, g, b)[1]}
+    pts = sorted(({"beta": b, "gold": exact_optimum(p, g, b)[0], "kl": exact_optimum(p, g, b)[1],
+                   "value": exact_optimum(p, g, b)[0] - b * exact_optimum(p, g, b)[1]}  # = beta log Z, exactly
                   for b in (4.0, 2.0, 1.0, 0.5)), key=lambda q: q["kl"])
 
     def exact_v(c):  # the optimum at KL c: bisect beta (KL falls as beta grows)
@@ -330,7 +376,7 @@ def test_report_files_have_the_documented_keys(runs, tmp_path, monkeypatch, caps
     for name, m in report["policies"].items():
         for key in ("gold_mean", "gold_sem", "kl_mean", "kl_sem", "win_rate", "win_rate_sem", "gold_gain",
                     "gold_gain_sem", "eos_rate", "mean_len", "distinct_2", "rm_mean", "rm_sem", "rm_win_rate",
-                    "rm_win_rate_sem", "frac_optimal", "frontier_gold", "samples"):
+                    "rm_win_rate_sem", "frac_optimal", "frac_optimal_sem", "frontier_gold", "samples"):
             assert key in m, (name, key)
         gold = [s["gold"] for s in m["samples"]]  # only n_show of them: check the definitions on the full report
         assert m["gold_gain"] == pytest.approx(m["gold_mean"] - m["ref_gold_mean"])
@@ -340,8 +386,11 @@ def test_report_files_have_the_documented_keys(runs, tmp_path, monkeypatch, caps
     # the perturbed policy's true KL is ~0.035 (200-prompt estimate; PAD, BOS and unused ids are not sampled)
     assert report["policies"]["ppo"]["kl_mean"] > 0.02
     assert report["frontier"] and all(set(p) >= {"beta", "kl", "gold", "ess"} for p in report["frontier"])
-    assert all(p["ess"] >= 2 for p in report["frontier"]) and all(p["ess"] < 2 for p in report["frontier_dropped"])
-    assert set(report["frontier_info"]) >= {"ref_gold", "kl_cap", "n_prompts", "samples_per_prompt", "min_ess"}
+    # kept on the worst prompt's ESS (so the mean's too)
+    assert all(p["ess_min"] >= 2 and p["ess"] >= 2 for p in report["frontier"])
+    assert all(p["ess_min"] < 2 for p in report["frontier_dropped"])
+    assert set(report["frontier_info"]) >= {"ref_gold", "kl_cap", "n_prompts", "samples_per_prompt", "min_ess",
+                                            "n_bootstrap"}
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     assert (out / "report.png").exists() == has_mpl and (report["plot"] is not None) == has_mpl
     md = (out / "report.md").read_text()

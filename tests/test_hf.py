@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from minirlhf import hf
-from minirlhf.checkpoint import load_policy, load_scalar, save_run
+from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar, save_run
 from minirlhf.data import encode_prompt, left_pad, right_pad
 from minirlhf.generation import generate
 from minirlhf.hf import HFError, SafetensorsError, read_safetensors, write_safetensors
@@ -86,6 +87,11 @@ MALFORMED = {
     "negative dim": (st_bytes({"t": {**F32x2, "shape": [-2]}}, bytes(8)), "non-negative integers"),
     "entry not a dict": (st_bytes({"t": [0, 8]}, bytes(8)), "is not a {dtype, shape, data_offsets} object"),
     "bad metadata": (st_bytes({"__metadata__": {"a": 1}, "t": F32x2}, bytes(8)), "__metadata__"),
+    "dtype not a string": (st_bytes({"t": {**F32x2, "dtype": ["F32"]}}, bytes(8)), "unknown dtype"),
+    "dim past 2^63": (st_bytes({"t": {"dtype": "F32", "shape": [0, 2 ** 64], "data_offsets": [0, 0]}}, b""),
+                      "non-negative integers below 2^63"),
+    "header nested too deeply": (struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "header number too long": (struct.pack("<Q", 5008) + b'{"a":' + b"1" * 5000 + b"}  ", "header is not JSON"),
 }
 
 
@@ -394,6 +400,36 @@ def test_hub_id_without_package_or_network_gives_one_clear_line(tmp_path, monkey
     assert "downloading it from the Hugging Face Hub failed" in proc.stderr and "pass that directory" in proc.stderr
 
 
+def test_weights_and_config_values_that_would_load_wrong_are_refused(tmp_path, source):
+    model, tok_path = source
+    ints = naive_hf_tensors(model)
+    ints["transformer.h.0.mlp.c_fc.weight"] = ints["transformer.h.0.mlp.c_fc.weight"].to(torch.int32)
+    with pytest.raises(HFError, match="'h.0.mlp.c_fc.weight' is stored as int32; weights must be floating point"):
+        load_policy(write_gpt2_dir(tmp_path / "ints", model, tok_path, tensors=ints))
+    nans = naive_hf_tensors(model)
+    nans["transformer.ln_f.weight"][3] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite weights .* in transformer.ln_f.weight"):
+        load_policy(write_gpt2_dir(tmp_path / "nans", model, tok_path, tensors=nans))
+    with pytest.raises(HFError, match="layer_norm_epsilon = 'x' is not supported"):
+        load_policy(write_gpt2_dir(tmp_path / "eps", model, tok_path, layer_norm_epsilon="x"))
+    sharded = write_gpt2_dir(tmp_path / "sharded", model, tok_path)
+    (sharded / "model.safetensors").rename(sharded / "part1.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": 1}}))
+    with pytest.raises(HFError, match="is not a safetensors index .*weight_map must map tensor names to shard"):
+        load_policy(sharded)
+    # an exported reward model's score offset must be a number
+    rm = reward_model(model.config.vocab_size, zero_head=True)  # zero head: the offset cannot be folded, it is kept
+    tok = Tokenizer.load(tok_path)
+    save_run(tmp_path / "rm", rm, tok, None, kind="reward")
+    run_script("export_hf.py", tmp_path / "rm", tmp_path / "hf_rm")
+    config = json.loads((tmp_path / "hf_rm" / "config.json").read_text())
+    assert math.isfinite(config["minirlhf_score_offset"])
+    for bad, shown in ((float("nan"), "nan"), ("0.5", "'0.5'")):
+        (tmp_path / "hf_rm" / "config.json").write_text(json.dumps({**config, "minirlhf_score_offset": bad}))
+        with pytest.raises(HFError, match=f"minirlhf_score_offset = {shown} must be a finite number"):
+            load_scalar(tmp_path / "hf_rm")
+
+
 # ------------------------------------------------------------------------------------------------ export
 def test_export_then_import_gives_identical_logits(tmp_path, source):
     model, tok_path = source
@@ -413,6 +449,14 @@ def test_export_then_import_gives_identical_logits(tmp_path, source):
     assert gen["eos_token_id"] == tok.eos_id and gen["pad_token_id"] == tok.pad_id != tok.eos_id
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == (ENDOFTEXT, ENDOFTEXT, PAD)
+    # text that spells a special token is text, in the export as in minirlhf: the setting travels in
+    # tokenizer_config.json (tokenizer.json alone does not keep it)
+    assert tc["split_special_tokens"] is True
+    exported = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    exported.encode_special_tokens = tc["split_special_tokens"]
+    literal = f"the food {ENDOFTEXT} was {PAD} good"
+    assert exported.encode(literal, add_special_tokens=False).ids == tok.encode(literal)
+    assert tok.eos_id not in tok.encode(literal) and tok.pad_id not in tok.encode(literal)
     tensors, meta = read_safetensors(out / "model.safetensors")
     assert meta == {"format": "pt"} and "lm_head.weight" not in tensors
     assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (C, 3 * C)  # Conv1D layout
@@ -536,6 +580,10 @@ def test_sft_rm_ppo_dpo_chain_from_an_imported_gpt2_directory(tmp_path, source):
                "--device", "cpu")
     run_script("train_dpo.py", "--policy", sft, "--prefs", rm / "prefs.jsonl", "--out-dir", dpo, "--epochs", 1,
                "--batch-size", 8, "--n-eval-prompts", 4, "--max-new-tokens", 8, "--device", "cpu")
+    # the GPT-2 directory itself as DPO's policy and reference (its reference log-probs are keyed on the weights)
+    run_script("train_dpo.py", "--policy", g, "--prefs", rm / "prefs.jsonl", "--out-dir", tmp_path / "dpo_hf",
+               "--epochs", 1, "--batch-size", 8, "--n-eval-prompts", 4, "--max-new-tokens", 8, "--device", "cpu")
+    assert (tmp_path / "dpo_hf" / "ref_logps.pt").is_file()
     for d in (ppo, dpo):
         out, tok2, _ = load_policy(d)
         assert tok2.fingerprint() == tok.fingerprint() and out.config == policy.config
@@ -572,6 +620,8 @@ def test_export_against_transformers(tmp_path, source):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = " the food was very good . but the service felt slow ."
     assert hf_tok(text)["input_ids"] == tok.encode(text)
+    literal = f" the food {ENDOFTEXT} was {PAD} good"  # spelled special tokens stay text in both
+    assert hf_tok(literal)["input_ids"] == tok.encode(literal)
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     idx = random_ids(tok.vocab_size, T=40)
     with torch.no_grad():

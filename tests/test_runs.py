@@ -264,8 +264,9 @@ def test_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path):
         proc = run_script("train_sft.py", "--out-dir", full / "sft", *SFT, "--steps", "3", check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "No space left on device" in proc.stderr
-        leftovers = [p.name for p in runs.staging_dir(full / "sft").iterdir() if p.name.endswith(".tmp")]
-        assert leftovers == [] and not (full / "sft").exists()
+        # no temp file, no half-written run, and no staging folder either (nothing in it to resume)
+        assert not runs.staging_dir(full / "sft").exists() and not (full / "sft").exists()
+        assert [p.name for p in full.iterdir()] == []
     finally:
         subprocess.run(["umount", str(full)])
 

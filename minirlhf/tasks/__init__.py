@@ -1,14 +1,17 @@
 """Tasks: a simulated human (prompts, demonstrations, hidden gold reward, annotator). See tasks/reviews.py."""
 import importlib
+import pkgutil
 
 from ..utils import UserError
 
 
+def task_names() -> list:
+    """The built-in tasks: the modules of this package (not its private ones)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def get_task(name: str = "reviews"):
     """Import minirlhf.tasks.<name>; a task is one module with the interface documented in tasks/reviews.py."""
-    try:
-        return importlib.import_module(f"minirlhf.tasks.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"minirlhf.tasks.{name}":
-            raise
-        raise UserError(f"--task {name}: unknown task {name!r} (no module minirlhf/tasks/{name}.py)") from e
+    if name not in task_names():
+        raise UserError(f"--task {name}: unknown task (built-in: {', '.join(task_names())})")
+    return importlib.import_module(f"minirlhf.tasks.{name}")
