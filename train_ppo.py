@@ -58,9 +58,8 @@ class Args:
     # reward shaping
     kl_coef: float = arg(0.07, "beta of the per-token KL penalty (the initial value when --target-kl is set)")
     target_kl: float = arg(0.0, "adaptive beta: target sequence KL in nats (0 = fixed beta)")
-    kl_horizon: int = arg(0, "adaptive beta: horizon in episodes (Ziegler et al. 2019); 0 = 10%% of the run's "
-                             "episodes (--iterations x --batch-size, at least one batch), so beta can change by up "
-                             "to ~x7 within the run (a fixed 10,000 would allow x1.07 in a default run)")
+    kl_horizon: int = arg(0, "adaptive beta: horizon in episodes (Ziegler et al. 2019); 0 = one rollout batch, "
+                             "beta moves up to 20%% per iteration (losses.default_kl_horizon)")
     whiten_rewards: bool = arg(False, "rescale per-token rewards to unit std over the batch (no mean shift)")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
@@ -164,7 +163,7 @@ def main(argv=None):
     train_policy, train_value = dist.wrap(policy, device), dist.wrap(value_model, device)
     train_policy = torch.compile(train_policy) if a.compile else train_policy
     train_value = torch.compile(train_value) if a.compile else train_value
-    kl_horizon = a.kl_horizon or default_kl_horizon(a.iterations * a.batch_size, a.batch_size)
+    kl_horizon = a.kl_horizon or default_kl_horizon(a.batch_size)
     kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, kl_horizon) if a.target_kl > 0 \
         else FixedKLController(a.kl_coef)
 
