@@ -196,6 +196,15 @@ def test_adaptive_kl_controller_matches_the_formula_and_reaches_its_target_withi
         assert ctl.update(0.0, 64) > 0
 
 
+def test_adaptive_beta_in_a_real_run_moves_at_the_full_rate_of_its_default_horizon(tiny_runs):
+    # a run long enough that 10% of its episodes (the earlier default) exceeds one batch: 12 x 8 episodes. The KL
+    # stays far below the target, so beta must fall by the full 20% per update (one batch = the horizon).
+    rows = run_ppo(tiny_runs, tiny_runs / "ppo_far", "--iterations", "12", "--target-kl", "50", "--kl-coef", "0.2")
+    assert all(r["kl"] < 40 for r in rows)
+    assert [r["beta"] for r in rows] == pytest.approx([0.2 * 0.8 ** i for i in range(12)], abs=1e-6)  # 6 digits
+    assert json.loads((tiny_runs / "ppo_far" / "metrics.json").read_text())["kl_horizon"] == 8
+
+
 def test_missing_eos_score_is_replaced_by_the_penalty():
     rm = torch.tensor([1.5, -0.3, 2.0, 0.7])
     has_eos = torch.tensor([True, False, True, False])
