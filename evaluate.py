@@ -148,8 +148,8 @@ def write_markdown(report, path):
                f"{len(report['frontier']) + len(report['frontier_dropped'])}).\n",
                "**% of optimal** = (policy gold − reference gold) / (frontier gold at the policy's KL − frontier "
                "gold at KL 0). Beyond the frontier's largest KL the optimum is bounded by the duality bound "
-               "β·log Z_β + β·KL (log Z's Jensen bias added back), so the percentage shown with ≥ is a lower bound. "
-               f"± is its standard error: the policy's paired gain s.e. and the frontier's spread over "
+               "β·log Z_β + β·KL (log Z's Jensen bias added back), so the percentage shown with ≥ is a lower "
+               f"bound. ± is its standard error: the policy's paired gain s.e. and the frontier's spread over "
                f"{fi['n_bootstrap']} bootstrap resamples of its {fi['n_prompts']} prompts, in quadrature.\n",
                markdown_table(["beta", "KL", "gold", "ESS (mean / min)"],
                               [[f"{p['beta']:.3g}", f"{p['kl']:.3f}", f"{p['gold']:+.3f}",
@@ -364,9 +364,9 @@ def main(argv=None):
             sem = None if frac is None else fraction_of_optimal_sem(m["gold_mean"], m["ref_gold_mean"],
                                                                       m["kl_mean"], noise, boot)
             m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac, frac_optimal_sem=sem)
+        top = max([p["kl"] for p in report["frontier"]], default=0)
         print(f"  frontier: {len(report['frontier'])} points kept, {len(report['frontier_dropped'])} dropped "
-              f"(ESS < {a.min_ess:g}), KL up to {max([p['kl'] for p in report['frontier']], default=0):.2f}, "
-              f"{time.time() - t:.1f}s")
+              f"(a prompt with ESS < {a.min_ess:g}), KL up to {top:.2f}, {time.time() - t:.1f}s")
 
     out = run_.dir  # the report is written to the staging folder; run_.finish() moves it to --out-dir
     if not dist.is_main():  # one report, rank 0's
