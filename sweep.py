@@ -25,9 +25,9 @@ algorithm, the frontier as a line; needs matplotlib, which pipeline.sh / setup.s
 Default grid, and why: PPO and RLOO kl-coef 0.03 / 0.07 / 0.15 (the scripts' default in the middle, one point on
 each side) spread those runs over KL ~2.5-6 nats, where the frontier estimate (1024 samples per prompt) is measured
 up to ~4.3 and bounded beyond. Offline DPO spends little KL at any beta (~1-1.5 nats): beta 0.1 (the default), 0.2
-and 0.5 cover where its share of the optimum peaks (0.05 and 1.0 were measured worse: README "Results"); online DPO
+and 0.5 cover where its share of the optimum peaks (0.05 and 1.0 were measured worse: docs/results.md); online DPO
 at beta 0.5 and 1.0 (3 rounds) reaches PPO's KL range. Best-of-n 4 / 16 / 64 traces what the RM alone gives.
-That grid runs in ~15 minutes on a 2-core CPU (measured: README "Results"), within the 20-minute budget.
+That grid runs in ~15 minutes on a 2-core CPU (measured: docs/results.md), within the 20-minute budget.
 """
 import argparse
 import json

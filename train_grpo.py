@@ -13,7 +13,7 @@ token of the sample gets that one number. Which flags are which paper's:
     Dr. GRPO  (Liu et al. 2025, 2503.20783)   GRPO with --no-scale-by-std and --loss-agg constant: no std division
               (it over-weights groups whose scores barely differ) and no 1/|o_i| (it favours long bad answers)
     RLOO      (Ahmadian et al. 2024, 2402.14740)  --baseline rloo --kl-in reward (the KL penalty summed into the
-              sequence reward, as PPO does); the default here, with 2 epochs x 2 minibatches (see the README for
+              sequence reward, as PPO does); the default here, with 2 epochs x 2 minibatches (see docs/grpo.md for
               the measurements behind the defaults)
 Each iteration:
   rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, the same code as PPO's): old and

@@ -8,7 +8,7 @@ staging folder into place:
     out_dir.partial -> out_dir
     delete out_dir.replaced
 
-so a reader sees the complete old run or the complete new one, never a mix (issue 14, item 8). A crash between the
+so a reader sees the complete old run or the complete new one, never a mix. A crash between the
 two renames leaves out_dir missing beside a complete out_dir.partial and out_dir.replaced; recover() finishes the
 swap (every Run and every load_run calls it) -- only with a staging folder whose finish() had begun (run.json
 gone, metrics.json or report.json written); otherwise it puts the old run back. A run killed before finish() leaves

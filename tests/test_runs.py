@@ -1,4 +1,4 @@
-"""Runs that never fail silently (issue 14): atomic finish, resume after kill -9, NaN stops, reproducible files,
+"""Runs that never fail silently: atomic finish, resume after kill -9, NaN stops, reproducible files,
 OS errors, the pipeline's checks and signal handling, progress output without a terminal."""
 import json
 import os
