@@ -55,12 +55,11 @@ def reused_cache(model, B: int, L: int, dtype) -> KVCache:
     if cache is None:
         cfg = model.config
         cache = KVCache(cfg.n_layer, L)
-        shape = (cfg.n_layer, B, cfg.n_head, L, cfg.n_embd // cfg.n_head)
         device = next(model.parameters()).device
-        cache.k, cache.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        cache.allocate(B, cfg.n_head, cfg.n_embd // cfg.n_head, dtype, device)
         if device.type == "cuda":
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for buf in cache.k + cache.v:
+                torch._dynamo.mark_static_address(buf)
         pool[(B, L, dtype)] = cache
     return cache
 

@@ -27,28 +27,33 @@ class GPTConfig:
 
 
 class KVCache:
-    """A static key/value cache for incremental decoding: every layer's keys and values live in one buffer of fixed
-    length max_len (prompt + budget), allocated on first use with the dtype the attention produces (bf16 under
-    autocast). New k/v are written at column tensors (`index_copy_`), and attention always runs over all max_len
-    columns with a boolean mask hiding the columns not written yet, so one decode step has the same shapes every
-    time (what CUDA graphs and torch.compile need). k, v: (n_layer, B, n_head, max_len, head_dim).
+    """A static key/value cache for incremental decoding: each layer's keys and values live in a buffer of their own,
+    of fixed length max_len (prompt + budget), allocated on first use with the dtype the attention produces (bf16
+    under autocast). New k/v are written at column tensors (`index_copy_`), and attention always runs over all
+    max_len columns with a boolean mask hiding the columns not written yet, so one decode step has the same shapes
+    every time (what CUDA graphs and torch.compile need). k[layer], v[layer]: (B, n_head, max_len, head_dim).
+    One tensor per layer, not one (n_layer, ...) tensor: torch.compile turns a write into a view of a shared buffer
+    into a copy of the whole buffer, every layer, every token; into its own buffer it writes just the new column.
     `length` counts the columns filled by GPT.hidden_states (the convenience path that appends after them)."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.n_layer, self.max_len = n_layer, max_len
-        self.k = self.v = None
+        self.k = self.v = None  # lists of n_layer tensors once allocated
         self.length = 0  # tokens already stored (hidden_states' append path)
+
+    def allocate(self, B: int, n_head: int, head_dim: int, dtype, device):
+        shape = (B, n_head, self.max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n_layer)]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write_at: torch.Tensor):
         """Write this step's k, v (B, nh, T, hd) of `layer` at columns write_at (T,) long; return the layer's whole
         buffers (B, nh, max_len, hd) (unwritten columns are zeros, hidden by the attention mask)."""
         B, nh, T, hd = k.shape
         if self.k is None:
-            shape = (self.n_layer, B, nh, self.max_len, hd)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        self.k[layer].index_copy_(2, write_at, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, write_at, v.to(self.v.dtype))
+            self.allocate(B, nh, hd, k.dtype, k.device)
+        self.k[layer].index_copy_(2, write_at, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, write_at, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
 

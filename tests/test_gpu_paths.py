@@ -77,8 +77,9 @@ def test_static_cache_matches_the_naive_sampler(temperature, top_k):
     torch.testing.assert_close(got[2], ref[2], atol=1e-5, rtol=0)
 
 
-def test_compiled_decode_step_gives_the_same_tokens_and_logprobs():
-    model = tiny_gpt(n_layer=1, n_embd=16)
+@pytest.mark.parametrize("n_layer", [1, 3])  # 3: every layer writes and reads its own cache buffer
+def test_compiled_decode_step_gives_the_same_tokens_and_logprobs(n_layer):
+    model = tiny_gpt(n_layer=n_layer, n_embd=16)
     p_ids, p_mask = ragged_prompts()
     eager = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3))
     compiled = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3),
