@@ -241,8 +241,8 @@ def torch_load(path, where: str):
                             f"weights only and never unpickles code") from None
         raise UserError(f"{where}: cannot read {Path(path).name}, a damaged or truncated file? (not a torch.save "
                         f"archive)") from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    except Exception as e:  # torch's first sentence only (the rest is advice for torch's own developers)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
         raise UserError(f"{where}: cannot read {Path(path).name}, a damaged or truncated file? ({first})") from None
 
 
