@@ -179,7 +179,9 @@ class GPT(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
         pos, mask = positions_and_mask(attention_mask, past, T, cache.max_len if cache is not None else None)
-        if past + T > self.config.block_size:  # only then can a position be too large (one host sync, rare)
+        # Only then can a position be too large (one host sync, rare). Not while compiling: that sync would break the
+        # graph; the compiled scoring passes check on the host first (scoring.concat).
+        if past + T > self.config.block_size and not torch.compiler.is_compiling():
             longest = int(attention_mask.long().sum(1).max())
             if longest > self.config.block_size:
                 raise ValueError(f"sequence of {longest} tokens exceeds the model's block_size "

@@ -104,15 +104,25 @@ def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0,
     return torch.cat([o[0] for o in outs]).view(B, T), torch.cat([o[1] for o in outs]).view(B, T)
 
 
-def concat(prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """(B, P) + (B, R) -> ids, mask (B, P + R)."""
-    return torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask, resp_mask], 1)
+def concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
+    """(B, P) + (B, R) -> ids, mask (B, P + R), checked to fit `model`'s context on the host, before its forward.
+    A batch may be wider than block_size (a short prompt's row padded to a long one's width); what must fit is each
+    row's real tokens. Reading them costs a host sync, so only a batch that wide pays it, here rather than inside
+    the model's forward, where under torch.compile it would break the graph (GPT.hidden_states skips its own check
+    while compiling)."""
+    ids, mask = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask, resp_mask], 1)
+    block = model.config.block_size
+    if mask.size(1) > block:
+        longest = int(mask.long().sum(1).max())
+        if longest > block:
+            raise ValueError(f"sequence of {longest} tokens exceeds the model's block_size {block}")
+    return ids, mask
 
 
 def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     """Logits (B, R, V) predicting each response token (the full tensor: for inspection and tests; the scoring
     passes use response_logprobs, which never builds it)."""
-    ids, mask = concat(prompt_ids, prompt_mask, resp_ids, resp_mask)
+    ids, mask = concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
     P, R = prompt_ids.size(1), resp_ids.size(1)
     return model(ids, attention_mask=mask)[:, P - 1:P + R - 1]
 
@@ -123,7 +133,7 @@ def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, tempe
     """Per-token log-probs (B, R) float32 of the response tokens (0 on padding); with_entropy also returns the
     per-token entropy (B, R) of the same distribution. banned: as in sampling_logprobs (pass what generate got).
     Chunked over positions with a float32 lm_head (token_logprobs): no (B, R, V) tensor, exact under bf16."""
-    ids, mask = concat(prompt_ids, prompt_mask, resp_ids, resp_mask)
+    ids, mask = concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
     P, R = prompt_ids.size(1), resp_ids.size(1)
     h = model(ids, attention_mask=mask, hidden=True)[:, P - 1:P + R - 1]  # (B, R, C)
     out = token_logprobs(h, model.lm_head.weight, resp_ids, temperature, top_k, top_p, banned, with_entropy,
@@ -135,7 +145,7 @@ def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, tempe
 
 def response_values(value_model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     """Values (B, R): V_t is read at the column that predicts response token t (the state before emitting it)."""
-    ids, mask = concat(prompt_ids, prompt_mask, resp_ids, resp_mask)
+    ids, mask = concat(value_model, prompt_ids, prompt_mask, resp_ids, resp_mask)
     P, R = prompt_ids.size(1), resp_ids.size(1)
     return value_model(ids, attention_mask=mask)[:, P - 1:P + R - 1] * resp_mask
 
@@ -148,7 +158,7 @@ def last_index(resp_mask):
 def reward_at_eos(reward_model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     """Sequence reward (B,): the scalar head read at the response's EOS token (last real token if truncated).
     Independent of how much left padding the prompts or right padding the responses carry."""
-    ids, mask = concat(prompt_ids, prompt_mask, resp_ids, resp_mask)
+    ids, mask = concat(reward_model, prompt_ids, prompt_mask, resp_ids, resp_mask)
     scores = reward_model(ids, attention_mask=mask)  # (B, P + R)
     col = prompt_ids.size(1) + last_index(resp_mask)
     return scores.gather(1, col[:, None]).squeeze(1)

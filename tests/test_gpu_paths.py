@@ -1,6 +1,7 @@
 """The GPU-shaped code paths, checked on the CPU: the static-cache (and compiled) decode step against a naive
 sampler, per-row budgets, banned ids, chunked float32 log-probs (values and gradients), bf16 agreement between
-sampling and scoring, length batching, and the MFU peak table."""
+sampling and scoring, compiled scoring of batches wider than the block in one graph, length batching, and the MFU
+peak table."""
 import math
 
 import pytest
@@ -282,3 +283,26 @@ def test_length_batched_passes_return_results_in_input_order():
         ref_c, ref_r = pair_rewards(rm.eval(), seq_pairs, PAD)
     torch.testing.assert_close(rc, ref_c, atol=1e-5, rtol=0)
     torch.testing.assert_close(rr, ref_r, atol=1e-5, rtol=0)
+
+
+def test_a_batch_wider_than_the_block_scores_in_one_compiled_graph():
+    """Rows padded to a width past block_size, each of whose real tokens fits: the compiled scoring forward runs
+    as one graph (the length check happens on the host first, not as a sync inside the graph), with the eager
+    log-probs; a row that does not fit is refused in one line, compiled or not."""
+    model = tiny_gpt(n_layer=1, n_embd=16, block_size=9)
+    p_ids, p_mask = ragged_prompts()  # prompt lengths 2, 6, 4, 5 padded to 6
+    lens = torch.tensor([5, 3, 4, 4])  # real lengths 7, 9, 8, 9 <= 9, padded width 6 + 5 = 11 > 9
+    resp_mask = (torch.arange(5)[None] < lens[:, None]).long()
+    resp = torch.randint(3, 16, (4, 5), generator=torch.Generator().manual_seed(2)) * resp_mask
+    eager = response_logprobs(model, p_ids, p_mask, resp, resp_mask)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = response_logprobs(torch.compile(model), p_ids, p_mask, resp, resp_mask)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert sum(breaks.values()) == 0, breaks
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    too_long = resp_mask.clone()
+    too_long[1] = 1  # row 1: 6 + 5 = 11 real tokens
+    for m in (model, torch.compile(model)):
+        with pytest.raises(ValueError, match="sequence of 11 tokens exceeds the model's block_size 9"):
+            response_logprobs(m, p_ids, p_mask, resp, too_long)
