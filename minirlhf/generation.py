@@ -13,9 +13,20 @@ import torch
 
 from .model import KVCache
 from .scoring import banned_mask, sampling_logprobs
+from .utils import UserError
 
 CHECK_EVERY = 8  # decode steps between host syncs asking whether every row has finished
-CACHE_ROUND = 32  # compiled steps: cache length rounded up to a multiple of this (fewer shapes to compile)
+# Compiled steps specialise on their shapes (dynamic=False): one graph (and on CUDA one recorded graph) per model,
+# batch size and cache length. The cache length is rounded up to a power of two (at least CACHE_MIN columns), so a
+# block of 1,024 gives at most 7 lengths, and the graphs of all models together may number MAX_DECODE_GRAPHS: past
+# that torch.compile would silently run the step eagerly; here it is a one-line error instead.
+CACHE_MIN = 32
+MAX_DECODE_GRAPHS = 64
+
+
+def cache_columns(n: int) -> int:
+    """The compiled cache length for n columns: the next power of two, at least CACHE_MIN."""
+    return max(CACHE_MIN, 1 << (n - 1).bit_length())
 
 
 def decode_step(model, tok, pos, key_mask, col, cache: KVCache):
@@ -41,7 +52,14 @@ def compiled_decode_step(model):
         ref = weakref.ref(model)  # no strong reference from the cache value back to its key
 
         def step(tok, pos, key_mask, col, cache):
-            return compiled(ref(), tok, pos, key_mask, col, cache)
+            # the limit is torch.compile's per function, so the decode steps of every model share it
+            with torch._dynamo.config.patch(recompile_limit=MAX_DECODE_GRAPHS, fail_on_recompile_limit_hit=True):
+                try:
+                    return compiled(ref(), tok, pos, key_mask, col, cache)
+                except torch._dynamo.exc.FailOnRecompileLimitHit:
+                    raise UserError(f"--compile: the decode step has been compiled for {MAX_DECODE_GRAPHS} shapes "
+                                    f"(models x batch sizes x cache lengths) in this process, the most it keeps; "
+                                    f"use fewer distinct batch sizes, or run without --compile") from None
         _compiled[model] = step
     return step
 
@@ -94,7 +112,7 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
     model.eval()
     L = P + N  # cache columns: prompt | response
     if compile:  # round up, so batches of other prompt widths reuse one compiled shape (extra columns stay masked)
-        L = -(-L // CACHE_ROUND) * CACHE_ROUND
+        L = cache_columns(L)
         autocast_on = torch.is_autocast_enabled(dev.type)
         kv_dtype = torch.get_autocast_dtype(dev.type) if autocast_on else next(model.parameters()).dtype
         cache = reused_cache(model, B, L, kv_dtype)

@@ -9,6 +9,7 @@ import torch
 
 from minirlhf.data import length_batches, padding_share
 from minirlhf.evaluation import response_logprob_sums, sample_policy
+from minirlhf import generation
 from minirlhf.generation import generate
 from minirlhf.losses import ppo_policy_loss
 from minirlhf.model import GPT, GPTConfig
@@ -16,7 +17,7 @@ from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, sampling_logpro
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.perf import device_peak_flops
-from minirlhf.utils import autocast
+from minirlhf.utils import UserError, autocast
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -306,3 +307,25 @@ def test_a_batch_wider_than_the_block_scores_in_one_compiled_graph():
     for m in (model, torch.compile(model)):
         with pytest.raises(ValueError, match="sequence of 11 tokens exceeds the model's block_size 9"):
             response_logprobs(m, p_ids, p_mask, resp, too_long)
+
+
+def test_compiled_decode_shapes_are_few_and_known_and_too_many_fail_loudly(monkeypatch):
+    assert [generation.cache_columns(n) for n in (1, 32, 33, 64, 65, 1000, 1025)] == [32, 32, 64, 64, 128, 1024, 2048]
+    model = tiny_gpt(n_layer=1, n_embd=16, block_size=64)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for width in (5, 9, 12):  # prompt widths 5 / 9 / 12 + 8 new tokens: all in the 32-column bucket, one graph
+        ids = torch.randint(3, 16, (3, width), generator=torch.Generator().manual_seed(width))
+        generate(model, ids, torch.ones_like(ids), 8, -1, PAD, 1.0, generator=torch.Generator().manual_seed(0),
+                 compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # more shapes than the step keeps: a one-line error, not a silent fall-back to the eager step
+    monkeypatch.setattr(generation, "MAX_DECODE_GRAPHS", 2)
+    torch._dynamo.reset()
+    for B in (2, 3):
+        ids = torch.randint(3, 16, (B, 4), generator=torch.Generator().manual_seed(B))
+        generate(model, ids, torch.ones_like(ids), 4, -1, PAD, 1.0, compile=True)
+    ids = torch.randint(3, 16, (4, 4), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(UserError, match="the decode step has been compiled for 2 shapes") as e:
+        generate(model, ids, torch.ones_like(ids), 4, -1, PAD, 1.0, compile=True)
+    assert "\n" not in str(e.value)
