@@ -37,15 +37,18 @@ from typing import Optional
 
 import torch
 
-from minirlhf import dist
-from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar
 from minirlhf.data import encode_prompt, read_jsonl
-from minirlhf.evaluation import (best_of_n_metrics, estimate_frontier, fraction_of_optimal,
-                                 fraction_of_optimal_sem, policy_metrics, sample_policy)
+from minirlhf.evaluation.metrics import (best_of_n_metrics, estimate_frontier, fraction_of_optimal,
+                                         fraction_of_optimal_sem, policy_metrics)
+from minirlhf.harness import dist
+from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_scalar
+from minirlhf.harness.cli import (NON_NEGATIVE, POSITIVE, arg, check_flags, parse_args, resolve_device, resolve_dtype,
+                                  run, set_seed)
+from minirlhf.harness.files import pyplot, save_figure, write_json
+from minirlhf.harness.runs import Run
+from minirlhf.sampling import sample_policy
 from minirlhf.tasks import get_task
-from minirlhf.runs import Run
-from minirlhf.utils import (NON_NEGATIVE, POSITIVE, UserError, arg, check, check_flags, parse_args, pyplot,
-                            resolve_device, resolve_dtype, run, save_figure, set_seed, write_json)
+from minirlhf.utils import UserError, check
 
 
 @dataclass

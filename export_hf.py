@@ -11,7 +11,7 @@ Then, in the transformers world (weights as safetensors, Conv1D layout; no minir
 OUT_DIR holds config.json (vocab_size = the model's padded vocabulary, n_positions = its block_size),
 model.safetensors, tokenizer.json, tokenizer_config.json + special_tokens_map.json (BOS/EOS/PAD) and, for a
 policy, generation_config.json (eos/pad ids). A reward model's head bias and normalisation (gain, bias) are folded
-into score.weight and ln_f.bias (see minirlhf/hf.py: fold_score), so transformers' score at the last non-PAD token
+into score.weight and ln_f.bias (see minirlhf/interop/hf.py: fold_score), so transformers' score at the last non-PAD token
 of a right-padded row is minirlhf's reward at EOS. After writing, the export is read back with minirlhf's importer
 and its logits (scores) are compared with the run's on random tokens; the largest difference is printed.
 """
@@ -19,10 +19,10 @@ import argparse
 
 import torch
 
-from minirlhf.checkpoint import load_run
-from minirlhf.hf import export_hf
+from minirlhf.harness.checkpoint import load_run
+from minirlhf.harness.cli import run
+from minirlhf.interop.hf import export_hf
 from minirlhf.model import GPT, ScalarModel
-from minirlhf.utils import run
 
 
 def load_model(run_dir, flag):
@@ -38,7 +38,7 @@ def main():
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a policy or reward run directory (or an HF GPT-2 dir)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (must not exist or be empty)")
     a = parser.parse_args()
-    info = export_hf(a.run_dir, a.out_dir)
+    info = export_hf(*load_run(a.run_dir, "RUN_DIR"), a.out_dir)
     # read both back and compare on random tokens: the export must be the same function
     before, tok = load_model(a.run_dir, "RUN_DIR")
     after, _ = load_model(a.out_dir, "OUT_DIR")

@@ -27,8 +27,8 @@ PR_SET_PDEATHSIG) stops the running stage too.
 import argparse
 import contextlib
 import ctypes
-import io
 import importlib
+import io
 import json
 import signal
 import subprocess
@@ -36,8 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from minirlhf import runs
-from minirlhf.utils import build_parser, parse_args
+from minirlhf.harness import runs
+from minirlhf.harness.cli import build_parser, parse_args
 
 # Args fields that hold paths: compared after resolving, so "out/sft" and "/abs/out/sft" are the same run
 PATH_ARGS = ("out_dir", "sft", "policy", "reward", "prefs", "policies", "ref", "init", "data", "tokenizer", "prompts")

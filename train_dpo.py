@@ -43,19 +43,21 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import dist
-from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
 from minirlhf.data import DataError, collate_sft, encode_prompt, length_batches, load_pref_jsonl
-from minirlhf.evaluation import compare_to_reference, reward_model_scores
+from minirlhf.evaluation.metrics import compare_to_reference
+from minirlhf.harness import dist
+from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar, save_run
+from minirlhf.harness.cli import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, check_flags, parse_args,
+                                  resolve_device, resolve_dtype, run, set_seed)
+from minirlhf.harness.files import torch_save, write_json
+from minirlhf.harness.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.losses import preference_loss
 from minirlhf.preferences import (bayes_accuracy, has_gold_columns, informative_pairs, rank_pairs, response_ids,
-                                  sample_many, split_prefs, token_id_counts)
+                                  split_prefs, token_id_counts)
+from minirlhf.sampling import reward_model_scores, sample_many
 from minirlhf.scoring import token_logprobs
-from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, UserError, adamw, cosine_lr, arg,
-                            autocast, check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed,
-                            torch_save, write_json)
+from minirlhf.utils import UserError, adamw, autocast, check, cosine_lr
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 

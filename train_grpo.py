@@ -30,16 +30,18 @@ from typing import Optional
 
 import torch
 
-from minirlhf import dist
-from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.evaluation import compare_to_reference
+from minirlhf.evaluation.metrics import compare_to_reference
+from minirlhf.harness import dist
+from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar, save_run
+from minirlhf.harness.cli import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, check_flags, parse_args,
+                                  resolve_device, resolve_dtype, run, set_seed)
+from minirlhf.harness.files import write_json
+from minirlhf.harness.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
 from minirlhf.rollout import check_first_ratio, collect_rollout, training_prompts
-from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs
 from minirlhf.tasks import get_task
-from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, autocast, check, check_flags,
-                            parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
+from minirlhf.utils import autocast, check
 
 
 @dataclass

@@ -20,18 +20,20 @@ from typing import Optional
 
 import torch
 
-from minirlhf import dist
-from minirlhf.checkpoint import check_compatible, load_policy, load_scalar, save_run
-from minirlhf.evaluation import compare_to_reference, policy_metrics, sample_policy
+from minirlhf.evaluation.metrics import compare_to_reference, policy_metrics
+from minirlhf.harness import dist
+from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar, save_run
+from minirlhf.harness.cli import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, check_flags, parse_args,
+                                  resolve_device, resolve_dtype, run, set_seed)
+from minirlhf.harness.files import write_json
+from minirlhf.harness.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
-                             gae_advantages, kl_shaped_rewards, masked_mean,
-                             ppo_policy_loss, ppo_value_loss)
+                             gae_advantages, kl_shaped_rewards, masked_mean, ppo_policy_loss, ppo_value_loss)
 from minirlhf.rollout import check_first_ratio, collect_rollout, training_prompts
-from minirlhf.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
+from minirlhf.sampling import sample_policy
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, response_values
 from minirlhf.tasks import get_task
-from minirlhf.utils import (NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, autocast, check, check_flags,
-                            parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
+from minirlhf.utils import autocast, check
 
 
 @dataclass

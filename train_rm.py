@@ -18,21 +18,22 @@ from typing import Optional
 
 import torch
 
-from minirlhf import dist
-from minirlhf.checkpoint import load_policy, save_run
 from minirlhf.data import DataError, load_pref_jsonl
+from minirlhf.evaluation.metrics import gold_parts, reward_weights
+from minirlhf.harness import dist
+from minirlhf.harness.checkpoint import load_policy, save_run
+from minirlhf.harness.cli import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, check_flags, parse_args,
+                                  resolve_device, resolve_dtype, run, set_seed)
+from minirlhf.harness.files import read_json, write_json
+from minirlhf.harness.runs import FiniteCheck, Run, rng_state, set_rng_state
 from minirlhf.losses import bradley_terry_loss
-from minirlhf.evaluation import gold_parts, reward_model_scores, reward_weights
 from minirlhf.model import ScalarModel
-from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs, groups_of,
-                                  informative_pairs, pair_rewards, token_id_counts,
-                                  fit_normalisation, pairwise_accuracy, pearson, sample_many,
-                                  spearman, split_prefs, subsample_groups, has_gold_columns)
-from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
+from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, collect_preferences, encode_pairs,
+                                  fit_normalisation, groups_of, has_gold_columns, informative_pairs, pair_rewards,
+                                  pairwise_accuracy, pearson, spearman, split_prefs, subsample_groups, token_id_counts)
+from minirlhf.sampling import reward_model_scores, sample_many
 from minirlhf.tasks import get_task
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, UserError, adamw, cosine_lr, arg,
-                            autocast, check, check_flags, parse_args, read_json, resolve_device, resolve_dtype, run,
-                            set_seed, write_json)
+from minirlhf.utils import UserError, adamw, autocast, check, cosine_lr
 
 
 @dataclass

@@ -15,18 +15,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from minirlhf import dist
-from minirlhf.checkpoint import load_run, load_state, save_run
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
-from minirlhf.evaluation import sample_policy
-from minirlhf.hf import load_hf_dir, resolve_source
-from minirlhf.perf import device_peak_flops, mfu
+from minirlhf.harness import dist
+from minirlhf.harness.checkpoint import load_run, load_state, save_run
+from minirlhf.harness.cli import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, arg, check_flags, parse_args,
+                                  resolve_device, resolve_dtype, run, set_seed)
+from minirlhf.harness.files import write_json
+from minirlhf.harness.perf import device_peak_flops, mfu
+from minirlhf.harness.runs import FiniteCheck, Run, rng_state, set_rng_state
+from minirlhf.interop.hf import load_hf_dir, resolve_source
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.runs import FiniteCheck, Run, rng_state, set_rng_state
+from minirlhf.sampling import sample_policy
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.utils import (FRACTION, NON_NEGATIVE, POSITIVE, MetricsLog, Progress, adamw, cosine_lr, UserError, arg, autocast,
-                            check, check_flags, parse_args, resolve_device, resolve_dtype, run, set_seed, write_json)
+from minirlhf.utils import UserError, adamw, autocast, check, cosine_lr
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import UserError
+from minirlhf.utils import UserError
 
 
 class DataError(UserError):

@@ -11,9 +11,9 @@ import weakref
 
 import torch
 
-from .model import KVCache
-from .scoring import banned_mask, sampling_logprobs
-from .utils import UserError
+from minirlhf.model import KVCache
+from minirlhf.scoring import banned_mask, sampling_logprobs
+from minirlhf.utils import UserError
 
 CHECK_EVERY = 8  # decode steps between host syncs asking whether every row has finished
 # Compiled steps specialise on their shapes (dynamic=False): one graph (and on CUDA one recorded graph) per model,

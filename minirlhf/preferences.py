@@ -26,39 +26,10 @@ import random
 import numpy as np
 import torch
 
-from . import dist
-from .data import DataError, encode_prompt, encode_response, length_batches, padding_share, right_pad
-from .evaluation import reward_model_scores, sample_policy
-from .utils import autocast, progress
-
-
-# ----------------------------------------------------------------------------------------------- collection
-def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
-                dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None,
-                distributed: bool = False):
-    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a progress bar on a terminal, in the
-    order of `prompts`. Prompts are batched by length (data.length_batches, windows of 16 batches, seeded) and
-    batch i is sampled with seed (seed, i), so the result depends on the seed and batch size only. compile and
-    stats: as in sample_policy.
-    distributed: under torchrun each rank samples a contiguous share of the batches and all ranks get all samples.
-    A batch keeps its prompts and its seed (seed, i) whichever rank samples it, so the result is the one-process
-    result (same samples, token for token, on the same kind of device; stats then count this rank's share)."""
-    lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
-    out = [None] * len(prompts)
-    batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)
-    mine = dist.shard_range(len(batches)) if distributed else range(len(batches))
-    done = []  # (prompt index, sample) of this rank's batches
-    for i in progress(mine, desc=desc, leave=False):
-        idx = batches[i]
-        got = sample_policy(policy, tok, [prompts[j] for j in idx], max_new_tokens, temperature=1.0,
-                            batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype,
-                            compile=compile, stats=stats)
-        done += zip(idx, got)
-    if distributed:
-        done = dist.all_gather_objects(done)
-    for j, sample in done:
-        out[j] = sample
-    return out
+from minirlhf.data import DataError, encode_prompt, encode_response, length_batches, padding_share, right_pad
+from minirlhf.harness import dist
+from minirlhf.sampling import reward_model_scores, sample_many
+from minirlhf.utils import autocast
 
 
 def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, tokenizer_fingerprint: str = None):

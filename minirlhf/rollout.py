@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from .data import encode_prompt, left_pad, read_jsonl
-from .generation import generate
-from .losses import score_with_eos_penalty
-from .scoring import RATIO_TOLERANCE, last_index, response_logprobs, response_values, reward_at_eos
-from .utils import UserError, autocast
+from minirlhf.data import encode_prompt, left_pad, read_jsonl
+from minirlhf.generation import generate
+from minirlhf.losses import score_with_eos_penalty
+from minirlhf.scoring import RATIO_TOLERANCE, last_index, response_logprobs, response_values, reward_at_eos
+from minirlhf.utils import UserError, autocast
 
 # The ratio at the first minibatch of an iteration must be 1 up to rounding (nothing is updated yet; only the batch
 # composition differs from the rollout's full forward): scoring.RATIO_TOLERANCE per dtype (float32 1e-5; bf16

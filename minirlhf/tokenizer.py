@@ -11,7 +11,8 @@ Two conventions, chosen from the tokenizer.json itself (so a saved tokenizer alw
 """
 import hashlib
 
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's only special token

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from minirlhf import dist, losses
+from minirlhf.harness import dist
+from minirlhf import losses
 from test_rm import tiny_sft  # noqa: F401  (a fixture: a rigged 1-layer policy whose samples end with EOS)
 
 ROOT = Path(__file__).resolve().parents[1]

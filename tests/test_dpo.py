@@ -15,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train_dpo.py is a script at the repository root
 
 import train_dpo  # noqa: E402
-from minirlhf.checkpoint import load_policy  # noqa: E402
+from minirlhf.harness.checkpoint import load_policy  # noqa: E402
 from minirlhf.data import DataError, left_pad, right_pad  # noqa: E402
-from minirlhf.losses import (dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss,  # noqa: E402
-                             token_logps)
+from minirlhf.losses import dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss, token_logps  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.preferences import split_prefs  # noqa: E402
 from minirlhf.scoring import response_logprobs  # noqa: E402
@@ -352,7 +351,7 @@ def test_rank_pairs_label_by_reward_model_score():
 def online_runs(tmp_path_factory):
     """A tiny random policy that stops early (EOS logit pushed up, so samples end within a few tokens) and a
     random reward model, saved as run directories."""
-    from minirlhf.checkpoint import save_run
+    from minirlhf.harness.checkpoint import save_run
     from minirlhf.model import ScalarModel
     from minirlhf.tokenizer import Tokenizer
     d = tmp_path_factory.mktemp("online")
@@ -383,8 +382,8 @@ class NoGoldTask:
 
 
 def test_online_pairs_come_from_the_reward_model_not_the_gold_reward(online_runs):
-    from minirlhf.checkpoint import load_scalar
-    from minirlhf.evaluation import reward_model_scores
+    from minirlhf.harness.checkpoint import load_scalar
+    from minirlhf.sampling import reward_model_scores
     policy, tok, _ = load_policy(online_runs / "sft")
     rm, _, _ = load_scalar(online_runs / "rm")
     a = train_dpo.Args(round_prompts=6, round_k=4, max_new_tokens=10, eval_batch_size=16)
@@ -413,7 +412,7 @@ def test_two_round_online_dpo_samples_round_two_from_the_updated_policy(online_r
     assert [r["step"] for r in rows] == list(range(6 + info["steps"]))  # round 1: 6 steps, then round 2's
     assert {r.get("round") for r in rows} == {1, 2}
     # round 2's responses were sampled by the policy after round 1: their sampling log-probs are not the SFT's
-    from minirlhf.evaluation import response_logprob_sums
+    from minirlhf.sampling import response_logprob_sums
     sft, tok, _ = load_policy(online_runs / "sft")
     sampled = [{"prompt": r["prompt"], "tokens": r["chosen_ids"]} for r in recs]
     sft_logp = response_logprob_sums(sft, tok, sampled)

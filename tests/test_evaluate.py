@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from minirlhf.checkpoint import save_run
-from minirlhf.evaluation import (bootstrap_frontiers, distinct_n, estimate_frontier, fraction_of_optimal,
-                                 fraction_of_optimal_sem, frontier_gold_at, paired_gain,
-                                 paired_win_rate_sem,
-                                 frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate, policy_metrics,
-                                 reward_model_scores, reward_weights, sample_policy)
+from minirlhf.harness.checkpoint import save_run
+from minirlhf.evaluation.metrics import (bootstrap_frontiers, distinct_n, estimate_frontier, fraction_of_optimal,
+                                         fraction_of_optimal_sem, frontier_gold_at, paired_gain, paired_win_rate_sem,
+                                         frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate,
+                                         policy_metrics, reward_weights)
+from minirlhf.sampling import reward_model_scores, sample_policy
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -432,7 +432,7 @@ def test_pipeline_skips_only_up_to_date_stages(tmp_path):
     import os
     import pipeline
     import train_sft
-    from minirlhf.utils import parse_args
+    from minirlhf.harness.cli import parse_args
     root = tmp_path / "out"
     (name, script, argv, out_dir, marker, _), (_, _, _, rm_dir, rm_marker, _) = pipeline.stages(root)[:2]
     argv = [str(x) for x in argv] + ["--seed", "3"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minirlhf.data import length_batches, padding_share
-from minirlhf.evaluation import response_logprob_sums, sample_policy
+from minirlhf.sampling import response_logprob_sums, sample_policy
 from minirlhf import generation
 from minirlhf.generation import generate
 from minirlhf.losses import ppo_policy_loss
@@ -16,7 +16,7 @@ from minirlhf.model import GPT, GPTConfig
 from minirlhf.scoring import RATIO_TOLERANCE, response_logprobs, sampling_logprobs, token_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.perf import device_peak_flops
+from minirlhf.harness.perf import device_peak_flops
 from minirlhf.utils import UserError, autocast
 
 PAD, BOS, EOS = 0, 1, 2

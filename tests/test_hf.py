@@ -15,11 +15,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from minirlhf import hf
-from minirlhf.checkpoint import CheckpointError, load_policy, load_scalar, save_run
+from minirlhf.interop import hf
+from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_run, load_scalar, save_run
 from minirlhf.data import encode_prompt, left_pad, right_pad
 from minirlhf.generation import generate
-from minirlhf.hf import HFError, SafetensorsError, read_safetensors, write_safetensors
+from minirlhf.interop.hf import HFError, SafetensorsError, read_safetensors, write_safetensors
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.scoring import reward_at_eos
 from minirlhf.tasks import get_task
@@ -307,7 +307,7 @@ def test_export_of_a_model_without_biases(tmp_path, source):
     torch.manual_seed(5)
     model = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32, bias=False)).eval()
     save_run(tmp_path / "run", model, tok, None, kind="policy")
-    hf.export_hf(tmp_path / "run", tmp_path / "hf")
+    hf.export_hf(*load_run(tmp_path / "run", "RUN_DIR"), tmp_path / "hf")
     tensors, _ = read_safetensors(tmp_path / "hf/model.safetensors")
     assert tensors["transformer.h.0.attn.c_attn.bias"].shape == (96,) and not tensors["transformer.ln_f.bias"].any()
     back, _, _ = load_policy(tmp_path / "hf")

@@ -18,14 +18,16 @@ import train_grpo
 import train_ppo
 import train_rm
 import train_sft
-from minirlhf import runs
-from minirlhf.checkpoint import CheckpointError, load_policy, load_run, load_scalar, save_run
+from minirlhf.harness import runs
+from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_run, load_scalar, save_run
 from minirlhf.data import DataError, length_batches, load_pref_jsonl, load_sft_jsonl, read_jsonl
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.preferences import has_gold_columns
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.utils import UserError, run, torch_save
+from minirlhf.utils import UserError
+from minirlhf.harness.cli import run
+from minirlhf.harness.files import torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFS = ROOT / "tests" / "data" / "prefs_small.jsonl"
@@ -123,7 +125,7 @@ def test_recover_promotes_only_a_complete_staging_folder(tmp_path):
 
 def test_one_run_at_a_time_holds_an_output_location(tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom minirlhf.runs import Run\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom minirlhf.harness.runs import Run\n"
                                "Run(sys.argv[1], {})\nprint('ready', flush=True)\ntime.sleep(120)", str(out)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

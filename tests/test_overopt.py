@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minirlhf.overopt import fit_gao, gao_curve, peak_distance
+from minirlhf.evaluation.overopt import fit_gao, gao_curve, peak_distance
 
 
 @pytest.mark.parametrize("form,alpha,beta", [("bon", 0.8, 0.15), ("rl", 0.6, 0.25), ("rl", 1.2, 0.4)])

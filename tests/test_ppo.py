@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf.checkpoint import load_policy, save_run
+from minirlhf.harness.checkpoint import load_policy, save_run
 from minirlhf.generation import generate
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, approx_kl, default_kl_horizon,
                              explained_variance, gae_advantages, kl_shaped_rewards, masked_whiten, ppo_policy_loss,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf.checkpoint import load_scalar, save_run
+from minirlhf.harness.checkpoint import load_scalar, save_run
 from minirlhf.data import left_pad, right_pad
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.data import DataError
-from minirlhf.evaluation import reward_model_scores
+from minirlhf.sampling import reward_model_scores
 from minirlhf.preferences import (encode_pairs, fit_normalisation, informative_pairs, label_pairs, pair_rewards,
                                   sequence_rewards, set_normalisation, spearman, token_id_counts)
 from minirlhf.scoring import reward_at_eos

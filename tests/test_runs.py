@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf import runs
-from minirlhf.checkpoint import CheckpointError, load_policy
-from minirlhf.utils import UserError, torch_save
+from minirlhf.harness import runs
+from minirlhf.harness.checkpoint import CheckpointError, load_policy
+from minirlhf.utils import UserError
+from minirlhf.harness.files import torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--vocab-size", "300",

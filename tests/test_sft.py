@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf.checkpoint import CheckpointError, check_compatible, load_policy, load_run
+from minirlhf.harness.checkpoint import CheckpointError, check_compatible, load_policy, load_run
 from minirlhf.data import collate_sft, encode_sft
 from minirlhf.tasks import get_task
 

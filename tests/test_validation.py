@@ -17,11 +17,12 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
-from minirlhf.checkpoint import CheckpointError, load_policy, load_run, save_run
+from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_run, save_run
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.utils import UserError, finite_json, write_json
+from minirlhf.utils import UserError
+from minirlhf.harness.files import finite_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

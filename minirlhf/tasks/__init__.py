@@ -2,7 +2,7 @@
 import importlib
 import pkgutil
 
-from ..utils import UserError
+from minirlhf.utils import UserError
 
 
 def task_names() -> list:

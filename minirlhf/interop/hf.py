@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import GPTConfig
-from .tokenizer import ENDOFTEXT, Tokenizer
-from .utils import UserError, write_json
+from minirlhf.harness.files import write_json
+from minirlhf.model import GPTConfig
+from minirlhf.tokenizer import ENDOFTEXT, Tokenizer
+from minirlhf.utils import UserError
 
 
 class SafetensorsError(UserError):
@@ -310,7 +311,8 @@ def load_tokenizer(d: Path, where: str) -> Tokenizer:
         except ValueError as e:
             raise HFError(f"{where}: {e}") from None
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
         try:
             t = HFTokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
         except Exception as e:  # tokenizers raises a bare Exception
@@ -434,14 +436,13 @@ def fold_score(state: dict, cfg: GPTConfig) -> tuple:
     return out, 0.0
 
 
-def export_hf(run_dir, out_dir, flag: str = "RUN_DIR") -> dict:
-    """Write run_dir (a policy or reward run, or an HF directory) as a transformers GPT-2 directory. The directory
-    is assembled next to out_dir and renamed into place, so out_dir is either complete or absent. Returns info."""
-    from .checkpoint import load_run  # checkpoint imports this module
+def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir) -> dict:
+    """Write a loaded run (checkpoint.load_run: a policy or reward run, or an HF directory) as a transformers GPT-2
+    directory. The directory is assembled next to out_dir and renamed into place, so out_dir is either complete or
+    absent. Returns info."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HFError(f"OUT_DIR {out_dir}: exists and is not empty (remove it or choose another)")
-    state, cfg, tok, config = load_run(run_dir, flag)
     reward = config.get("kind") == "reward"
     if reward:
         tensors, offset = fold_score(state, cfg)

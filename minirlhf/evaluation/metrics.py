@@ -23,12 +23,8 @@ import math
 import numpy as np
 import torch
 
-from . import dist
-from .data import encode_prompt, left_pad, length_batches, right_pad
-from .generation import generate
-from .losses import score_with_eos_penalty
-from .scoring import banned_mask, response_logprobs, reward_at_eos
-from .utils import autocast
+from minirlhf.losses import score_with_eos_penalty
+from minirlhf.sampling import response_logprob_sums, reward_model_scores, sample_policy
 
 
 # ----------------------------------------------------------------------------------------------- estimators
@@ -189,123 +185,6 @@ def fraction_of_optimal(gold: float, ref_gold: float, kl: float, frontier, front
     opt, extrapolated = frontier_gold_at(frontier, kl, frontier_ref_gold)
     gain = opt - frontier_ref_gold
     return ((gold - ref_gold) / gain if gain > max(2.0 * noise, 1e-9) else None), opt, extrapolated
-
-
-# ----------------------------------------------------------------------------------------------- model passes
-def unsampleable_mask(tok, model, device):
-    """(V,) bool mask of tok.unsampleable_ids for `model`'s vocabulary; None for a tokenizer without that method
-    (a duck-typed stand-in), which then bans nothing."""
-    if not hasattr(tok, "unsampleable_ids"):
-        return None
-    return banned_mask(tok.unsampleable_ids(model.config.vocab_size), model.config.vocab_size, device)
-
-
-def _record_padding(stats, key, real: int, total: int):
-    """Accumulate real/total token counts in `stats` (a dict or None) and keep stats[key] = the padding share."""
-    if stats is None:
-        return
-    stats[key + "_real"] = stats.get(key + "_real", 0) + real
-    stats[key + "_total"] = stats.get(key + "_total", 0) + total
-    stats[key] = 1.0 - stats[key + "_real"] / max(stats[key + "_total"], 1)
-
-
-@torch.no_grad()
-def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, batch_size: int = 64, seed: int = 0, device="cpu", dtype="float32",
-                  compile: bool = False, stats: dict = None, distributed: bool = False):
-    """One sample per prompt (repeat a prompt in the list for several). Returns a list of dicts, in the order of
-    `prompts`: prompt, response (text, no EOS), eos (bool: the response ended with EOS within the budget), length
-    (response tokens, EOS included), tokens, logprobs (sampling).
-
-    Prompts are batched by length (data.length_batches, seeded), PAD, BOS and unused ids are never sampled
-    (Tokenizer.unsampleable_ids), so tok.decode(tokens) is exactly the response. compile: the compiled decode
-    step (generation.generate). stats: a dict that receives "sampling_padding_share" (padding / all positions
-    the model computed).
-    distributed: under torchrun each rank samples a contiguous share of the prompts, with its own stream (seed,
-    rank), and every rank gets all samples in prompt order (stats: this rank's share). Other samples than one
-    process draws (another stream), the same distribution; without torchrun the flag changes nothing."""
-    if distributed and dist.enabled():
-        r = dist.shard_range(len(prompts))
-        mine = sample_policy(model, tok, prompts[r.start:r.stop], max_new_tokens, temperature, top_k, top_p,
-                             batch_size, seed * 1_000_003 + dist.rank(), device, dtype, compile, stats)
-        return dist.all_gather_objects(mine)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    banned = unsampleable_mask(tok, model, device)
-    encoded = [encode_prompt(tok, p, model.config.block_size) for p in prompts]
-    out = [None] * len(prompts)
-    for idx in length_batches([len(e) for e in encoded], batch_size, seed=seed):
-        ids, mask = left_pad([encoded[i] for i in idx], tok.pad_id, device)
-        with autocast(device, dtype):
-            resp, resp_mask, logp = generate(model, ids, mask, max_new_tokens, tok.eos_id, tok.pad_id,
-                                             temperature, top_k, top_p, generator=gen, banned=banned, compile=compile)
-        lengths, resp, logp = resp_mask.sum(1).tolist(), resp.tolist(), logp.tolist()  # one transfer per batch
-        _record_padding(stats, "sampling_padding_share", sum(len(encoded[i]) for i in idx) + sum(lengths),
-                        len(idx) * (ids.size(1) + len(resp[0])))
-        for j, i in enumerate(idx):
-            n = lengths[j]
-            toks = resp[j][:n]
-            out[i] = {"prompt": prompts[i], "response": tok.decode(toks), "eos": bool(n and toks[-1] == tok.eos_id),
-                      "length": n, "tokens": toks, "logprobs": logp[j][:n]}
-    return out
-
-
-def sample_batches(tok, samples, block_size: int, batch_size: int, device, batches=None):
-    """Samples (dicts from sample_policy) as scoring batches: (prompt ids, prompt mask) left-padded (B, P) and
-    (response ids, response mask) right-padded (B, R), in chunks of batch_size, or of the index lists `batches`
-    (e.g. from scoring_batches) when given."""
-    if batches is None:
-        batches = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-    for idx in batches:
-        chunk = [samples[i] for i in idx]
-        p_ids, p_mask = left_pad([encode_prompt(tok, s["prompt"], block_size) for s in chunk], tok.pad_id, device)
-        r_ids, r_mask = right_pad([s["tokens"] for s in chunk], tok.pad_id, device)
-        yield p_ids, p_mask, r_ids, r_mask
-
-
-def scoring_batches(tok, samples, block_size: int, batch_size: int, seed: int = 0, stats: dict = None):
-    """Index batches of samples with similar prompt and response lengths (data.length_batches), so the scoring
-    passes compute little padding; stats receives "scoring_padding_share" of the [prompt | response] layout."""
-    p_len = [len(encode_prompt(tok, s["prompt"], block_size)) for s in samples]
-    r_len = [max(len(s["tokens"]), 1) for s in samples]
-    batches = length_batches([p + r for p, r in zip(p_len, r_len)], batch_size, seed=seed)
-    for b in batches:
-        _record_padding(stats, "scoring_padding_share", sum(p_len[i] + len(samples[i]["tokens"]) for i in b),
-                        len(b) * (max(p_len[i] for i in b) + max(r_len[i] for i in b)))
-    return batches
-
-
-@torch.no_grad()
-def response_logprob_sums(model, tok, samples, batch_size: int = 64, device="cpu", dtype="float32",
-                          stats: dict = None):
-    """Sequence log-prob (sum over response tokens, EOS included) of each sample's tokens under `model` at T=1,
-    under the same distribution sample_policy samples from (the unsampleable ids banned)."""
-    banned = unsampleable_mask(tok, model, device)
-    batches = scoring_batches(tok, samples, model.config.block_size, batch_size, stats=stats)
-    out = [0.0] * len(samples)
-    for idx, batch in zip(batches, sample_batches(tok, samples, model.config.block_size, batch_size, device,
-                                                  batches)):
-        with autocast(device, dtype):
-            sums = response_logprobs(model, *batch, banned=banned).sum(1).tolist()
-        for i, v in zip(idx, sums):
-            out[i] = v
-    return out
-
-
-@torch.no_grad()
-def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dtype="float32", stats: dict = None):
-    """The reward model's score of each sample (read at its EOS, or its last token when it was cut off), on the
-    sampled tokens themselves. Truncated samples get their raw score here (PPO replaces it by a penalty)."""
-    was_training = rm.training
-    rm.eval()
-    batches = scoring_batches(tok, samples, rm.config.block_size, batch_size, stats=stats)
-    out = [0.0] * len(samples)
-    for idx, batch in zip(batches, sample_batches(tok, samples, rm.config.block_size, batch_size, device, batches)):
-        with autocast(device, dtype):
-            scores = reward_at_eos(rm, *batch).float().tolist()
-        for i, v in zip(idx, scores):
-            out[i] = v
-    rm.train(was_training)
-    return out
 
 
 def gold_scores(task, samples):

@@ -1,8 +1,8 @@
 """Time the pipeline's hot loops on one device with random weights and random tokens (no download, no data).
 
-    python bench.py                       # CPU: the tiny default model (4 x 128, vocab 512, block 64), ~1 minute
-    python bench.py --device cuda         # GPU: GPT-2-small shapes (12 x 768, vocab 50304, block 1024), bf16
-    python bench.py --device cuda --compile --peak-tflops 989
+    python experiments/bench.py                       # CPU: the tiny default model (4 x 128, vocab 512, block 64), ~1 minute
+    python experiments/bench.py --device cuda         # GPU: GPT-2-small shapes (12 x 768, vocab 50304, block 1024), bf16
+    python experiments/bench.py --device cuda --compile --peak-tflops 989
 
 Measures (a) one SFT training step (tokens/s, MFU against the card's dense bf16 peak: minirlhf.perf), (b) batched
 sampling with the static KV cache (new tokens/s at two batch sizes, eager and --compile'd decode step; EOS is never
@@ -14,8 +14,12 @@ path) and (e) peak GPU memory of each (CUDA only). Prints one table and writes b
 Each measurement runs warm-up iterations first and synchronises the device around the timed region.
 """
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: minirlhf and the stage scripts
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +28,10 @@ from minirlhf.generation import generate
 from minirlhf.losses import (gae_advantages, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
                              ppo_value_loss, preference_loss)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.perf import device_peak_flops, mfu
+from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.scoring import response_logprobs, response_values, reward_at_eos, token_logprobs
-from minirlhf.utils import UserError, adamw, arg, autocast, parse_args, resolve_device, resolve_dtype, run
+from minirlhf.utils import UserError, adamw, autocast
+from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run
 
 # shapes per device kind: (GPT-2 small on CUDA, the pipeline's tiny CPU model scaled to finish in ~1 minute)
 SHAPES = {

@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist
-from .utils import UserError, torch_load, torch_save, write_json
+from minirlhf.harness import dist
+from minirlhf.harness.files import torch_load, torch_save, write_json
+from minirlhf.utils import UserError
 
 STAGING, REPLACED = ".partial", ".replaced"
 RESUME, RUN_JSON = "resume.pt", "run.json"

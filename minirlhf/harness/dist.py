@@ -187,7 +187,7 @@ def check_identical(*models) -> bool:
 # all-reduced, so every rank gets the statistic of the whole (global) batch. World size 1: losses.py's own result.
 def masked_mean(x, mask):
     """Mean of x over valid positions of all ranks' batches (a 0-d tensor, the same on every rank)."""
-    from . import losses
+    from minirlhf import losses
     if not enabled():
         return losses.masked_mean(x, mask)
     mask = mask.to(x.dtype)
@@ -197,7 +197,7 @@ def masked_mean(x, mask):
 
 def masked_var(x, mask, unbiased: bool = True):
     """losses.masked_var over all ranks' valid positions (two-pass: global mean first, then the squares)."""
-    from . import losses
+    from minirlhf import losses
     if not enabled():
         return losses.masked_var(x, mask, unbiased)
     mean = masked_mean(x, mask)
@@ -212,7 +212,7 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     """losses.masked_whiten with the global mean and variance: whitened advantages (and rewards) are the same
     numbers as one process whitening the whole rollout batch (Huang et al. 2024: the statistics define the
     update, so every rank must use the same ones)."""
-    from . import losses
+    from minirlhf import losses
     if not enabled():
         return losses.masked_whiten(x, mask, shift_mean, eps)
     mean, var = masked_mean(x, mask), masked_var(x, mask)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .hf import is_hf_dir, load_hf_dir
-from .model import GPT, GPTConfig, ScalarModel
-from .runs import recover, unfinished_message
-from .tokenizer import Tokenizer
-from .utils import UserError, atomic_write, read_json, torch_load, torch_save, write_json
+from minirlhf.harness import dist
+from minirlhf.harness.files import atomic_write, read_json, torch_load, torch_save, write_json
+from minirlhf.harness.runs import recover, unfinished_message
+from minirlhf.interop.hf import is_hf_dir, load_hf_dir
+from minirlhf.model import GPT, GPTConfig, ScalarModel
+from minirlhf.tokenizer import Tokenizer
+from minirlhf.utils import UserError
 
 
 class CheckpointError(UserError):

@@ -1,8 +1,8 @@
 """Reward over-optimisation (Gao, Schulman & Hilton 2022, 2210.10760) on the built-in task, in one command.
 
-    python overopt.py                            # -> out_overopt/{sft,rm-all,rm-1000,rm-4000,ppo-*}, report.*
-    python overopt.py --sft out/sft              # reuse an SFT run
-    python overopt.py --rm-pairs 1000 0 --ppo-kl 0 --ppo-iterations 200 --dry-run
+    python experiments/overopt.py                            # -> out_overopt/{sft,rm-all,rm-1000,rm-4000,ppo-*}, report.*
+    python experiments/overopt.py --sft out/sft              # reuse an SFT run
+    python experiments/overopt.py --rm-pairs 1000 0 --ppo-kl 0 --ppo-iterations 200 --dry-run
 
 Optimising a learned reward too hard raises the proxy (the RM score) while the true reward first rises, then falls.
 With the simulated human both are measured exactly. For each reward model (trained on --rm-pairs pairs of one
@@ -25,16 +25,19 @@ Stages that are up to date are skipped, as in pipeline.py.
 """
 import argparse
 import json
+import sys
 import math
 import shlex
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: minirlhf and the stage scripts
+
 import pipeline
 import sweep  # the stage runner and the report's plumbing
-from minirlhf.evaluation import best_of_n_kl, mean_parts
-from minirlhf.overopt import fit_gao, gao_curve
-from minirlhf.utils import pyplot, save_figure
+from minirlhf.evaluation.metrics import best_of_n_kl, mean_parts
+from minirlhf.evaluation.overopt import fit_gao, gao_curve
+from minirlhf.harness.files import pyplot, save_figure
 
 COLORS = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]
 
@@ -120,12 +123,13 @@ def fit_curve(points, form: str) -> dict:
 def analyse(sft_dir: Path, runs: dict, a) -> dict:
     """Best-of-n for every RM on one set of SFT samples, the PPO curves, the fits, the RM accuracies."""
     import torch
-    from minirlhf.checkpoint import load_policy, load_scalar
-    from minirlhf.evaluation import gold_parts, gold_scores, reward_model_scores
+    from minirlhf.harness.checkpoint import load_policy, load_scalar
+    from minirlhf.evaluation.metrics import gold_parts, gold_scores
+    from minirlhf.sampling import reward_model_scores
     from minirlhf.losses import score_with_eos_penalty
-    from minirlhf.preferences import sample_many
+    from minirlhf.sampling import sample_many
     from minirlhf.tasks import get_task
-    from minirlhf.utils import resolve_device, resolve_dtype
+    from minirlhf.harness.cli import resolve_device, resolve_dtype
     device = resolve_device(a.device)
     dtype = resolve_dtype("auto", device)
     task = get_task("reviews")

@@ -1,8 +1,8 @@
 """Reward-KL frontiers: every algorithm at several KL strengths against the optimal frontier, in one command.
 
-    python sweep.py                               # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-*,eval}, report.*
-    python sweep.py --dry-run                     # the plan: which runs exist, which would run and why
-    python sweep.py --ppo-kl 0.03 0.07 --dpo-beta 0.1 --grpo-kl --best-of 4 64   # another grid ("--grpo-kl" = none)
+    python experiments/sweep.py                               # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-*,eval}, report.*
+    python experiments/sweep.py --dry-run                     # the plan: which runs exist, which would run and why
+    python experiments/sweep.py --ppo-kl 0.03 0.07 --dpo-beta 0.1 --grpo-kl --best-of 4 64   # another grid ("--grpo-kl" = none)
 
 The DPO paper (Rafailov et al. 2023, Fig. 2) compares algorithms by the gold reward each reaches at each KL to the
 reference, sweeping PPO's KL target and DPO's beta. The built-in task's simulated human makes the gold reward and
@@ -36,8 +36,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: minirlhf and the stage scripts
+
 import pipeline  # the up-to-date / resume / run-a-stage logic, shared with the pipeline
-from minirlhf.utils import pyplot, save_figure, write_json
+from minirlhf.harness.files import pyplot, save_figure, write_json
 
 ALGOS = ("ppo", "grpo", "dpo", "dpo-online", "bon", "sft")
 COLORS = {"ppo": "tab:blue", "grpo": "tab:green", "dpo": "tab:red", "dpo-online": "tab:orange", "bon": "tab:purple",
@@ -100,7 +102,7 @@ def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict, extra
 def run_plan(plan, force=False, dry_run=False, here: Path = None):
     """Run the stages that are not up to date (pipeline.why_rerun), resuming interrupted ones. Returns
     [(name, "skipped" | "would run: reason" | seconds)]."""
-    here = here or Path(__file__).resolve().parent
+    here = here or Path(__file__).resolve().parents[1]
     markers = {name: out_dir / marker for name, _, _, out_dir, marker, _ in plan}
     done = []
     for name, script, argv, out_dir, marker, inputs in plan:
