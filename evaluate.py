@@ -42,8 +42,7 @@ from minirlhf.evaluation.metrics import (best_of_n_metrics, estimate_frontier, f
                                          fraction_of_optimal_sem, policy_metrics)
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_scalar
-from minirlhf.harness.cli import (NON_NEGATIVE, POSITIVE, arg, check_flags, parse_args, resolve_device, resolve_dtype,
-                                  run, set_seed)
+from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run, set_seed
 from minirlhf.harness.files import pyplot, save_figure, write_json
 from minirlhf.harness.runs import Run
 from minirlhf.sampling import sample_policy
@@ -60,20 +59,22 @@ class Args:
     out_dir: str = arg("out/eval", "where report.json, report.md and report.png go")
     task: str = arg("reviews", "built-in task for held-out prompts and the gold reward")
     prompts: Optional[str] = arg(None, "JSONL of {prompt} records to evaluate on instead (no gold reward)")
-    n_prompts: int = arg(256, "held-out prompts, one sample per policy each")
-    max_new_tokens: int = arg(48, "response budget in tokens")
-    batch_size: int = arg(256, "sequences per forward pass")
-    n_show: int = arg(3, "sample responses per policy in the report")
+    n_prompts: int = arg(256, "held-out prompts, one sample per policy each", ">= 2 (standard errors)")
+    max_new_tokens: int = arg(48, "response budget in tokens", "> 0")
+    batch_size: int = arg(256, "sequences per forward pass", "> 0")
+    n_show: int = arg(3, "sample responses per policy in the report", ">= 0")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "sampling seed (every policy draws from the same random stream)")
     compile: bool = arg(False, "torch.compile the scoring forward passes (sampling stays eager)")
     # the optimal frontier
     frontier: bool = arg(False, "estimate the optimal reward-KL frontier (needs the gold reward)")
-    frontier_prompts: int = arg(32, "prompts for the frontier (the first of the evaluation prompts)")
-    frontier_samples: int = arg(1024, "reference samples per frontier prompt (the frontier reaches KL < log of it)")
+    frontier_prompts: int = arg(32, "prompts for the frontier (the first of the evaluation prompts)", "> 0")
+    frontier_samples: int = arg(1024, "reference samples per frontier prompt (the frontier reaches KL < log of it)",
+                                 ">= 2 (the frontier reweights several samples)")
     betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)")
-    min_ess: float = arg(10.0, "drop frontier points whose mean effective sample size per prompt is below this")
+    min_ess: float = arg(10.0, "drop frontier points whose effective sample size per prompt is below this",
+                         ">= 1 (an effective sample size)")
     # best-of-n
     best_of: list[int] = arg([], "best-of-n rows (e.g. 4 16 64): per prompt, the reference's sample with the "
                                  "highest RM score among n (needs --reward); KL = log n - (n-1)/n, an upper bound")
@@ -279,11 +280,6 @@ def report_names(paths) -> list:
 def validate(a: Args):
     """Every flag's range, before any work (one line naming the flag, exit 2)."""
     check(bool(a.policies), "--policies: name at least one policy run directory")
-    check_flags(a, {"n_prompts": (lambda v: v >= 2, ">= 2 (standard errors need two samples)"),
-                    "max_new_tokens": POSITIVE, "batch_size": POSITIVE, "n_show": NON_NEGATIVE,
-                    "frontier_prompts": POSITIVE,
-                    "frontier_samples": (lambda v: v >= 2, ">= 2 (the frontier reweights several samples)"),
-                    "min_ess": (lambda v: v >= 1, ">= 1 (an effective sample size)")})
     check(all(b > 0 for b in a.betas), f"--betas {' '.join(map(str, a.betas))}: must all be > 0")
     check(not (a.frontier and a.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
                                           "--prompts data")

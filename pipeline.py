@@ -8,7 +8,7 @@
     bash pipeline.sh --nproc 8 --device cuda   # every stage under torchrun --standalone --nproc_per_node 8
 
     out/sft   train_sft.py  --out-dir out/sft
-    out/rm    train_rm.py   --sft out/sft --out-dir out/rm              (also writes out/rm/prefs.jsonl)
+    out/rm    train_rm.py   --policy out/sft --out-dir out/rm              (also writes out/rm/prefs.jsonl)
     out/ppo   train_ppo.py  --policy out/sft --reward out/rm --out-dir out/ppo
     out/grpo  train_grpo.py --policy out/sft --reward out/rm --out-dir out/grpo
     out/dpo   train_dpo.py  --policy out/sft --prefs out/rm/prefs.jsonl --out-dir out/dpo
@@ -49,7 +49,7 @@ def stages(root: Path, init_from: str = None):
     init = ["--init-from", init_from] if init_from else []  # only SFT starts from the pretrained model
     return [
         ("sft", "train_sft.py", ["--out-dir", sft, *init], sft, "metrics.json", []),
-        ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm], rm, "metrics.json", ["sft"]),
+        ("rm", "train_rm.py", ["--policy", sft, "--out-dir", rm], rm, "metrics.json", ["sft"]),
         ("ppo", "train_ppo.py", ["--policy", sft, "--reward", rm, "--out-dir", ppo], ppo, "metrics.json",
          ["sft", "rm"]),
         ("grpo", "train_grpo.py", ["--policy", sft, "--reward", rm, "--out-dir", grpo], grpo, "metrics.json",

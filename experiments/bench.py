@@ -58,7 +58,7 @@ class Args:
     vocab_size: int = arg(0, "vocabulary (0 = 50304 on CUDA, 512 on CPU)")
     block_size: int = arg(0, "context (0 = 1024 on CUDA, 64 on CPU)")
     iters: int = arg(0, "timed iterations per measurement (0 = 10 on CUDA, 3 on CPU); one warm-up before")
-    ppo_epochs: int = arg(4, "PPO passes over the rollout batch")
+    epochs: int = arg(4, "PPO passes over the rollout batch")
     minibatches: int = arg(4, "PPO minibatches per pass")
     threads: int = arg(1, "CPU threads for torch (0 = torch's default). 1 by default: on a small shared CPU, OpenMP "
                           "threads spin-waiting for a busy core made the tiny model's steps ~20x slower")
@@ -213,7 +213,7 @@ def main():
         with Timer(device) as tm:
             mb = Bp // a.minibatches
             stats = []
-            for _ in range(a.ppo_epochs):
+            for _ in range(a.epochs):
                 perm = torch.randperm(Bp, device=device)
                 for k in range(a.minibatches):
                     i = perm[k * mb:(k + 1) * mb]
@@ -238,10 +238,10 @@ def main():
     runs = [ppo_iteration() for _ in range(it)]
     ppo = {k: sum(r[0][k] for r in runs) / it for k in ("rollout_s", "scoring_s", "update_s")}
     ppo["total_s"] = sum(ppo.values())
-    ppo.update(prompts=Bp, new_tokens=N, epochs=a.ppo_epochs, minibatches=a.minibatches,
+    ppo.update(prompts=Bp, new_tokens=N, epochs=a.epochs, minibatches=a.minibatches,
                peak_gb=max(r[1] for r in runs) if device.startswith("cuda") else None)
     results["ppo_iteration"] = ppo
-    rows.append((f"PPO iteration ({Bp} x {N} new, {a.ppo_epochs} x {a.minibatches} mb)",
+    rows.append((f"PPO iteration ({Bp} x {N} new, {a.epochs} x {a.minibatches} mb)",
                  f"rollout {ppo['rollout_s']:.2f}s, scoring {ppo['scoring_s']:.2f}s, update {ppo['update_s']:.2f}s",
                  ppo["total_s"], ppo["peak_gb"]))
 

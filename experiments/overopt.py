@@ -59,13 +59,13 @@ def plan_runs(root: Path, sft, rm_pairs, ppo_kl: float, ppo_iterations: int, fla
     sft = Path(sft).resolve()
     sft_dep = ["sft"] if plan else []
     full = root / "rm-all"
-    plan.append(("rm-all", "train_rm.py", ["--sft", sft, "--out-dir", full, *flags["rm"]], full, "metrics.json",
+    plan.append(("rm-all", "train_rm.py", ["--policy", sft, "--out-dir", full, *flags["rm"]], full, "metrics.json",
                  sft_dep))
     runs = {}
     for n in sorted(set(rm_pairs), key=lambda n: n or math.inf):
         name = rm_name(n)
         if n:
-            plan.append((name, "train_rm.py", ["--sft", sft, "--prefs", full / "prefs.jsonl", "--max-pairs", n,
+            plan.append((name, "train_rm.py", ["--policy", sft, "--prefs", full / "prefs.jsonl", "--max-pairs", n,
                                                "--min-steps", rm_min_steps, "--out-dir", root / name, *flags["rm"]],
                          root / name, "metrics.json", sft_dep + ["rm-all"]))
         ppo = root / f"ppo-{name}"

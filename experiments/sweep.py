@@ -59,7 +59,7 @@ def plan_runs(root: Path, ppo_kl, grpo_kl, dpo_beta, best_of, flags: dict, extra
     with the rest (algorithm from their config.json's stage, knob None)."""
     sft, rm, ev = root / "sft", root / "rm", root / "eval"
     plan = [("sft", "train_sft.py", ["--out-dir", sft, *flags["sft"]], sft, "metrics.json", []),
-            ("rm", "train_rm.py", ["--sft", sft, "--out-dir", rm, *flags["rm"]], rm, "metrics.json", ["sft"])]
+            ("rm", "train_rm.py", ["--policy", sft, "--out-dir", rm, *flags["rm"]], rm, "metrics.json", ["sft"])]
     policies = {}
     for c in ppo_kl:
         name = f"ppo-kl{fmt(c)}"

@@ -7,12 +7,16 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x over positions where mask is 1 (all of them when dim is None)."""
+def masked_mean(x, mask, dim=None, all_reduce=None):
+    """Mean of x over positions where mask is 1 (all of them when dim is None). all_reduce (dist.all_reduce_sum):
+    the sum and the count are summed over ranks, for the statistic of the global batch under torchrun."""
     mask = mask.to(x.dtype)
-    if dim is None:
+    if dim is not None:
+        return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    if all_reduce is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    total, n = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    return total / n.clamp(min=1)
 
 
 # ============================================================================ reward model (Bradley-Terry)
@@ -42,21 +46,23 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef: float = 0.
 # Ziegler et al. 2019 (KL-shaped reward, adaptive beta, 1909.08593), Huang et al. 2024 (N+ details, 2403.17031).
 
 
-def masked_var(x, mask, unbiased: bool = True):
-    """Variance of x over valid positions (Bessel-corrected like torch.var when unbiased)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x, mask, unbiased: bool = True, all_reduce=None):
+    """Variance of x over valid positions (Bessel-corrected like torch.var when unbiased); all_reduce: as
+    masked_mean (two passes: the global mean first, then the squares)."""
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    n = mask.sum() if all_reduce is None else all_reduce(mask.to(x.dtype).sum())
+    var = masked_mean((x - mean) ** 2, mask, all_reduce=all_reduce)
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None):
     """(x - mean) / std over valid positions only; padding is left at 0. shift_mean=False adds the mean back, so
     only the spread is normalised (lm-human-preferences' reward whitening: moving the mean of per-token rewards
-    would change the incentive to stop early or keep talking)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    would change the incentive to stop early or keep talking). all_reduce: as masked_mean; the statistics define
+    the update, so under torchrun every rank must whiten with the global batch's (Huang et al. 2024)."""
+    mean, var = masked_mean(x, mask, all_reduce=all_reduce), masked_var(x, mask, all_reduce=all_reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -108,21 +114,29 @@ def gae_advantages(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95)
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise, averaged over valid tokens:
-        max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),   ratio = exp(log pi - log pi_old).
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
+        l_t = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),   ratio = exp(log pi - log pi_old).
     The max picks the clipped term only when it is the pessimistic one (the 'binding side': ratio > 1 + eps with
     A > 0, ratio < 1 - eps with A < 0); there the loss is constant in theta and the gradient is 0.
-    Returns (loss, stats) with stats = ratio (B, R), clipfrac and approx_kl (scalars, detached)."""
+    advantages (B, R), or (B,) for one per sample. Returns (l (B, R), stats) with stats = ratio (B, R), clipfrac
+    and approx_kl (scalars, detached)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {"ratio": ratio.detach(), "clipfrac": masked_mean((clipped > unclipped).float(), mask),
                  "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask)}
-    return loss, stats
+    return torch.max(unclipped, clipped), stats
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
+    """The clipped surrogate averaged over valid tokens. Returns (loss, stats of clipped_surrogate)."""
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip)
+    return masked_mean(per_token, mask), stats
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
@@ -143,10 +157,10 @@ def approx_kl(logprobs, old_logprobs, mask):
     return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, all_reduce=None):
     """1 - Var(returns - values) / Var(returns) over valid tokens: 1 = perfect value predictions, <= 0 = useless."""
-    var_ret = masked_var(returns, mask)
-    return 1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8)
+    var_ret = masked_var(returns, mask, all_reduce=all_reduce)
+    return 1.0 - masked_var(returns - values, mask, all_reduce=all_reduce) / var_ret.clamp(min=1e-8)
 
 
 class AdaptiveKLController:
@@ -376,20 +390,10 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2
     old_logprobs, ref_logprobs, mask (B, R). With one epoch of one minibatch the ratio is 1 and its gradient is
     the REINFORCE-with-baseline gradient A_i * grad log pi. Returns (loss, stats): ratio (B, R) and the scalars
     clipfrac, approx_kl (KL(pi_old || pi), k3 on the old samples) and kl_loss (the aggregated KL term), detached."""
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    per_token = torch.max(unclipped, clipped)
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip)
     kl_loss = torch.zeros((), device=logprobs.device)
     if ref_logprobs is not None and kl_coef:
         kl_tok = kl_estimator(logprobs, ref_logprobs, kl_kind) * mask
         kl_loss = aggregate_loss(kl_tok, mask, agg, constant)
         per_token = per_token + kl_coef * kl_tok
-    loss = aggregate_loss(per_token, mask, agg, constant)
-    with torch.no_grad():
-        stats = {"ratio": ratio.detach(), "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask), "kl_loss": kl_loss.detach()}
-    return loss, stats
+    return aggregate_loss(per_token, mask, agg, constant), {**stats, "kl_loss": kl_loss.detach()}

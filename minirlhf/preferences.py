@@ -21,15 +21,18 @@ chosen/rejected are decoded response texts without EOS (starting with the space 
 label_prob = P(annotator prefers chosen) = task.preference_prob(chosen_gold, rejected_gold).
 """
 import itertools
+import json
 import random
 
 import numpy as np
 import torch
 
-from minirlhf.data import DataError, encode_prompt, encode_response, length_batches, padding_share, right_pad
+from minirlhf.data import (DataError, encode_prompt, encode_response, length_batches, load_pref_jsonl, padding_share,
+                           right_pad)
 from minirlhf.harness import dist
+from minirlhf.harness.files import read_json, write_json
 from minirlhf.sampling import reward_model_scores, sample_many
-from minirlhf.utils import autocast
+from minirlhf.utils import UserError, autocast
 
 
 def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, tokenizer_fingerprint: str = None):
@@ -139,6 +142,28 @@ def groups_of(records) -> list:
     return groups
 
 
+def subsample(records, n: int, seed: int):
+    """A seeded random subset of at most n records (all of them when n is 0), in file order."""
+    if not n or len(records) <= n:
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+def group_batches(groups: list, batch_size: int, seed: int, skip: int = 0):
+    """Endless training batches of pair indices: each takes `batch_size` whole comparison groups (all pairs of a
+    prompt together, as InstructGPT trains); an epoch is one shuffled pass over the groups. The order is a
+    function of the seed; `skip` batches are drawn and dropped first (a resumed run continues the order)."""
+    rng, n = random.Random(seed), 0
+    while True:
+        perm = list(range(len(groups)))
+        rng.shuffle(perm)
+        for i in range(0, len(perm), batch_size):
+            n += 1
+            if n > skip:
+                yield [j for g in perm[i:i + batch_size] for j in groups[g]]
+
+
 def subsample_groups(records, n: int, seed: int = 0) -> list:
     """Indices (in file order) of a seeded random subset of n records that takes whole comparison groups
     (groups_of): the pairs of one prompt stay together, as the RM trains on them together; only the last group
@@ -228,21 +253,33 @@ def response_ids(tok, rec, key: str, max_len: int, fingerprint: str = None, voca
     return ids[:max_len], len(ids) > max_len
 
 
-def encode_pairs(records, tok, block_size: int, vocab_size: int = None):
-    """Token sequences BOS + prompt + response (+ EOS) for each record's chosen and rejected response, the response
-    from its sampled ids when present for this tokenizer (response_ids; vocab_size = the model's), else from its
-    text + EOS. Returns ([(chosen_seq, rejected_seq)], number of responses cut to fit block_size, which then
-    lack EOS)."""
+def encode_pairs(records, tok, block_size: int, vocab_size: int = None, targets: bool = False):
+    """(prompt ids BOS + prompt, chosen ids, rejected ids) of each record, a response from its sampled ids when
+    present for this tokenizer (response_ids; vocab_size = the model's), else from its text + EOS. Prompt +
+    response fit the context: block_size tokens, or block_size + 1 with targets=True (the SFT layout, whose
+    inputs drop the last token). Returns (triples, number of responses cut to fit, which then lack EOS)."""
     out, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
-        p = encode_prompt(tok, r["prompt"], block_size, r.get("_where", "prompt"))
-        pair = []
-        for key in ("chosen", "rejected"):
-            ids, cut = response_ids(tok, r, key, block_size - len(p), fp, vocab_size)
-            n_cut += cut
-            pair.append(p + ids)
-        out.append(tuple(pair))
+        p = encode_prompt(tok, r["prompt"], block_size, r.get("_where", "prompt"), reserve=1 + targets)
+        c, cut_c = response_ids(tok, r, "chosen", block_size + targets - len(p), fp, vocab_size)
+        rj, cut_r = response_ids(tok, r, "rejected", block_size + targets - len(p), fp, vocab_size)
+        out.append((p, c, rj))
+        n_cut += cut_c + cut_r
     return out, n_cut
+
+
+def encode_splits(splits: dict, tok, block_size: int, vocab_size: int, targets: bool = False):
+    """{what: records} -> ({what: (records, triples)}, number of uninformative pairs left out): encode_pairs, then
+    informative_pairs; warns once about responses cut to fit the context."""
+    out, n_cut, n_same = {}, 0, 0
+    for what, records in splits.items():
+        triples, cut = encode_pairs(records, tok, block_size, vocab_size, targets)
+        records, triples, same = informative_pairs(records, triples, what)
+        out[what], n_cut, n_same = (records, triples), n_cut + cut, n_same + same
+    if n_cut:
+        print(f"warning: {n_cut} responses were longer than the context and were cut (no EOS; scored at their last "
+              f"token)")
+    return out, n_same
 
 
 def informative_pairs(records, pairs, what: str):
@@ -377,3 +414,79 @@ def ranks(x) -> np.ndarray:
 def spearman(x, y) -> float:
     """Spearman rank correlation: Pearson correlation of the (tie-averaged) ranks."""
     return pearson(ranks(x), ranks(y))
+
+
+# ----------------------------------------------------------------------------------------------- train_rm.py's data
+def read_collected(path):
+    """The preferences collected before a crash (collected.json in the staging folder), checked before reuse."""
+    saved = read_json(path, "--resume")
+    ok = isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("train", "test")) \
+        and isinstance(saved.get("stats"), dict) and all(isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                                                         for r in saved["train"] + saved["test"])
+    if not ok:
+        raise UserError(f"--resume: {path} is damaged; run without --resume to collect the preferences again")
+    return saved
+
+
+def _records(a, run_dir, policy, tok, task, kw: dict):
+    """(train records, test records, collection stats, prompts to normalise on, whether the file carries the task's
+    gold columns), from the simulated human's labels of the policy's samples (kept in the staging folder `run_dir`
+    across --resume) or from the user's --prefs file."""
+    collected = run_dir / "collected.json"  # the simulated human's labels, kept across --resume (~20 s of sampling)
+    # under torchrun rank 0 reads its staging folder and every rank gets the same pairs
+    saved = dist.broadcast_object(read_collected(collected) if a.resume and not a.prefs and dist.is_main()
+                                  and collected.is_file() else None)
+    if saved is not None:
+        print(f"reusing the {len(saved['train']) + len(saved['test'])} preference pairs collected in {collected}")
+        return saved["train"], saved["test"], saved["stats"], task.sample_prompts("train", a.n_norm, a.seed + 1), False
+    if a.prefs:
+        records = load_pref_jsonl(a.prefs)
+        # checks the optional numeric columns now (FILE:LINE), not after training; with gold columns the file
+        # comes from the built-in task, whose gold reward then also scores the RM on fresh samples
+        task_file = has_gold_columns(records)
+        train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
+        if not test_recs:
+            raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
+        prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
+        return train_recs, test_recs, {}, [prompts[i % len(prompts)] for i in range(a.n_norm)], task_file
+    train_recs, s_train = collect_preferences(policy, tok, task, task.sample_prompts("train", a.n_prompts, a.seed),
+                                              a.k, a.max_new_tokens, "train", seed=a.seed, **kw)
+    test_recs, s_test = collect_preferences(policy, tok, task, task.sample_prompts("test", a.n_test_prompts, a.seed),
+                                            a.k, a.max_new_tokens, "test", seed=a.seed + 1, **kw)
+    stats = {k: s_train[k] + s_test[k] for k in s_train}
+    if stats["n_dropped_no_eos"] > 0.5 * stats["n_samples"]:
+        print(f"warning: {stats['n_dropped_no_eos']} of {stats['n_samples']} samples did not end with EOS "
+              f"within --max-new-tokens {a.max_new_tokens} and were not paired")
+    if not train_recs or not test_recs:
+        raise DataError(f"no preference pairs: of {stats['n_samples']} samples, {stats['n_dropped_no_eos']} "
+                        f"lacked EOS and {stats['n_duplicates']} were duplicates (train the SFT model longer or "
+                        f"raise --max-new-tokens / --k)")
+    write_json(collected, {"train": train_recs, "test": test_recs, "stats": stats})
+    return train_recs, test_recs, stats, task.sample_prompts("train", a.n_norm, seed=a.seed + 1), False
+
+
+def preference_records(a, run_dir, policy, tok, task, kw: dict):
+    """train_rm.py's pairs, by its args `a`: (train records, train pairs, test records, test pairs, stats, prompts
+    to normalise on, whether the file carries the task's gold columns); a pair is (chosen, rejected) token
+    sequences BOS + prompt + response. Both splits are written to run_dir/prefs.jsonl ("_where", the file:line of a
+    user's record, is not data); under torchrun every rank holds the same records (sample_many gathers them)."""
+    cfg = policy.config
+    train_recs, test_recs, stats, norm_prompts, task_file = _records(a, run_dir, policy, tok, task, kw)
+    with open(run_dir / "prefs.jsonl", "w") as f:
+        for r in train_recs + test_recs:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
+    n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
+    if n_other:
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {a.policy}'s; their "
+              f"text is re-encoded instead")
+    splits, n_same = encode_splits({"train pairs": train_recs, "test pairs": test_recs}, tok, cfg.block_size,
+                                   cfg.vocab_size)
+    (train_recs, train_pairs), (test_recs, test_pairs) = [(r, [(p + c, p + rj) for p, c, rj in t])
+                                                          for r, t in splits.values()]
+    stats.update(n_pairs_from_ids=n_ids, n_uninformative_pairs=n_same)
+    if a.max_pairs and len(train_pairs) > a.max_pairs:
+        keep = subsample_groups(train_recs, a.max_pairs, a.seed)
+        print(f"--max-pairs {a.max_pairs}: training on {len(keep)} of the {len(train_pairs)} train pairs")
+        stats["n_train_pairs_available"] = len(train_pairs)
+        train_recs, train_pairs = [train_recs[i] for i in keep], [train_pairs[i] for i in keep]
+    return train_recs, train_pairs, test_recs, test_pairs, stats, norm_prompts, task_file

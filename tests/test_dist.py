@@ -49,14 +49,14 @@ def runs(tmp_path_factory, tiny_sft):  # noqa: F811
         scratch = t / f"tmp{n}"
         scratch.mkdir()
         out[f"sft{n}"] = run(["train_sft.py", "--out-dir", str(t / f"sft{n}"), *SFT], n, scratch)
-        out[f"rm{n}"] = run(["train_rm.py", "--out-dir", str(t / f"rm{n}"), "--sft", str(tiny_sft),
+        out[f"rm{n}"] = run(["train_rm.py", "--out-dir", str(t / f"rm{n}"), "--policy", str(tiny_sft),
                              "--n-prompts", "12", "--n-test-prompts", "6", "--k", "3", "--n-norm", "12",
                              "--n-eval", "12", "--gen-batch-size", "8", "--max-new-tokens", "8", "--batch-size", "3",
                              "--epochs", "1", "--lr", "1e-2", "--warmup-steps", "1", "--device", "cpu",
                              "--log-interval", "1"], n, scratch)
         out[f"dpo{n}"] = run(["train_dpo.py", "--out-dir", str(t / f"dpo{n}"), "--policy", str(tiny_sft),
                               "--prefs", str(t / "rm1" / "prefs.jsonl"), "--batch-size", "7", "--epochs", "1",
-                              "--lr", "1e-2", "--warmup-steps", "1", "--n-eval-prompts", "4", "--max-new-tokens", "8",
+                              "--lr", "1e-2", "--warmup-steps", "1", "--n-eval", "4", "--max-new-tokens", "8",
                               "--log-interval", "1", "--device", "cpu"], n, scratch)
         out[f"scratch{n}"] = scratch
     out["dir"] = t
@@ -88,7 +88,7 @@ def test_sharded_preference_collection_writes_the_one_process_file(runs):
 def test_a_step_with_fewer_pairs_than_processes_trains_what_one_process_trains(tmp_path, tiny_sft):  # noqa: F811
     # k = 2 and one prompt per step: each step holds one pair, so rank 0's shard of it is empty (it scores one pair at
     # weight 0, so that its backward still joins DDP's all-reduce)
-    args = ["train_rm.py", "--sft", str(tiny_sft), "--n-prompts", "6", "--n-test-prompts", "4", "--k", "2",
+    args = ["train_rm.py", "--policy", str(tiny_sft), "--n-prompts", "6", "--n-test-prompts", "4", "--k", "2",
             "--n-norm", "8", "--n-eval", "8", "--gen-batch-size", "8", "--max-new-tokens", "8", "--batch-size", "1",
             "--epochs", "1", "--lr", "1e-2", "--warmup-steps", "1", "--device", "cpu", "--log-interval", "1"]
     for n in (1, 2):
@@ -142,12 +142,12 @@ def _ppo_stats_worker(rank, world, port, x, mask, seq_kl, out):
     xs, ms = x[rows.start:rows.stop], mask[rows.start:rows.stop]
     R = int(ms.sum(1).max())  # each rank's rollout is only as wide as its longest response
     xs, ms = xs[:, :R], ms[:, :R]
-    white = dist.masked_whiten(xs, ms)
-    white_keep = dist.masked_whiten(xs, ms, shift_mean=False)
+    white = losses.masked_whiten(xs, ms, all_reduce=dist.all_reduce_sum)
+    white_keep = losses.masked_whiten(xs, ms, shift_mean=False, all_reduce=dist.all_reduce_sum)
     kl = dist.all_gather_cat(seq_kl[rows.start:rows.stop]).mean()  # what train_ppo feeds the controller
     ctl = losses.AdaptiveKLController(0.05, 1.0, 100)
     ctl.update(kl.item(), x.size(0))
-    out[rank] = (rows.start, white, white_keep, kl, ctl.value, dist.masked_var(xs, ms))
+    out[rank] = (rows.start, white, white_keep, kl, ctl.value, losses.masked_var(xs, ms, all_reduce=dist.all_reduce_sum))
     dist.teardown()
 
 
@@ -180,8 +180,13 @@ def test_ppo_global_whitening_and_kl_equal_one_process():
 def test_world_size_one_is_the_plain_path():
     assert not dist.enabled() and dist.world_size() == 1 and dist.is_main()
     x = torch.randn(4, 5)
-    m = torch.ones(4, 5)
-    assert dist.masked_whiten(x, m) is not None and torch.equal(dist.masked_whiten(x, m), losses.masked_whiten(x, m))
+    m = (torch.rand(4, 5) > 0.3).float()
+    # the global-batch statistics are bit for bit the one-process ones (what keeps one-process runs unchanged)
+    for f in (losses.masked_whiten, losses.masked_var, losses.masked_mean, losses.explained_variance):
+        args = (x, x.flip(0), m) if f is losses.explained_variance else (x, m)
+        assert torch.equal(f(*args, all_reduce=dist.all_reduce_sum), f(*args))
+    loss = x.sum()
+    assert dist.global_mean(loss, 3) is loss and dist.mean_over_ranks(loss) is loss and dist.all_reduce_sum(7) == 7
     assert dist.all_gather_objects([1, 2]) == [1, 2] and dist.broadcast_object("a") == "a"
     assert [list(range(10))[slice(dist.shard_range(10).start, dist.shard_range(10).stop)]] == [list(range(10))]
 

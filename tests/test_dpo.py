@@ -19,7 +19,8 @@ from minirlhf.harness.checkpoint import load_policy  # noqa: E402
 from minirlhf.data import DataError, left_pad, right_pad  # noqa: E402
 from minirlhf.losses import dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss, token_logps  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
-from minirlhf.preferences import split_prefs  # noqa: E402
+from minirlhf import dpo  # noqa: E402
+from minirlhf.preferences import encode_pairs, split_prefs, subsample  # noqa: E402
 from minirlhf.scoring import response_logprobs  # noqa: E402
 from minirlhf.tasks import get_task  # noqa: E402
 
@@ -133,14 +134,14 @@ def test_pair_logps_match_scoring_layout_and_ignore_padding():
     [prompt left-padded | response right-padded], and a row's value does not depend on the rest of the batch."""
     model = tiny_gpt().eval()
     pairs = random_pairs(6)
-    logps, lens = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
+    logps, lens = dpo.pair_logps(model, dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     p_ids, p_mask = left_pad([p for p, _ in seqs], PAD)
     r_ids, r_mask = right_pad([r for _, r in seqs], PAD)
     scored = response_logprobs(model, p_ids, p_mask, r_ids, r_mask).sum(1)
     assert torch.allclose(logps, scored, atol=1e-5)
     assert lens.tolist() == [len(r) for _, r in seqs]
-    alone, _ = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs[:1], PAD, "cpu"), "cpu", "float32")
+    alone, _ = dpo.pair_logps(model, dpo.pair_batch(pairs[:1], PAD, "cpu"), "cpu", "float32")
     assert torch.allclose(alone, logps[[0, 6]], atol=1e-5)  # less padding, same log-probs
 
 
@@ -153,10 +154,10 @@ def dpo_args(**kw):
 def test_at_init_policy_equals_reference(kind):
     model = tiny_gpt()
     pairs = random_pairs(8, seed=1)
-    ref, _ = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=3)  # other batch shapes
+    ref, _ = dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=3)  # other batch shapes
     a = dpo_args(loss=kind, beta=0.1, nll_coef=0.0)
-    logps, lens = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
-    loss, stats = train_dpo.dpo_step_loss(logps, lens, ref, a)
+    logps, lens = dpo.pair_logps(model, dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
+    loss, stats = dpo.dpo_step_loss(logps, lens, ref, a)
     want = {"sigmoid": math.log(2), "ipo": (1 / (2 * 0.1)) ** 2, "hinge": 1.0}[kind]
     assert loss.item() == pytest.approx(want, abs=1e-5)
     assert abs(stats["rewards/margin"]) < 1e-6 and abs(stats["rewards/chosen"]) < 1e-6
@@ -164,7 +165,7 @@ def test_at_init_policy_equals_reference(kind):
 
 
 def log_ratios(model, pairs, ref):
-    logps, _ = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=64)
+    logps, _ = dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=64)
     return logps - ref  # (N, 2)
 
 
@@ -172,11 +173,11 @@ def log_ratios(model, pairs, ref):
 def test_a_training_step_raises_chosen_and_lowers_rejected_log_ratio(kind, nll):
     model = tiny_gpt(seed=2)
     pairs = random_pairs(16, seed=3)
-    ref, _ = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=64)
+    ref, _ = dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", batch_size=64)
     a = dpo_args(loss=kind, beta=0.1, nll_coef=nll)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3 if kind != "ipo" else 1e-5)
-    logps, lens = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
-    loss, _ = train_dpo.dpo_step_loss(logps, lens, ref, a)
+    logps, lens = dpo.pair_logps(model, dpo.pair_batch(pairs, PAD, "cpu"), "cpu", "float32")
+    loss, _ = dpo.dpo_step_loss(logps, lens, ref, a)
     loss.backward()
     opt.step()
     h = log_ratios(model, pairs, ref)
@@ -194,8 +195,8 @@ def test_split_holds_out_whole_prompts_and_validates():
     assert len(test) == 5 and len(train) == 45
     with pytest.raises(DataError, match="f:3: split must be"):
         split_prefs([dict(r, split="dev" if i == 2 else "train") for i, r in enumerate(recs)], 0.2, 0)
-    sub = train_dpo.subsample(recs, 7, seed=0)
-    assert len(sub) == 7 and sub == train_dpo.subsample(recs, 7, seed=0) and train_dpo.subsample(recs, 0, 0) == recs
+    sub = subsample(recs, 7, seed=0)
+    assert len(sub) == 7 and sub == subsample(recs, 7, seed=0) and subsample(recs, 0, 0) == recs
     assert [int(r["_where"][2:]) for r in sub] == sorted(int(r["_where"][2:]) for r in sub)  # file order kept
     with pytest.raises(DataError, match="f:1: missing field 'split'"):
         split_prefs([recs[0]] + with_split[1:], 0.2, 0)
@@ -209,9 +210,9 @@ def test_dpo_pairs_use_the_sampled_ids_when_the_tokenizer_matches():
     rec = {"prompt": "the food was", "chosen": " good", "rejected": " bad .", "chosen_ids": sampled,
            "rejected_ids": tok.encode(" bad .") + [tok.eos_id], "tokenizer_fingerprint": tok.fingerprint(),
            "_where": "f:1"}
-    (p, c, r), = train_dpo.encode_pairs([rec], tok, 64)[0]
+    (p, c, r), = encode_pairs([rec], tok, 64, targets=True)[0]
     assert p == [tok.bos_id] + tok.encode("the food was") and c == sampled
-    (_, c, _), = train_dpo.encode_pairs([dict(rec, tokenizer_fingerprint="other")], tok, 64)[0]
+    (_, c, _), = encode_pairs([dict(rec, tokenizer_fingerprint="other")], tok, 64, targets=True)[0]
     assert c == tok.encode(" good") + [tok.eos_id]  # another tokenizer's ids: the text is encoded
 
 
@@ -249,7 +250,7 @@ TINY_SFT = ["--steps", "3", "--n-train", "64", "--n-val", "8", "--n-samples", "4
             "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "300", "--device", "cpu",
             "--max-new-tokens", "8"]
 TINY_DPO = ["--epochs", "2", "--batch-size", "8", "--log-interval", "1", "--eval-interval", "2",
-            "--n-eval-prompts", "8", "--max-new-tokens", "12", "--device", "cpu"]
+            "--n-eval", "8", "--max-new-tokens", "12", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +286,7 @@ def test_tiny_dpo_run_writes_outputs(sft_run, tmp_path):
     assert "reusing" not in proc.stdout
     # a second run into the same directory reuses the cached reference log-probs (same file, same reference)
     proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(out),
-                      *TINY_DPO, "--epochs", "0.4", "--loss", "ipo", "--n-eval-prompts", "4")
+                      *TINY_DPO, "--epochs", "0.4", "--loss", "ipo", "--n-eval", "4")
     assert "reference log-probs: reusing" in proc.stdout
 
 
@@ -387,7 +388,7 @@ def test_online_pairs_come_from_the_reward_model_not_the_gold_reward(online_runs
     policy, tok, _ = load_policy(online_runs / "sft")
     rm, _, _ = load_scalar(online_runs / "rm")
     a = train_dpo.Args(round_prompts=6, round_k=4, max_new_tokens=10, eval_batch_size=16)
-    pairs, ref, stats = train_dpo.online_pairs(policy, policy, rm, tok, NoGoldTask(), a, 1, "cpu", "float32")
+    pairs, ref, stats = dpo.online_pairs(policy, policy, rm, tok, NoGoldTask(), a, 1, "cpu", "float32")
     assert len(pairs) == stats["n_pairs"] > 0 and ref.shape == (len(pairs), 2)
     # the labels are the RM's ranking: rescoring chosen / rejected gives chosen > rejected on every pair
     prompts = get_task("reviews").sample_prompts("train", 6, seed=1)

@@ -257,10 +257,7 @@ def test_length_batched_passes_return_results_in_input_order():
     """DPO's reference pass and the RM's pair scoring batch by length and put results back in input order: equal
     to scoring each pair alone, and the padding share is reported."""
     import random
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import train_dpo
+    from minirlhf import dpo
     from minirlhf.model import ScalarModel
     from minirlhf.preferences import all_pair_rewards, pair_rewards
     model = tiny_gpt()
@@ -269,10 +266,10 @@ def test_length_batched_passes_return_results_in_input_order():
     pairs = [([BOS] + rand(rng.randint(1, 8)), rand(rng.randint(1, 12)) + [EOS], rand(rng.randint(1, 12)) + [EOS])
              for _ in range(23)]
     stats = {}
-    logps, lens = train_dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", 4, banned=[PAD, BOS], stats=stats)
+    logps, lens = dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", 4, banned=[PAD, BOS], stats=stats)
     for i in (0, 7, 22):
-        alone, n = train_dpo.pair_logps(model, train_dpo.pair_batch(pairs[i:i + 1], PAD, "cpu"), "cpu", "float32",
-                                        banned=[PAD, BOS])
+        alone, n = dpo.pair_logps(model, dpo.pair_batch(pairs[i:i + 1], PAD, "cpu"), "cpu", "float32",
+                                  banned=[PAD, BOS])
         torch.testing.assert_close(logps[i], alone, atol=1e-5, rtol=0)
         assert lens[i].tolist() == n.tolist()
     assert 0 < stats["padding_share"] < 0.5

@@ -572,17 +572,17 @@ def test_sft_rm_ppo_dpo_chain_from_an_imported_gpt2_directory(tmp_path, source):
     assert cfg["model"]["block_size"] == 48 and cfg["model"]["n_layer"] == 2 and cfg["args"]["init_from"] == str(g)
     policy, tok, _ = load_policy(sft)
     assert tok.bos_id == tok.eos_id == model.config.vocab_size - 1 and tok.pad_id == model.config.vocab_size
-    run_script("train_rm.py", "--sft", sft, "--out-dir", rm, "--n-prompts", 16, "--n-test-prompts", 8, "--k", 3,
+    run_script("train_rm.py", "--policy", sft, "--out-dir", rm, "--n-prompts", 16, "--n-test-prompts", 8, "--k", 3,
                "--max-new-tokens", 8, "--epochs", 1, "--batch-size", 8, "--n-norm", 16, "--n-eval", 16,
                "--device", "cpu")
     run_script("train_ppo.py", "--policy", sft, "--reward", rm, "--out-dir", ppo, "--iterations", 2,
-               "--batch-size", 8, "--minibatches", 2, "--ppo-epochs", 1, "--max-new-tokens", 8, "--n-eval", 8,
+               "--batch-size", 8, "--minibatches", 2, "--epochs", 1, "--max-new-tokens", 8, "--n-eval", 8,
                "--device", "cpu")
     run_script("train_dpo.py", "--policy", sft, "--prefs", rm / "prefs.jsonl", "--out-dir", dpo, "--epochs", 1,
-               "--batch-size", 8, "--n-eval-prompts", 4, "--max-new-tokens", 8, "--device", "cpu")
+               "--batch-size", 8, "--n-eval", 4, "--max-new-tokens", 8, "--device", "cpu")
     # the GPT-2 directory itself as DPO's policy and reference (its reference log-probs are keyed on the weights)
     run_script("train_dpo.py", "--policy", g, "--prefs", rm / "prefs.jsonl", "--out-dir", tmp_path / "dpo_hf",
-               "--epochs", 1, "--batch-size", 8, "--n-eval-prompts", 4, "--max-new-tokens", 8, "--device", "cpu")
+               "--epochs", 1, "--batch-size", 8, "--n-eval", 4, "--max-new-tokens", 8, "--device", "cpu")
     assert (tmp_path / "dpo_hf" / "ref_logps.pt").is_file()
     for d in (ppo, dpo):
         out, tok2, _ = load_policy(d)

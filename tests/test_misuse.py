@@ -18,6 +18,7 @@ import train_grpo
 import train_ppo
 import train_rm
 import train_sft
+from minirlhf.preferences import read_collected
 from minirlhf.harness import runs
 from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_run, load_scalar, save_run
 from minirlhf.data import DataError, length_batches, load_pref_jsonl, load_sft_jsonl, read_jsonl
@@ -58,7 +59,7 @@ def snapshot(d: Path) -> dict:
 @pytest.mark.parametrize("script,argv,victim,how", [
     (train_ppo, ["--policy", "{d}/sft", "--reward", "{d}/rm", "--out-dir", "{d}/sft"], "sft", "is the input --policy"),
     (train_grpo, ["--policy", "{d}/sft", "--reward", "{d}/rm", "--out-dir", "{d}/rm"], "rm", "is the input --reward"),
-    (train_rm, ["--sft", "{d}/sft", "--out-dir", "{d}/sft"], "sft", "is the input --sft"),
+    (train_rm, ["--policy", "{d}/sft", "--out-dir", "{d}/sft"], "sft", "is the input --policy"),
     (train_dpo, ["--policy", "{d}/sft", "--prefs", "{d}/rm/prefs.jsonl", "--out-dir", "{d}/rm"], "rm",
      "contains the input --prefs"),
     (evaluate, ["--policies", "{d}/sft", "--ref", "{d}/sft", "--out-dir", "{d}/sft"], "sft", "is the input --policies"),
@@ -330,7 +331,7 @@ def test_damaged_staging_files_of_a_resumed_run_are_one_line(tmp_path):
     for text in ("not json", '{"train": 1}', "[" * 100_000):
         collected.write_text(text)
         with pytest.raises(UserError, match="--resume"):
-            train_rm.read_collected(collected)
+            read_collected(collected)
 
 
 def test_dpo_without_test_pairs_is_one_line(tiny, tmp_path):

@@ -76,7 +76,7 @@ def test_a_tiny_experiment_end_to_end_writes_the_report(tmp_path):
     # prompts, best-of-n up to 4; report.json / report.md / report.png with every RM's curves and fits
     from tests.test_runs import RM, SFT, run_script
     run_script("train_sft.py", "--out-dir", tmp_path / "sft", *SFT, "--steps", "200")
-    ppo = ("--batch-size 8 --minibatches 2 --ppo-epochs 2 --n-eval 8 --device cpu")
+    ppo = ("--batch-size 8 --minibatches 2 --epochs 2 --n-eval 8 --device cpu")
     overopt.main(["--out", str(tmp_path / "exp"), "--sft", str(tmp_path / "sft"), "--rm-pairs", "20", "0",
                   "--ppo-iterations", "4", "--eval-interval", "2", "--eval-prompts", "6", "--bon-max", "4",
                   "--bon-prompts", "5", "--max-new-tokens", "8", "--device", "cpu", "--rm-flags", " ".join(RM + ["--n-prompts", "80", "--k", "4"]),

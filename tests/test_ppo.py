@@ -302,7 +302,7 @@ def tiny_runs(tmp_path_factory):
 def run_ppo(tiny_runs, out, *flags):
     cmd = [sys.executable, "train_ppo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
            "--out-dir", str(out), "--iterations", "3", "--batch-size", "8", "--minibatches", "2",
-           "--ppo-epochs", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", *flags]
+           "--epochs", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", *flags]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

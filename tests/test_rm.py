@@ -220,20 +220,20 @@ def test_pairs_train_on_the_sampled_ids_not_the_re_encoded_text(small_tok, capsy
            "rejected_ids": tok.encode(" bad .") + [tok.eos_id], "tokenizer_fingerprint": tok.fingerprint(),
            "_where": "f:1"}
     prompt = [tok.bos_id] + tok.encode("the food was")
-    (chosen, rejected), = encode_pairs([rec], tok, 64)[0]
-    assert chosen == prompt + sampled and rejected == prompt + tok.encode(" bad .") + [tok.eos_id]
-    assert chosen != prompt + tok.encode(" good") + [tok.eos_id]
+    (p, chosen, rejected), = encode_pairs([rec], tok, 64)[0]
+    assert p == prompt and chosen == sampled and rejected == tok.encode(" bad .") + [tok.eos_id]
+    assert chosen != tok.encode(" good") + [tok.eos_id]
     # the same record from another tokenizer: its ids mean nothing here, the text is encoded (and counted)
     other = dict(rec, tokenizer_fingerprint="0123456789abcdef")
-    (chosen, _), = encode_pairs([other], tok, 64)[0]
-    assert chosen == prompt + tok.encode(" good") + [tok.eos_id]
+    (_, chosen, _), = encode_pairs([other], tok, 64)[0]
+    assert chosen == tok.encode(" good") + [tok.eos_id]
     assert token_id_counts([rec, other, {"prompt": "x", "chosen": "a", "rejected": "b"}], tok) == (1, 1)
     # malformed ids are a FILE:LINE error
     with pytest.raises(DataError, match="f:1: field 'chosen_ids' must be a non-empty list"):
         encode_pairs([dict(rec, chosen_ids=[1.5])], tok, 64)
     with pytest.raises(DataError, match=r"f:1: field 'chosen_ids' must be a non-empty list of token ids in \[0, 320\)"):
         encode_pairs([dict(rec, chosen_ids=[5, 320, tok.eos_id])], tok, 64, vocab_size=320)
-    assert encode_pairs([dict(rec, chosen_ids=[5, 319, tok.eos_id])], tok, 64, vocab_size=320)[0][0][0][-3:] == \
+    assert encode_pairs([dict(rec, chosen_ids=[5, 319, tok.eos_id])], tok, 64, vocab_size=320)[0][0][1][-3:] == \
         [5, 319, tok.eos_id]  # an id past the tokenizer's but inside the model's vocabulary is a valid token
     with pytest.raises(DataError, match="f:1: field 'chosen_ids' has EOS before its last token"):
         encode_pairs([dict(rec, chosen_ids=[tok.eos_id, 5, tok.eos_id])], tok, 64)
@@ -303,7 +303,7 @@ METRIC_KEYS = {"test_accuracy", "bayes_accuracy", "gold_accuracy", "gold_pearson
 
 def test_tiny_run_writes_every_output(tiny_sft, tmp_path):
     out = tmp_path / "rm"
-    res = run_rm("--sft", tiny_sft, "--out-dir", out, "--n-prompts", 24, "--n-test-prompts", 8, "--k", 3,
+    res = run_rm("--policy", tiny_sft, "--out-dir", out, "--n-prompts", 24, "--n-test-prompts", 8, "--k", 3,
                  "--max-new-tokens", 8, "--epochs", 1, "--batch-size", 8, "--n-norm", 32, "--n-eval", 32)
     assert res.returncode == 0, res.stderr[-2000:]
     for name in ("model.pt", "config.json", "tokenizer.json", "prefs.jsonl", "metrics.jsonl", "metrics.json"):
@@ -341,7 +341,7 @@ def test_tiny_run_writes_every_output(tiny_sft, tmp_path):
 
 def test_user_prefs_file_trains_and_reports_accuracy(tiny_sft, tmp_path):
     out = tmp_path / "rm_user"
-    res = run_rm("--sft", tiny_sft, "--out-dir", out, "--prefs", ROOT / "tests/data/prefs_small.jsonl",
+    res = run_rm("--policy", tiny_sft, "--out-dir", out, "--prefs", ROOT / "tests/data/prefs_small.jsonl",
                  "--epochs", 2, "--batch-size", 4, "--n-norm", 16)
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -363,9 +363,9 @@ def test_user_prefs_without_split_hold_out_whole_groups():
 
 
 def test_missing_sft_is_one_clear_error(tmp_path):
-    res = run_rm("--sft", tmp_path / "nope", "--out-dir", tmp_path / "rm")
+    res = run_rm("--policy", tmp_path / "nope", "--out-dir", tmp_path / "rm")
     assert res.returncode == 2
-    assert "--sft" in res.stderr and "Traceback" not in res.stderr
+    assert "--policy" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_subsample_groups_keeps_whole_prompts_and_exact_size():

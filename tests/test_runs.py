@@ -38,7 +38,7 @@ def chain(tmp_path_factory):
     """A tiny SFT run that emits EOS often enough to give preference pairs, and an RM run on it."""
     d = tmp_path_factory.mktemp("chain")
     run_script("train_sft.py", "--out-dir", d / "sft", *SFT, "--steps", "200")
-    run_script("train_rm.py", "--sft", d / "sft", "--out-dir", d / "rm", *RM)
+    run_script("train_rm.py", "--policy", d / "sft", "--out-dir", d / "rm", *RM)
     return d
 
 
@@ -50,13 +50,13 @@ def stage_flags(stage, chain):
     """(script, flags) of a tiny run of each stage, long enough to be killed after its first resume checkpoint."""
     return {
         "sft": ("train_sft.py", [*SFT, "--steps", "80", "--save-interval", "10"]),
-        "rm": ("train_rm.py", ["--sft", chain / "sft", *RM, "--epochs", "30", "--save-interval", "5"]),
+        "rm": ("train_rm.py", ["--policy", chain / "sft", *RM, "--epochs", "30", "--save-interval", "5"]),
         "ppo": ("train_ppo.py", ["--policy", chain / "sft", "--reward", chain / "rm", "--device", "cpu",
-                                 "--iterations", "12", "--batch-size", "8", "--minibatches", "2", "--ppo-epochs", "2",
+                                 "--iterations", "12", "--batch-size", "8", "--minibatches", "2", "--epochs", "2",
                                  "--max-new-tokens", "8", "--n-eval", "8", "--target-kl", "1", "--save-interval", "2"]),
         "dpo": ("train_dpo.py", ["--policy", chain / "sft", "--prefs", chain / "rm" / "prefs.jsonl", "--device", "cpu",
                                  "--epochs", "30", "--batch-size", "2", "--log-interval", "2", "--eval-interval", "4",
-                                 "--n-eval-prompts", "4", "--max-new-tokens", "8", "--save-interval", "5"]),
+                                 "--n-eval", "4", "--max-new-tokens", "8", "--save-interval", "5"]),
     }[stage]
 
 
@@ -241,8 +241,8 @@ def test_unwritable_output_location_is_one_line_before_any_work(tmp_path):
     assert str(blocker) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert time.time() - t < 30
     # an early user error leaves no staging folder behind
-    proc = run_script("train_rm.py", "--sft", tmp_path / "nope", "--out-dir", tmp_path / "rm", check=False)
-    assert proc.returncode == 2 and "--sft" in proc.stderr and not runs.staging_dir(tmp_path / "rm").exists()
+    proc = run_script("train_rm.py", "--policy", tmp_path / "nope", "--out-dir", tmp_path / "rm", check=False)
+    assert proc.returncode == 2 and "--policy" in proc.stderr and not runs.staging_dir(tmp_path / "rm").exists()
     with pytest.raises(UserError, match="reserved"):
         runs.Run(tmp_path / "x.partial", {})
 
@@ -291,12 +291,12 @@ def test_pipeline_compares_resolved_paths(tmp_path):
     # a path stored relative (older runs) is resolved against the current folder
     rm = out / "rm"
     config = json.loads((rm / "config.json").read_text())
-    config["args"]["sft"] = os.path.relpath(config["args"]["sft"], ROOT)
+    config["args"]["policy"] = os.path.relpath(config["args"]["policy"], ROOT)
     (rm / "config.json").write_text(json.dumps(config))
-    argv = ["--sft", str(out / "sft"), "--out-dir", str(rm)]
+    argv = ["--policy", str(out / "sft"), "--out-dir", str(rm)]
     assert pipeline.why_rerun("train_rm.py", argv, rm, "metrics.json", []) == ""
     argv[1] = str(tmp_path / "other")
-    assert "config changed: sft" in pipeline.why_rerun("train_rm.py", argv, rm, "metrics.json", [])
+    assert "config changed: policy" in pipeline.why_rerun("train_rm.py", argv, rm, "metrics.json", [])
 
 
 @pytest.mark.parametrize("flags,message", [(["--n-layr", "2"], "unknown flag --n-layr (no stage"),

@@ -44,7 +44,7 @@ BAD_FLAGS = [
     (train_rm, ["--n-norm", "1"], "--n-norm 1: must be >= 2"),
     (train_ppo, ["--batch-size", "0"], "--batch-size 0: must be > 0"),
     (train_ppo, ["--minibatches", "0"], "--minibatches 0: must be > 0"),
-    (train_ppo, ["--ppo-epochs", "0"], "--ppo-epochs 0: must be > 0"),
+    (train_ppo, ["--epochs", "0"], "--epochs 0: must be > 0"),
     (train_ppo, ["--batch-size", "10", "--minibatches", "4"], "--batch-size 10 must be divisible by --minibatches 4"),
     (train_ppo, ["--temperature", "0"], "--temperature 0.0: must be > 0"),
     (train_ppo, ["--gamma", "1.5"], r"--gamma 1.5: must be in \(0, 1\]"),

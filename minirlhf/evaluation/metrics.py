@@ -23,7 +23,9 @@ import math
 import numpy as np
 import torch
 
+from minirlhf.harness import dist
 from minirlhf.losses import score_with_eos_penalty
+from minirlhf.preferences import pearson, spearman
 from minirlhf.sampling import response_logprob_sums, reward_model_scores, sample_policy
 
 
@@ -228,6 +230,19 @@ def reward_weights(parts, scores, gold_weights: dict) -> dict:
             "gold_weights": dict(gold_weights)}
 
 
+def reward_model_vs_gold(rm, tok, task, samples, batch_size: int, device, dtype) -> dict:
+    """How a reward model ranks fresh samples against the task's hidden gold reward: Pearson and Spearman
+    correlations, its mean score, and how it prices each part of the gold reward (reward_weights). Under torchrun
+    each rank scores its share of the samples."""
+    r = dist.all_gather_objects(reward_model_scores(rm, tok, dist.shard(samples), batch_size, device, dtype))
+    gold = gold_scores(task, samples)
+    out = {"gold_pearson": pearson(r, gold), "gold_spearman": spearman(r, gold), "eval_reward_mean": sum(r) / len(r)}
+    parts = gold_parts(task, samples)
+    if parts:
+        out["gold_part_weights"] = reward_weights(parts, r, task.GOLD_WEIGHTS)
+    return out
+
+
 @torch.no_grad()
 def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_model=None, batch_size: int = 64,
                    device="cpu", dtype="float32", ref_logp=None, missing_eos_penalty: float = None):
@@ -300,6 +315,27 @@ def compare_to_reference(policy, ref, tok, task, prompts, max_new_tokens: int, s
     metrics = policy_metrics(policy, ref, tok, samples, ref_samples, task, reward_model, **kw)
     metrics["sampling_padding_share"] = pad.get("sampling_padding_share", 0.0)
     return metrics, samples
+
+
+def compare_on_test_prompts(policy, ref, tok, task, n: int, max_new_tokens: int, seed: int, device, dtype,
+                            reward_model=None, batch_size: int = 64) -> dict:
+    """A trained policy against the reference on n held-out test prompts of the task (compare_to_reference:
+    paired by prompt, gold reward, temperature 1); prints a few samples. {} without a task (no gold reward)."""
+    if task is None:
+        return {}
+    metrics, samples = compare_to_reference(policy, ref, tok, task, task.sample_prompts("test", n, seed=seed),
+                                            max_new_tokens, seed=seed, batch_size=batch_size, device=device,
+                                            dtype=dtype, reward_model=reward_model)
+    print_samples(samples)
+    return metrics
+
+
+def print_samples(samples, n: int = 5):
+    """The first n samples as `prompt | response [no EOS] | gold` lines (gold when the samples carry it)."""
+    print("samples on held-out prompts (prompt | response" + (" | gold):" if "gold" in samples[0] else "):"))
+    for s in samples[:n]:
+        gold = f" | {s['gold']:+.2f}" if "gold" in s else ""
+        print(f"  {s['prompt']!r} | {s['response']!r}{'' if s['eos'] else '  [no EOS]'}{gold}")
 
 
 @torch.no_grad()

@@ -19,17 +19,6 @@ from minirlhf.harness.files import finite_json
 from minirlhf.utils import UserError, check
 
 
-def check_flags(a, rules: dict):
-    for name, (ok, what) in rules.items():
-        value = getattr(a, name)
-        check(ok(value), f"--{name.replace('_', '-')} {value}: must be {what}")
-
-
-POSITIVE = (lambda v: v > 0, "> 0")
-NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
-
-
 def arg(default, help: str, must: str = None, choices: tuple = None):
     """An Args field: its default, its one-line --help, and what a value must be, checked by parse_args before any
     work: `must` is "> 0", ">= 2 (why)", "in [0, 1)" (the why, if any, goes into the error), `choices` a tuple."""

@@ -11,8 +11,9 @@ helper below is the identity, so a one-process run computes exactly what it comp
 How the scripts use it (data parallelism, DistributedDataParallel):
   * every rank draws the same global batch (same seed), takes its shard (shard()), and DDP averages the gradients.
     A loss that is a mean per rank is then not the global mean when shards differ in size (tokens, pairs), so the
-    scripts normalise by the global count: loss_r = sum_r / (count_global / world) (the notes' torchrun section).
-  * statistics that define the update (PPO's advantage whitening, the KL fed to the adaptive beta) are all-reduced.
+    scripts normalise by the global count (global_mean).
+  * statistics that define the update (PPO's advantage whitening, the KL fed to the adaptive beta) are all-reduced
+    (losses.masked_* with all_reduce=dist.all_reduce_sum).
   * sampling is sharded by batch index (each batch keeps its own seed), results are gathered in order.
   * only rank 0 prints, shows progress, writes metrics, checkpoints and the run directory (runs.Run).
 A failing rank raises as usual (utils.run: one line, exit 2); torchrun then stops the other ranks, and the
@@ -108,9 +109,27 @@ def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     return t
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a new tensor; `t` itself is left alone). World size 1: `t` as it is."""
-    return _all_reduce(t, tdist.ReduceOp.SUM)
+def all_reduce_sum(t):
+    """Sum over ranks of a tensor (a new one; `t` itself is left alone) or a number. World size 1: `t` as it is."""
+    if not enabled() or isinstance(t, torch.Tensor):
+        return _all_reduce(t, tdist.ReduceOp.SUM)
+    return _all_reduce(torch.tensor(t, dtype=torch.float64), tdist.ReduceOp.SUM).item()
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a per-rank number (e.g. the logged loss). World size 1: `t` as it is."""
+    return all_reduce_sum(t) / _world if enabled() else t
+
+
+def global_mean(loss: torch.Tensor, count) -> torch.Tensor:
+    """A loss that is a mean over this rank's `count` items (tokens, pairs) -> its share of the mean over the global
+    batch: loss * count * world / (global count). DDP averages the ranks' gradients, so the shares add up to the
+    global batch's mean, also when the ranks hold different numbers of items (a plain per-rank mean would weight
+    their items unequally). World size 1: `loss` as it is."""
+    if not enabled():
+        return loss
+    count = torch.as_tensor(count, dtype=torch.float32, device=loss.device)
+    return loss * (count * _world / all_reduce_sum(count).clamp(min=1))
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
@@ -180,43 +199,3 @@ def check_identical(*models) -> bool:
         flat = torch.cat([p.detach().float().flatten() for p in m.state_dict().values() if p.is_floating_point()])
         ok &= bool(torch.equal(all_reduce_max(flat), flat) and torch.equal(-all_reduce_max(-flat), flat))
     return ok
-
-
-# ----------------------------------------------------------------------------------------------- global statistics
-# The one-process functions in losses.py stay pure; these add the reduction around them: sums and counts are
-# all-reduced, so every rank gets the statistic of the whole (global) batch. World size 1: losses.py's own result.
-def masked_mean(x, mask):
-    """Mean of x over valid positions of all ranks' batches (a 0-d tensor, the same on every rank)."""
-    from minirlhf import losses
-    if not enabled():
-        return losses.masked_mean(x, mask)
-    mask = mask.to(x.dtype)
-    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
-    return s[0] / s[1].clamp(min=1)
-
-
-def masked_var(x, mask, unbiased: bool = True):
-    """losses.masked_var over all ranks' valid positions (two-pass: global mean first, then the squares)."""
-    from minirlhf import losses
-    if not enabled():
-        return losses.masked_var(x, mask, unbiased)
-    mean = masked_mean(x, mask)
-    n = all_reduce_sum(mask.to(x.dtype).sum())
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
-    """losses.masked_whiten with the global mean and variance: whitened advantages (and rewards) are the same
-    numbers as one process whitening the whole rollout batch (Huang et al. 2024: the statistics define the
-    update, so every rank must use the same ones)."""
-    from minirlhf import losses
-    if not enabled():
-        return losses.masked_whiten(x, mask, shift_mean, eps)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask

@@ -1,0 +1,214 @@
+"""DPO's pieces around its loss: the pairs as batches, their log-probs under a policy, the reference log-probs computed
+once and cached, the per-batch objective with the usual diagnostics, and the fresh pairs of online rounds.
+
+Rafailov et al. 2023 (2305.18290) show that the KL-regularised RLHF objective max E[r] - beta KL(pi || ref) has the
+optimum pi*(y|x) = ref(y|x) exp(r(x, y) / beta) / Z(x), so r = beta log(pi / ref) + beta log Z(x). Put this
+"implicit reward" into the Bradley-Terry likelihood of the labels and Z cancels: the policy is fitted to the
+preferences directly, by a classification loss on delta = log-ratio(chosen) - log-ratio(rejected) (losses.py).
+
+The reference is the starting policy. Its log-probs of every chosen/rejected response are computed once before
+training and cached in the run directory (ref_logps.pt), so no second model sits in memory while training.
+Online / iterative DPO (Xu et al. 2024, 2404.10719; Xiong et al. 2024, 2312.11456): each round after the first
+samples fresh responses from the *current* policy, lets the learned reward model (never the gold reward) rank
+them, and trains on those pairs against the same fixed reference.
+"""
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from minirlhf.data import collate_sft, length_batches
+from minirlhf.harness import dist
+from minirlhf.harness.files import torch_save
+from minirlhf.losses import preference_loss
+from minirlhf.preferences import encode_pairs, rank_pairs
+from minirlhf.sampling import reward_model_scores, sample_many
+from minirlhf.scoring import token_logprobs
+from minirlhf.utils import UserError, autocast
+
+
+def pair_batch(pairs, pad_id: int, device):
+    """One batch of 2B sequences: the B chosen, then the B rejected, in the SFT layout (BOS + prompt + response,
+    right-padded, loss_mask on response tokens and EOS). Right padding with plain causal attention gives the
+    same positions and logits as the left-padded scoring layout, and every sequence fits the context."""
+    return collate_sft([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad_id, device)
+
+
+def pair_logps(model, batch, device, dtype, banned=None):
+    """One forward over chosen and rejected together. Returns summed log-probs (2B,) and response lengths (2B,).
+    The log-probs come from scoring.token_logprobs: lm_head in float32, a chunk of positions at a time (no full
+    (2B, T, V) float32 logits), and in training each chunk is recomputed in the backward instead of stored.
+    banned: the unsampleable ids (Tokenizer.unsampleable_ids), so DPO's log-probs are those of the distribution
+    the policy is sampled from."""
+    with autocast(device, dtype):
+        h = model(batch["idx"], hidden=True)  # (2B, T, C)
+        logp = token_logprobs(h, model.lm_head.weight, batch["targets"], banned=banned)  # (2B, T) float32
+    mask = batch["loss_mask"]
+    return logp.masked_fill(mask == 0, 0.0).sum(1), mask.sum(1)  # masked_fill: PAD targets are banned (-inf)
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None, seed: int = 0, stats: dict = None):
+    """Log-probs and lengths of every pair: two tensors (N, 2), column 0 = chosen, 1 = rejected, in the order of
+    `pairs`. Pairs are batched by length (data.length_batches) so little of each forward is padding; stats
+    receives "padding_share" (padding / all positions of those forwards)."""
+    was_training = model.training
+    model.eval()
+    N = len(pairs)
+    logps, lens = torch.zeros(N, 2, device=device), torch.zeros(N, 2, device=device)
+    lengths = [len(p) + max(len(c), len(r)) - 1 for p, c, r in pairs]  # the batch width this pair needs
+    batches = length_batches(lengths, batch_size, seed=seed)
+    real = total = 0
+    for idx in batches:
+        chunk = [pairs[i] for i in idx]
+        batch = pair_batch(chunk, pad_id, device)
+        lp, n = pair_logps(model, batch, device, dtype, banned)
+        rows = torch.tensor(idx, device=device)
+        logps[rows], lens[rows] = torch.stack(lp.split(len(chunk)), 1), torch.stack(n.split(len(chunk)), 1)
+        real += sum(len(p) + len(c) + len(p) + len(r) - 2 for p, c, r in chunk)
+        total += batch["idx"].numel()
+    if stats is not None:
+        stats["padding_share"] = 1.0 - real / total if total else 0.0
+    model.train(was_training)
+    return logps, lens
+
+
+def reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out: Path, also=()):
+    """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy (before any
+    update) and cached in the run directory `out`; the cache is reused only when the prefs file, the reference
+    weights and the split are the same. A cache in one of the folders `also` (the finished run a rerun will
+    replace) is reused too, and copied into `out`. The key hashes the loaded weights, not a file, so a Hugging Face
+    directory (safetensors) as --policy is keyed like a run directory."""
+    h = hashlib.sha256(Path(a.prefs).read_bytes())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype,
+                         "banned-unsampleable"]).encode())  # log-probs over the sampling distribution
+    key, cache = h.hexdigest(), out / "ref_logps.pt"
+    hit = None
+    for found in [cache] + [Path(d) / "ref_logps.pt" for d in also] if dist.is_main() else []:
+        if not found.is_file():
+            continue
+        try:
+            saved = torch.load(found, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable (e.g. a damaged file): recompute it
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
+            print(f"reference log-probs: reusing {found}")
+            if found != cache:
+                torch_save(cache, saved)
+            hit = saved
+            break
+    hit = dist.broadcast_object(hit)  # under torchrun: rank 0's cache, so every rank decides alike
+    if hit is not None:
+        return hit["train"].to(device), hit["test"].to(device)
+    t0 = time.time()
+    pad = {}
+    banned = tok.unsampleable_ids(model.config.vocab_size)
+    # under torchrun each rank scores a contiguous share of the pairs; all_gather_cat puts them back in order
+    ref_train, _ = all_pair_logps(model, dist.shard(train_pairs), tok.pad_id, device, dtype, a.eval_batch_size,
+                                  banned, stats=pad)
+    ref_test, _ = all_pair_logps(model, dist.shard(test_pairs), tok.pad_id, device, dtype, a.eval_batch_size, banned)
+    ref_train, ref_test = dist.all_gather_cat(ref_train), dist.all_gather_cat(ref_test)
+    if dist.is_main():
+        torch_save(cache, {"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()})
+    print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t0:.1f}s -> {cache} "
+          f"(padding {pad.get('padding_share', 0.0):.0%} of the train pass)")
+    return ref_train, ref_test
+
+
+def global_divisors(chosen_mask, n_pairs: int) -> dict:
+    """Under torchrun, dpo_step_loss's divisors (global pair and chosen-token counts / world size): DDP averages the
+    gradients, so the ranks together follow the gradient of the global batch's loss, also when their shards hold
+    different numbers of tokens. {} in one process: the batch's own counts."""
+    if not dist.enabled():
+        return {}
+    n_tok = dist.all_reduce_sum(chosen_mask.sum())
+    return dict(n_pairs=n_pairs / dist.world_size(), n_tokens=n_tok.clamp(min=1) / dist.world_size())
+
+
+def dpo_step_loss(logps, lens, ref, a, n_pairs=None, n_tokens=None):
+    """The training objective and the usual DPO diagnostics for one batch.
+
+    n_pairs, n_tokens: the divisors of the pair means and of the chosen responses' per-token NLL, by default this
+    batch's counts. Under torchrun each rank passes (global count) / world size: DDP averages the gradients over
+    ranks, so the ranks together then follow the gradient of the whole global batch's loss, also when their
+    shards hold different numbers of tokens; loss and stats are this rank's part (their sum over ranks divided
+    by the world size is the global batch's value).
+
+    logps, lens (2B,) = policy log-probs and lengths of [chosen; rejected]; ref (B, 2) reference log-probs.
+    Returns (loss, stats), stats as 0-d tensors (stats_to_host turns them into floats): rewards/* = beta * log-ratio (the implicit reward of Rafailov et al., eq. 5, up to
+    beta log Z(x)); accuracy = share of pairs whose implicit reward ranks chosen first (ties half)."""
+    B = ref.size(0)
+    pi_c, pi_r = logps[:B], logps[B:]
+    ref_c, ref_r = ref[:, 0], ref[:, 1]
+    if a.loss == "ipo" and a.ipo_length_average:  # per-token log-ratios: the margin no longer grows with length
+        n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
+        pi_c, pi_r, ref_c, ref_r = pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r
+    losses = preference_loss(a.loss, pi_c, pi_r, ref_c, ref_r, a.beta, a.label_smoothing)  # (B,)
+    mean = (lambda x: x.mean()) if n_pairs is None else (lambda x: x.sum() / n_pairs)
+    loss = mean(losses)
+    # per-token NLL of the chosen responses (as SFT's loss)
+    nll = -logps[:B].sum() / (lens[:B].sum().clamp(min=1) if n_tokens is None else n_tokens)
+    if a.nll_coef:
+        loss = loss + a.nll_coef * nll
+    with torch.no_grad():  # tensors, not floats: no host sync per step (stats_to_host once per log step)
+        r_c, r_r = a.beta * (pi_c - ref_c), a.beta * (pi_r - ref_r)
+        stats = {"loss": loss.detach(), "pref_loss": mean(losses), "nll_chosen": nll.detach(),
+                 "rewards/chosen": mean(r_c), "rewards/rejected": mean(r_r),
+                 "rewards/accuracy": mean((r_c > r_r).float() + 0.5 * (r_c == r_r).float()),
+                 "rewards/margin": mean(r_c - r_r),
+                 "logps/chosen": mean(logps[:B]), "logps/rejected": mean(logps[B:])}
+    return loss, stats
+
+
+def stats_to_host(stats: dict) -> dict:
+    """{name: 0-d tensor} -> {name: float} in one device-to-host transfer."""
+    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
+
+
+@torch.no_grad()
+def test_pair_stats(model, pairs, ref, a, tok, device, dtype):
+    """The same diagnostics on the test pairs (pair-weighted means over all of them), prefixed 'test/'."""
+    pad = {}
+    logps, lens = all_pair_logps(model, pairs, tok.pad_id, device, dtype, a.eval_batch_size,
+                                 tok.unsampleable_ids(model.config.vocab_size), stats=pad)
+    _, stats = dpo_step_loss(torch.cat([logps[:, 0], logps[:, 1]]), torch.cat([lens[:, 0], lens[:, 1]]), ref, a)
+    return {f"test/{k}": v for k, v in {**stats_to_host(stats), **pad}.items()}
+
+
+def online_pairs(model, ref_model, reward_model, tok, task, a, rnd: int, device, dtype, out: Path = None):
+    """The pairs of online round `rnd` (1 = the first after the offline one): --round-k samples per prompt of
+    --round-prompts fresh task train prompts from the *current* policy `model`, labelled by the reward model
+    (preferences.rank_pairs; the gold reward is never asked), and their reference log-probs (N, 2) from the frozen
+    `ref_model`, the same reference as the offline round. Writes the pairs to out/round<rnd+1>_prefs.jsonl.
+    Returns (pairs, ref log-probs, stats)."""
+    seed = a.seed * 1000 + rnd  # a new sample of prompts and responses each round
+    prompts = task.sample_prompts("train", a.round_prompts, seed=seed)
+    was_training = model.training
+    model.eval()
+    samples = sample_many(model, tok, [p for p in prompts for _ in range(a.round_k)], a.max_new_tokens, seed,
+                          a.eval_batch_size, device, dtype, desc=f"round {rnd + 1} samples")
+    model.train(was_training)
+    scores = reward_model_scores(reward_model, tok, samples, a.eval_batch_size, device, dtype)
+    records, stats = rank_pairs(prompts, samples, scores, a.round_k, a.round_pairs, tok.fingerprint())
+    if not records:
+        raise UserError(f"online round {rnd + 1}: none of the {len(samples)} samples formed a pair (no two distinct "
+                        f"EOS-ended responses of one prompt): raise --round-k or --max-new-tokens")
+    if out is not None:
+        with open(out / f"round{rnd + 1}_prefs.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    for r in records:
+        r["_where"] = f"round {rnd + 1} pair"
+    pairs, _ = encode_pairs(records, tok, model.config.block_size, model.config.vocab_size, targets=True)
+    ref, _ = all_pair_logps(ref_model, pairs, tok.pad_id, device, dtype, a.eval_batch_size,
+                            tok.unsampleable_ids(model.config.vocab_size), seed=seed)
+    stats["eos_rate"] = sum(s["eos"] for s in samples) / len(samples)
+    stats["rm_mean"] = sum(scores) / len(scores)
+    print(f"round {rnd + 1}: {len(pairs)} pairs labelled by {a.reward} from {stats['n_samples']} samples of the "
+          f"current policy (EOS {stats['eos_rate']:.3f}, RM mean {stats['rm_mean']:+.3f})")
+    return pairs, ref, stats
