@@ -314,7 +314,7 @@ def main(argv=None):
     # independent SFT samples, so its win rate is ~0.5 by construction -- a built-in sanity check).
     # Under torchrun the sampling (the costly, token-by-token part) is sharded across the ranks and gathered; the
     # scoring passes then run on every rank over all samples, and rank 0 writes the one report.
-    shard = dict(distributed=dist.enabled())
+    shard = dict(distributed=True)
     ref_samples = sample_policy(ref, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed + 1, **kw, **shard)
     report = {"ref": a.ref, "task": None if task is None else a.task, "gold": task is not None,
               "n_prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "policies": {}}

@@ -38,7 +38,7 @@ from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zer
 from minirlhf.rollout import collect_rollout, training_prompts
 from minirlhf.scoring import response_logprobs
 from minirlhf.tasks import get_task
-from minirlhf.utils import autocast, check
+from minirlhf.utils import autocast, check, linear_lr
 
 
 @dataclass
@@ -118,8 +118,8 @@ def main(argv=None):
 
     bar = st.steps(a.iterations, a.baseline)
     for it in bar:
-        for group in opt.param_groups:  # linear lr annealing
-            group["lr"] = a.lr * (1.0 - it / a.iterations)
+        for group in opt.param_groups:
+            group["lr"] = linear_lr(it, a.iterations, a.lr)
 
         # ================================================================ rollout (no gradients)
         t_roll = time.time()

@@ -31,7 +31,7 @@ from minirlhf.rollout import collect_rollout, training_prompts
 from minirlhf.sampling import sample_policy
 from minirlhf.scoring import response_logprobs, response_values
 from minirlhf.tasks import get_task
-from minirlhf.utils import autocast, check
+from minirlhf.utils import autocast, check, linear_lr
 
 
 @dataclass
@@ -136,8 +136,8 @@ def main(argv=None):
 
     bar = st.steps(a.iterations, "ppo")
     for it in bar:
-        for group, lr in zip(opt.param_groups, base_lrs):  # linear lr annealing (CleanRL's anneal_lr)
-            group["lr"] = lr * (1.0 - it / a.iterations)
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = linear_lr(it, a.iterations, lr)
         beta = kl_ctl.value
 
         # ================================================================ rollout (no gradients)

@@ -82,7 +82,7 @@ def main(argv=None):
     policy, tok, _ = load_policy(a.policy, "--policy", device)  # the policy whose samples are compared
     policy.eval()
     cfg = policy.config  # dropout already forced to 0 by load_run
-    kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype, distributed=True)
+    kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype)
 
     # ---- preference pairs: collected from the simulated human, or the user's file; as (chosen, rejected) sequences
     train_recs, train_pairs, test_recs, test_pairs, stats, norm_prompts, task_file = preference_records(
@@ -161,8 +161,7 @@ def main(argv=None):
     # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences), on the samples
     # that ended with EOS only (the RM never saw cut-off responses; PPO replaces their score)
     norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
-    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype,
-                                                       distributed=True)
+    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype)
     print(f"reward normalised on {n_norm_used} of {len(norm_samples)} fresh SFT samples (those that ended with EOS)")
     metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item(),
                    n_norm_used=n_norm_used)

@@ -206,16 +206,6 @@ class FixedKLController:
 # and h_r likewise, every loss below is a function of the margin  delta = h_c - h_r  (Rafailov et al. 2023, 2305.18290).
 
 
-def token_logps(logits, targets, mask):
-    """Log-prob of each target token, (B, T), float32, 0 where mask is 0.
-
-    logits (B, T, V) (any dtype: the log-softmax runs in float32, since bf16 loses the small differences DPO's
-    margin is made of; TRL #878), targets (B, T) long, mask (B, T) = 1 on response tokens. Logits at masked
-    positions (prompt, padding) never reach the result."""
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    return logp.masked_fill(mask == 0, 0.0)
-
-
 def dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
     """delta = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)), (B,)."""
     return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)

@@ -32,6 +32,7 @@ from minirlhf.data import (DataError, encode_prompt, encode_response, length_bat
 from minirlhf.harness import dist
 from minirlhf.harness.files import read_json, write_json
 from minirlhf.sampling import reward_model_scores, sample_many
+from minirlhf.scoring import last_index
 from minirlhf.utils import UserError, autocast
 
 
@@ -120,12 +121,12 @@ def rank_pairs(prompts, samples, scores, k: int, pairs: str = "all", tokenizer_f
 
 
 def collect_preferences(policy, tok, task, prompts, k: int, max_new_tokens: int, split: str, seed: int = 0,
-                        batch_size: int = 512, device="cpu", dtype="float32", distributed: bool = False):
+                        batch_size: int = 512, device="cpu", dtype="float32"):
     """Sample k responses per prompt from `policy` and label their pairs (label_pairs). Returns (records, stats).
-    distributed: sample_many's sharded sampling (the same records as one process, on every rank)."""
+    Under torchrun sample_many shares the sampling out (the same records as one process, on every rank)."""
     # k copies of each prompt next to each other: sample i answers prompt i // k.
     samples = sample_many(policy, tok, [p for p in prompts for _ in range(k)], max_new_tokens, seed, batch_size,
-                          device, dtype, desc=f"collect {split}", distributed=distributed)
+                          device, dtype, desc=f"collect {split}")
     return label_pairs(task, prompts, samples, k, split, seed, tokenizer_fingerprint=tok.fingerprint())
 
 
@@ -307,22 +308,28 @@ def sequence_rewards(rm, seqs, pad_id: int, device="cpu"):
     the [prompt left-padded | response right-padded] layout (tests/test_rm.py checks it)."""
     ids, mask = right_pad(seqs, pad_id, device)  # (N, T)
     scores = rm(ids)  # (N, T) float32
-    return scores.gather(1, (mask.sum(1) - 1)[:, None]).squeeze(1)
+    return scores.gather(1, last_index(mask)[:, None]).squeeze(1)
 
 
-def pair_rewards(rm, pairs, pad_id: int, device="cpu"):
-    """(r_chosen, r_rejected), each (B,), for [(chosen_seq, rejected_seq)]. Every distinct sequence goes through
-    the model once, in one forward: with all pairs of a prompt in the batch, k responses serve k(k-1)/2 pairs."""
+def distinct_sequences(pairs):
+    """The distinct sequences of [(chosen_seq, rejected_seq)] and, per pair, the positions of its two among them:
+    (seqs, chosen index list, rejected index list). With all pairs of a prompt together, k responses serve
+    k(k-1)/2 pairs, and each is scored once."""
     index, seqs = {}, []
     for pair in pairs:
         for s in pair:
             if tuple(s) not in index:
                 index[tuple(s)] = len(seqs)
                 seqs.append(s)
+    return seqs, [index[tuple(c)] for c, _ in pairs], [index[tuple(rj)] for _, rj in pairs]
+
+
+def pair_rewards(rm, pairs, pad_id: int, device="cpu"):
+    """(r_chosen, r_rejected), each (B,), for [(chosen_seq, rejected_seq)]: every distinct sequence (of
+    distinct_sequences) goes through the model once, in one forward."""
+    seqs, ic, ir = distinct_sequences(pairs)
     r = sequence_rewards(rm, seqs, pad_id, device)  # (U,)
-    ic = torch.tensor([index[tuple(c)] for c, _ in pairs], device=r.device)
-    ir = torch.tensor([index[tuple(rj)] for _, rj in pairs], device=r.device)
-    return r[ic], r[ir]
+    return r[torch.tensor(ic, device=r.device)], r[torch.tensor(ir, device=r.device)]
 
 
 @torch.no_grad()
@@ -333,12 +340,7 @@ def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu"
     (data.length_batches); stats receives "padding_share" (padding tokens / all tokens of those batches)."""
     was_training = rm.training
     rm.eval()
-    index, seqs = {}, []
-    for pair in pairs:
-        for seq in pair:
-            if tuple(seq) not in index:
-                index[tuple(seq)] = len(seqs)
-                seqs.append(seq)
+    seqs, ic, ir = distinct_sequences(pairs)
     lengths = [len(seq) for seq in seqs]
     batches = length_batches(lengths, batch_size, seed=seed)
     r = torch.zeros(len(seqs))
@@ -348,9 +350,7 @@ def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu"
     if stats is not None:
         stats["padding_share"] = padding_share(lengths, batches)
     rm.train(was_training)
-    ic = torch.tensor([index[tuple(c)] for c, _ in pairs], dtype=torch.long)
-    ir = torch.tensor([index[tuple(rj)] for _, rj in pairs], dtype=torch.long)
-    return r[ic], r[ir]
+    return r[torch.tensor(ic, dtype=torch.long)], r[torch.tensor(ir, dtype=torch.long)]
 
 
 # ----------------------------------------------------------------------------------------------- normalisation
@@ -370,8 +370,7 @@ def set_normalisation(rm, rewards):
     return mean, std
 
 
-def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32",
-                      distributed: bool = False):
+def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32"):
     """set_normalisation on the reward model's scores of the EOS-ended `samples` (dicts from sample_policy) only:
     the RM never trained on responses that were cut off, and PPO replaces their score by a fixed penalty anyway,
     so their (meaningless) scores must not set the units. Returns (raw mean, raw std, number of samples used);
@@ -380,10 +379,8 @@ def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dty
     if not ended:
         raise DataError(f"none of the {len(samples)} normalisation samples ended with EOS within the budget "
                         "(raise --max-new-tokens, or train the SFT model longer)")
-    if distributed:  # each rank scores its share, every rank gets all scores (and so the same gain and bias)
-        scores = dist.all_gather_objects(reward_model_scores(rm, tok, dist.shard(ended), batch_size, device, dtype))
-    else:
-        scores = reward_model_scores(rm, tok, ended, batch_size, device, dtype)
+    # under torchrun each rank scores its share, every rank gets all scores (and so the same gain and bias)
+    scores = dist.sharded(lambda mine: reward_model_scores(rm, tok, mine, batch_size, device, dtype), ended)
     mean, std = set_normalisation(rm, scores)
     return mean, std, len(ended)
 

@@ -44,14 +44,11 @@ def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float =
     (Tokenizer.unsampleable_ids), so tok.decode(tokens) is exactly the response. compile: the compiled decode
     step (generation.generate). stats: a dict that receives "sampling_padding_share" (padding / all positions
     the model computed).
-    distributed: under torchrun each rank samples a contiguous share of the prompts, with its own stream (seed,
-    rank), and every rank gets all samples in prompt order (stats: this rank's share). Other samples than one
-    process draws (another stream), the same distribution; without torchrun the flag changes nothing."""
+    distributed: under torchrun the batches are shared out across the ranks as sample_many does (every rank gets
+    all samples); without torchrun the flag changes nothing."""
     if distributed and dist.enabled():
-        r = dist.shard_range(len(prompts))
-        mine = sample_policy(model, tok, prompts[r.start:r.stop], max_new_tokens, temperature, top_k, top_p,
-                             batch_size, seed * 1_000_003 + dist.rank(), device, dtype, compile, stats)
-        return dist.all_gather_objects(mine)
+        return sample_many(model, tok, prompts, max_new_tokens, seed, batch_size, device, dtype, compile=compile,
+                           stats=stats, temperature=temperature, top_k=top_k, top_p=top_p)
     gen = torch.Generator(device=device).manual_seed(seed)
     banned = unsampleable_mask(tok, model, device)
     encoded = [encode_prompt(tok, p, model.config.block_size) for p in prompts]
@@ -134,27 +131,23 @@ def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dt
 # ----------------------------------------------------------------------------------------------- collection
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
                 dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None,
-                distributed: bool = False):
-    """evaluation.sample_policy at temperature 1 (no top-k/top-p) over a long prompt list, with a progress bar on a terminal, in the
-    order of `prompts`. Prompts are batched by length (data.length_batches, windows of 16 batches, seeded) and
-    batch i is sampled with seed (seed, i), so the result depends on the seed and batch size only. compile and
-    stats: as in sample_policy.
-    distributed: under torchrun each rank samples a contiguous share of the batches and all ranks get all samples.
-    A batch keeps its prompts and its seed (seed, i) whichever rank samples it, so the result is the one-process
-    result (same samples, token for token, on the same kind of device; stats then count this rank's share)."""
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """sample_policy over a long prompt list, with a progress bar on a terminal, in the order of `prompts`. Prompts
+    are batched by length (data.length_batches, windows of 16 batches, seeded) and batch i is sampled with seed
+    (seed, i), so the result depends on the seed and batch size only. Under torchrun each rank samples a
+    contiguous share of the batches and every rank gets all samples: a batch keeps its prompts and its seed
+    whichever rank samples it, so the result is the one-process result (token for token on the same kind of
+    device; stats then count this rank's share)."""
     lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
     out = [None] * len(prompts)
     batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)
-    mine = dist.shard_range(len(batches)) if distributed else range(len(batches))
     done = []  # (prompt index, sample) of this rank's batches
-    for i in progress(mine, desc=desc, leave=False):
+    for i in progress(dist.shard_range(len(batches)), desc=desc, leave=False):
         idx = batches[i]
-        got = sample_policy(policy, tok, [prompts[j] for j in idx], max_new_tokens, temperature=1.0,
+        got = sample_policy(policy, tok, [prompts[j] for j in idx], max_new_tokens, temperature, top_k, top_p,
                             batch_size=batch_size, seed=seed * 1_000_003 + i, device=device, dtype=dtype,
                             compile=compile, stats=stats)
         done += zip(idx, got)
-    if distributed:
-        done = dist.all_gather_objects(done)
-    for j, sample in done:
+    for j, sample in dist.all_gather_objects(done):
         out[j] = sample
     return out

@@ -32,6 +32,11 @@ def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_step
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def linear_lr(step: int, total_steps: int, lr: float) -> float:
+    """lr annealed linearly to 0 at total_steps (CleanRL's anneal_lr; the RL stages)."""
+    return lr * (1.0 - step / total_steps)
+
+
 def adamw(model, lr: float, weight_decay: float, device: str):
     """AdamW with weight decay on matrices only (not on biases and LayerNorm gains); fused kernels on CUDA."""
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -17,11 +17,11 @@ sys.path.insert(0, str(ROOT))  # train_dpo.py is a script at the repository root
 import train_dpo  # noqa: E402
 from minirlhf.harness.checkpoint import load_policy  # noqa: E402
 from minirlhf.data import DataError, left_pad, right_pad  # noqa: E402
-from minirlhf.losses import dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss, token_logps  # noqa: E402
+from minirlhf.losses import dpo_sigmoid_loss, hinge_loss, ipo_loss, preference_loss  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf import dpo  # noqa: E402
 from minirlhf.preferences import encode_pairs, split_prefs, subsample  # noqa: E402
-from minirlhf.scoring import response_logprobs  # noqa: E402
+from minirlhf.scoring import response_logprobs, token_logprobs  # noqa: E402
 from minirlhf.tasks import get_task  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the subprocess runs share a small CPU
@@ -88,27 +88,22 @@ def test_loss_gradient_raises_chosen_and_lowers_rejected(kind):
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
-def test_token_logps_ignore_prompt_and_padding_logits():
+def test_token_logprobs_match_a_naive_log_softmax_position_by_position():
+    """scoring.token_logprobs, which DPO's pair log-probs sum over response tokens: a float32 log-softmax of the
+    lm_head's logits, position by position, also across the chunks it computes them in."""
     g = torch.Generator().manual_seed(0)
-    B, T, V = 3, 9, 11
-    logits = torch.randn(B, T, V, generator=g)
+    B, T, C, V = 3, 9, 5, 11
+    h, weight = torch.randn(B, T, C, generator=g), torch.randn(V, C, generator=g)
     targets = torch.randint(V, (B, T), generator=g)
-    mask = torch.zeros(B, T)
-    mask[0, 2:7], mask[1, 4:9], mask[2, 1:3] = 1, 1, 1  # prompt before, padding after
-    lp = token_logps(logits, targets, mask)
-    naive = torch.zeros(B, T)
-    for b in range(B):
-        for t in range(T):
-            if mask[b, t]:
-                naive[b, t] = logits[b, t].log_softmax(-1)[targets[b, t]]
-    assert torch.allclose(lp, naive, atol=1e-6)
-    changed = logits.clone()
-    changed[mask == 0] = 100 * torch.randn(int((mask == 0).sum()), V, generator=g)
-    assert torch.equal(token_logps(changed, targets, mask), lp)  # prompt/padding logits never reach the result
-    changed = logits.clone()
-    changed[0, 3, 0] += 5.0  # a response position does
-    assert not torch.allclose(token_logps(changed, targets, mask)[0], lp[0])
-    assert token_logps(logits.bfloat16(), targets, mask).dtype == torch.float32
+    lp = token_logprobs(h, weight, targets, chunk_rows=4)  # chunks of 4 of the 27 positions: across rows
+    naive = torch.tensor([[(h[b, t] @ weight.T).log_softmax(-1)[targets[b, t]].item() for t in range(T)]
+                          for b in range(B)])
+    assert torch.allclose(lp, naive, atol=1e-5)
+    changed = h.clone()
+    changed[0, 3] += 1.0  # one position's hidden state moves that position's log-prob only
+    moved = token_logprobs(changed, weight, targets, chunk_rows=4) != lp
+    assert moved[0, 3] and moved.sum() == 1
+    assert token_logprobs(h.bfloat16(), weight.bfloat16(), targets).dtype == torch.float32
 
 
 def tiny_gpt(seed=0, vocab=32):

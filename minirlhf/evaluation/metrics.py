@@ -234,7 +234,7 @@ def reward_model_vs_gold(rm, tok, task, samples, batch_size: int, device, dtype)
     """How a reward model ranks fresh samples against the task's hidden gold reward: Pearson and Spearman
     correlations, its mean score, and how it prices each part of the gold reward (reward_weights). Under torchrun
     each rank scores its share of the samples."""
-    r = dist.all_gather_objects(reward_model_scores(rm, tok, dist.shard(samples), batch_size, device, dtype))
+    r = dist.sharded(lambda mine: reward_model_scores(rm, tok, mine, batch_size, device, dtype), samples)
     gold = gold_scores(task, samples)
     out = {"gold_pearson": pearson(r, gold), "gold_spearman": spearman(r, gold), "eval_reward_mean": sum(r) / len(r)}
     parts = gold_parts(task, samples)
