@@ -189,6 +189,16 @@ def length_batches(lengths, batch_size: int, window: int = None, seed: int = 0) 
     return [batches[i] for i in order]
 
 
+def in_input_order(batches, results) -> list:
+    """Per-batch results (one value per index, e.g. a list or a tensor's rows) of index batches such as
+    length_batches', put back in the order of the indices: a list with one value per item."""
+    out = [None] * sum(len(b) for b in batches)
+    for idx, values in zip(batches, results):
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
+
+
 def padding_share(lengths, batches) -> float:
     """Padding tokens / all tokens when each batch is padded to its longest sequence (0 for no tokens)."""
     total = sum(max(lengths[i] for i in b) * len(b) for b in batches if b)

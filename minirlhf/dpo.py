@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minirlhf.data import collate_sft, length_batches
+from minirlhf.data import collate_sft, in_input_order, length_batches
 from minirlhf.harness import dist
 from minirlhf.harness.files import torch_save
 from minirlhf.losses import preference_loss
@@ -56,23 +56,21 @@ def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None,
     receives "padding_share" (padding / all positions of those forwards)."""
     was_training = model.training
     model.eval()
-    N = len(pairs)
-    logps, lens = torch.zeros(N, 2, device=device), torch.zeros(N, 2, device=device)
     lengths = [len(p) + max(len(c), len(r)) - 1 for p, c, r in pairs]  # the batch width this pair needs
     batches = length_batches(lengths, batch_size, seed=seed)
-    real = total = 0
+    real, total, rows = 0, 0, []  # rows: per batch, (b, 2, 2) = [chosen, rejected] x [log-prob, length]
     for idx in batches:
         chunk = [pairs[i] for i in idx]
         batch = pair_batch(chunk, pad_id, device)
         lp, n = pair_logps(model, batch, device, dtype, banned)
-        rows = torch.tensor(idx, device=device)
-        logps[rows], lens[rows] = torch.stack(lp.split(len(chunk)), 1), torch.stack(n.split(len(chunk)), 1)
+        rows.append(torch.stack([torch.stack(lp.split(len(chunk)), 1), torch.stack(n.split(len(chunk)), 1).float()], 1))
         real += sum(len(p) + len(c) + len(p) + len(r) - 2 for p, c, r in chunk)
         total += batch["idx"].numel()
     if stats is not None:
         stats["padding_share"] = 1.0 - real / total if total else 0.0
     model.train(was_training)
-    return logps, lens
+    out = torch.stack(in_input_order(batches, rows)) if pairs else torch.zeros(0, 2, 2, device=device)
+    return out[:, 0].contiguous(), out[:, 1].contiguous()  # log-probs and lengths (N, 2): [chosen, rejected]
 
 
 def reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out: Path, also=()):

@@ -27,8 +27,8 @@ import random
 import numpy as np
 import torch
 
-from minirlhf.data import (DataError, encode_prompt, encode_response, length_batches, load_pref_jsonl, padding_share,
-                           right_pad)
+from minirlhf.data import (DataError, encode_prompt, encode_response, in_input_order, length_batches, load_pref_jsonl,
+                           padding_share, right_pad)
 from minirlhf.harness import dist
 from minirlhf.harness.files import read_json, write_json
 from minirlhf.sampling import reward_model_scores, sample_many
@@ -343,10 +343,9 @@ def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu"
     seqs, ic, ir = distinct_sequences(pairs)
     lengths = [len(seq) for seq in seqs]
     batches = length_batches(lengths, batch_size, seed=seed)
-    r = torch.zeros(len(seqs))
-    for idx in batches:
-        with autocast(device, dtype):
-            r[idx] = sequence_rewards(rm, [seqs[i] for i in idx], pad_id, device).float().cpu()
+    with autocast(device, dtype):
+        r = torch.tensor(in_input_order(batches, (sequence_rewards(rm, [seqs[i] for i in idx], pad_id, device).tolist()
+                                                  for idx in batches)), dtype=torch.float32)
     if stats is not None:
         stats["padding_share"] = padding_share(lengths, batches)
     rm.train(was_training)

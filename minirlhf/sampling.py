@@ -6,7 +6,7 @@ those of the distribution it was drawn from.
 """
 import torch
 
-from minirlhf.data import encode_prompt, left_pad, length_batches, right_pad
+from minirlhf.data import encode_prompt, in_input_order, left_pad, length_batches, right_pad
 from minirlhf.generation import generate
 from minirlhf.harness import dist
 from minirlhf.harness.cli import progress
@@ -101,14 +101,10 @@ def response_logprob_sums(model, tok, samples, batch_size: int = 64, device="cpu
     under the same distribution sample_policy samples from (the unsampleable ids banned)."""
     banned = unsampleable_mask(tok, model, device)
     batches = scoring_batches(tok, samples, model.config.block_size, batch_size, stats=stats)
-    out = [0.0] * len(samples)
-    for idx, batch in zip(batches, sample_batches(tok, samples, model.config.block_size, batch_size, device,
-                                                  batches)):
-        with autocast(device, dtype):
-            sums = response_logprobs(model, *batch, banned=banned).sum(1).tolist()
-        for i, v in zip(idx, sums):
-            out[i] = v
-    return out
+    with autocast(device, dtype):
+        return in_input_order(batches, (response_logprobs(model, *batch, banned=banned).sum(1).tolist() for batch in
+                                        sample_batches(tok, samples, model.config.block_size, batch_size, device,
+                                                       batches)))
 
 
 @torch.no_grad()
@@ -118,12 +114,9 @@ def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dt
     was_training = rm.training
     rm.eval()
     batches = scoring_batches(tok, samples, rm.config.block_size, batch_size, stats=stats)
-    out = [0.0] * len(samples)
-    for idx, batch in zip(batches, sample_batches(tok, samples, rm.config.block_size, batch_size, device, batches)):
-        with autocast(device, dtype):
-            scores = reward_at_eos(rm, *batch).float().tolist()
-        for i, v in zip(idx, scores):
-            out[i] = v
+    with autocast(device, dtype):
+        out = in_input_order(batches, (reward_at_eos(rm, *batch).float().tolist() for batch in
+                                       sample_batches(tok, samples, rm.config.block_size, batch_size, device, batches)))
     rm.train(was_training)
     return out
 
