@@ -76,10 +76,8 @@ class Args:
     min_ess: float = arg(10.0, "drop frontier points whose effective sample size per prompt is below this",
                          ">= 1 (an effective sample size)")
     # best-of-n
-    best_of: list[int] = arg([], "best-of-n rows (e.g. 4 16 64): per prompt, the reference's sample with the "
-                                 "highest RM score among n (needs --reward); KL = log n - (n-1)/n, an upper bound")
-    missing_eos_penalty: float = arg(2.0, "best-of-n: a sample without EOS scores -penalty under the RM (as in "
-                                          "PPO / GRPO training)")
+    best_of: list[int] = arg([], "best-of-n rows (e.g. 4 16 64): the reference's best of n samples under --reward")
+    missing_eos_penalty: float = arg(2.0, "best-of-n: a sample without EOS scores -penalty under the RM (as in RL)")
 
 
 def fmt_pm(mean, sem, digits=3):
@@ -119,10 +117,11 @@ def markdown_table(head, rows):
 
 def write_markdown(report, path):
     head, rows = table_rows(report)
-    a = report["args"]
+    args = report["args"]
+    where = "task " + report["task"] if report["gold"] else args["prompts"]
     md = ["# minirlhf evaluation\n",
-          f"{report['n_prompts']} held-out prompts ({'task ' + report['task'] if report['gold'] else a['prompts']}), "
-          f"one sample per prompt per policy at temperature 1, seed {a['seed']}, reference `{report['ref']}`.\n",
+          f"{report['n_prompts']} held-out prompts ({where}), "
+          f"one sample per prompt per policy at temperature 1, seed {args['seed']}, reference `{report['ref']}`.\n",
           markdown_table(head, rows), "",
           "How to read it:",
           "- **gold**: the simulated human's hidden reward (never trained on); ± is the standard error." if
@@ -229,40 +228,41 @@ def write_plot(report, path):
     return save_figure(plt, fig, path)
 
 
-def load_models(a: Args, device):
+def load_models(args: Args, device):
     """The reference, each policy (the reference object itself when a policy path is the reference's), the RM."""
-    names = report_names(a.policies)
-    ref, tok, ref_cfg = load_policy(a.ref, "--ref", device)
+    names = report_names(args.policies)
+    ref, tok, ref_cfg = load_policy(args.ref, "--ref", device)
     rm = None
-    if a.reward:
-        rm, _, rm_cfg = load_scalar(a.reward, "--reward", device)
+    if args.reward:
+        rm, _, rm_cfg = load_scalar(args.reward, "--reward", device)
         if rm_cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
-            raise CheckpointError(f"--reward {a.reward} and --ref {a.ref} use different tokenizers")
+            raise CheckpointError(f"--reward {args.reward} and --ref {args.ref} use different tokenizers")
     policies = {}
-    for d, name in zip(a.policies, names):
-        if os.path.realpath(d) == os.path.realpath(a.ref):
+    for d, name in zip(args.policies, names):
+        if os.path.realpath(d) == os.path.realpath(args.ref):
             model, cfg = ref, ref_cfg
         else:
             model, _, cfg = load_policy(d, "--policies", device)
             if cfg["tokenizer_fingerprint"] != ref_cfg["tokenizer_fingerprint"]:
-                raise CheckpointError(f"--policies {d} and --ref {a.ref} use different tokenizers: the KL between "
+                raise CheckpointError(f"--policies {d} and --ref {args.ref} use different tokenizers: the KL between "
                                       "them is not defined")
         policies[name] = (d, model.eval())
     return ref.eval(), tok, policies, rm
 
 
-def check_contexts(a: Args, ref, policies: dict, rm, tok, prompts):
+def check_contexts(args: Args, ref, policies: dict, rm, tok, prompts):
     """The reference (KL) and the RM score every sample of every policy, and the RM the reference's best-of-n
     samples: a context too short for the longest (prompt + response) is refused before any sampling."""
-    longest = max(len(encode_prompt(tok, p, 2 ** 62)) for p in prompts) + a.max_new_tokens
-    samplers = [(f"--policies {d}", m) for d, m in policies.values()] + ([("--ref " + a.ref, ref)] if a.best_of else [])
+    longest = max(len(encode_prompt(tok, p, 2 ** 62)) for p in prompts) + args.max_new_tokens
+    samplers = [(f"--policies {d}", m) for d, m in policies.values()]
+    samplers += [("--ref " + args.ref, ref)] if args.best_of else []
     for who, model in samplers:
         need = min(longest, model.config.block_size)  # a sample never outgrows its own policy's context
-        for flag, path, scorer in (("--ref", a.ref, ref), ("--reward", a.reward, rm)):
+        for flag, path, scorer in (("--ref", args.ref, ref), ("--reward", args.reward, rm)):
             if scorer is not None and scorer is not model and scorer.config.block_size < need:
                 raise CheckpointError(f"{flag} {path} has a context of {scorer.config.block_size} tokens, but "
-                                      f"{who}'s samples reach {need} (prompt + --max-new-tokens {a.max_new_tokens}): "
-                                      f"it cannot score them")
+                                      f"{who}'s samples reach {need} (prompt + --max-new-tokens "
+                                      f"{args.max_new_tokens}): it cannot score them")
 
 
 def report_names(paths) -> list:
@@ -277,82 +277,82 @@ def report_names(paths) -> list:
     return names
 
 
-def validate(a: Args):
+def validate(args: Args):
     """Every flag's range, before any work (one line naming the flag, exit 2)."""
-    check(bool(a.policies), "--policies: name at least one policy run directory")
-    check(all(b > 0 for b in a.betas), f"--betas {' '.join(map(str, a.betas))}: must all be > 0")
-    check(not (a.frontier and a.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
+    check(bool(args.policies), "--policies: name at least one policy run directory")
+    check(all(b > 0 for b in args.betas), f"--betas {' '.join(map(str, args.betas))}: must all be > 0")
+    check(not (args.frontier and args.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
                                           "--prompts data")
-    check(not (a.best_of and not a.reward), "--best-of needs --reward (the reward model picks the best of n samples)")
-    check(all(n >= 1 for n in a.best_of), "--best-of: every n must be >= 1")
+    check(not (args.best_of and not args.reward), "--best-of needs --reward (the RM picks the best of n samples)")
+    check(all(n >= 1 for n in args.best_of), "--best-of: every n must be >= 1")
 
 
 def main(argv=None):
-    a = parse_args(Args, argv)
-    validate(a)
-    device = dist.setup(resolve_device(a.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
-    dtype = resolve_dtype(a.dtype, device)
-    set_seed(a.seed)
+    args = parse_args(Args, argv)
+    validate(args)
+    device = dist.setup(resolve_device(args.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
+    dtype = resolve_dtype(args.dtype, device)
+    set_seed(args.seed)
     t0 = time.time()
-    task = None if a.prompts else get_task(a.task)
+    task = None if args.prompts else get_task(args.task)
     # before any work: is the output location writable, free and no input of the run? (no --resume: nothing to keep)
-    run_ = Run(a.out_dir, a, inputs={"--policies": a.policies, "--ref": a.ref, "--reward": a.reward,
-                                       "--prompts": a.prompts})
-    ref, tok, policies, rm = load_models(a, device)
-    if a.prompts:
-        recs = read_jsonl(a.prompts, ("prompt",))
-        prompts = [r["prompt"] for r in recs][:a.n_prompts]
+    run_ = Run(args.out_dir, args, inputs={"--policies": args.policies, "--ref": args.ref, "--reward": args.reward,
+                                       "--prompts": args.prompts})
+    ref, tok, policies, rm = load_models(args, device)
+    if args.prompts:
+        recs = read_jsonl(args.prompts, ("prompt",))
+        prompts = [r["prompt"] for r in recs][:args.n_prompts]
         if len(prompts) < 2:
-            raise UserError(f"--prompts {a.prompts}: needs at least 2 records")
+            raise UserError(f"--prompts {args.prompts}: needs at least 2 records")
     else:
-        prompts = task.sample_prompts("test", a.n_prompts, seed=a.seed)
-    check_contexts(a, ref, policies, rm, tok, prompts)
-    kw = dict(batch_size=a.batch_size, device=device, dtype=dtype)
-    print(f"evaluating {', '.join(policies)} against {a.ref} on {len(prompts)} prompts, device {device} ({dtype})")
+        prompts = task.sample_prompts("test", args.n_prompts, seed=args.seed)
+    check_contexts(args, ref, policies, rm, tok, prompts)
+    kw = dict(batch_size=args.batch_size, device=device, dtype=dtype)
+    print(f"evaluating {', '.join(policies)} against {args.ref} on {len(prompts)} prompts, device {device} ({dtype})")
 
     # The reference's paired samples (a different seed from the policies': the SFT row then compares two
     # independent SFT samples, so its win rate is ~0.5 by construction -- a built-in sanity check).
     # Under torchrun the sampling (the costly, token-by-token part) is sharded across the ranks and gathered; the
     # scoring passes then run on every rank over all samples, and rank 0 writes the one report.
     shard = dict(distributed=True)
-    ref_samples = sample_policy(ref, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed + 1, **kw, **shard)
-    report = {"ref": a.ref, "task": None if task is None else a.task, "gold": task is not None,
-              "n_prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "policies": {}}
+    ref_samples = sample_policy(ref, tok, prompts, args.max_new_tokens, 1.0, seed=args.seed + 1, **kw, **shard)
+    report = {"ref": args.ref, "task": None if task is None else args.task, "gold": task is not None,
+              "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "policies": {}}
     compiled = {}
     for name, (run_dir, model) in policies.items():
         t = time.time()
-        samples = sample_policy(model, tok, prompts, a.max_new_tokens, 1.0, seed=a.seed, **kw, **shard)
-        if a.compile:  # scoring only; the KV-cache sampling loop would recompile at every length
+        samples = sample_policy(model, tok, prompts, args.max_new_tokens, 1.0, seed=args.seed, **kw, **shard)
+        if args.compile:  # scoring only; the KV-cache sampling loop would recompile at every length
             compiled.setdefault(id(model), torch.compile(model))
         scorer = compiled.get(id(model), model)
-        ref_scorer = compiled.setdefault(id(ref), torch.compile(ref)) if a.compile else ref
+        ref_scorer = compiled.setdefault(id(ref), torch.compile(ref)) if args.compile else ref
         m = policy_metrics(scorer, ref_scorer, tok, samples, ref_samples, task, rm, **kw)
         if "win_rate_vs_ref" in m:
             m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
         keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
-        m["samples"] = [{k: s[k] for k in keep if k in s} for s in samples[:a.n_show]]
+        m["samples"] = [{k: s[k] for k in keep if k in s} for s in samples[:args.n_show]]
         report["policies"][name] = {"run_dir": run_dir, **m}
         print(f"  {name}: {time.time() - t:.1f}s")
 
-    if a.best_of:  # max(n) reference samples per prompt, drawn once; each n takes the first n of them
+    if args.best_of:  # max(n) reference samples per prompt, drawn once; each n takes the first n of them
         t = time.time()
-        bon = best_of_n_metrics(ref, rm, tok, prompts, sorted(set(a.best_of)), ref_samples, a.max_new_tokens, task,
-                                a.missing_eos_penalty, seed=a.seed + 3, device=device, dtype=dtype,
-                                batch_size=max(a.batch_size, 512), **shard)
+        bon = best_of_n_metrics(ref, rm, tok, prompts, sorted(set(args.best_of)), ref_samples, args.max_new_tokens,
+                                task, args.missing_eos_penalty, seed=args.seed + 3, device=device, dtype=dtype,
+                                batch_size=max(args.batch_size, 512), **shard)
         for n, m in bon.items():
             if "win_rate_vs_ref" in m:
                 m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
             keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
-            m["samples"] = [{k: s[k] for k in keep if k in s} for s in m["samples"][:a.n_show]]
+            m["samples"] = [{k: s[k] for k in keep if k in s} for s in m["samples"][:args.n_show]]
             report["policies"][f"bon-{n}"] = {"run_dir": None, **m}
-        print(f"  best-of-{max(a.best_of)} samples for {len(prompts)} prompts (bon-{', bon-'.join(map(str, bon))}): "
+        print(f"  best-of-{max(args.best_of)} samples for {len(prompts)} prompts (bon-{', bon-'.join(map(str, bon))}): "
               f"{time.time() - t:.1f}s")
 
-    if a.frontier:
+    if args.frontier:
         t = time.time()
-        fr = estimate_frontier(ref, tok, task, prompts[:a.frontier_prompts], a.frontier_samples, a.max_new_tokens,
-                               a.betas or None, a.min_ess, seed=a.seed + 2, device=device, dtype=dtype,
-                               batch_size=max(a.batch_size, 512), **shard)
+        fr = estimate_frontier(ref, tok, task, prompts[:args.frontier_prompts], args.frontier_samples,
+                               args.max_new_tokens, args.betas or None, args.min_ess, seed=args.seed + 2, device=device, dtype=dtype,
+                               batch_size=max(args.batch_size, 512), **shard)
         report["frontier"], report["frontier_dropped"] = fr.pop("frontier"), fr.pop("dropped")
         boot = fr.pop("bootstrap")  # the frontier's noise over its prompts, for the shares' error bars
         report["frontier_info"] = {**fr, "n_bootstrap": len(boot)}
@@ -365,14 +365,14 @@ def main(argv=None):
             m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac, frac_optimal_sem=sem)
         top = max([p["kl"] for p in report["frontier"]], default=0)
         print(f"  frontier: {len(report['frontier'])} points kept, {len(report['frontier_dropped'])} dropped "
-              f"(a prompt with ESS < {a.min_ess:g}), KL up to {top:.2f}, {time.time() - t:.1f}s")
+              f"(a prompt with ESS < {args.min_ess:g}), KL up to {top:.2f}, {time.time() - t:.1f}s")
 
     out = run_.dir  # the report is written to the staging folder; run_.finish() moves it to --out-dir
     if not dist.is_main():  # one report, rank 0's
         run_.finish()
         return
     report["plot"] = "report.png" if write_plot(report, out / "report.png") else None
-    report["args"] = asdict(a)
+    report["args"] = asdict(args)
     report["seconds"] = time.time() - t0
     write_json(out / "report.json", report)
     write_markdown(report, out / "report.md")

@@ -190,11 +190,8 @@ def main():
     parser.add_argument("--out", default="out", help="folder that receives sft/ rm/ ppo/ grpo/ dpo/ eval/")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="only print which stages would run, and why")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per stage: > 1 runs every stage under "
-                                                             "torchrun --standalone --nproc_per_node N (one per GPU "
-                                                             "with --device cuda; gloo processes on the CPU)")
-    parser.add_argument("--init-from", help="pretrained GPT-2 directory or Hub id for train_sft.py (SFT only; the "
-                                            "later stages start from the SFT run)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per stage (> 1: torchrun, one per GPU)")
+    parser.add_argument("--init-from", help="pretrained GPT-2 directory or Hub id for train_sft.py (SFT only)")
     a, extra = parser.parse_known_args()
     if a.nproc < 1:
         fail(f"--nproc {a.nproc}: must be >= 1")

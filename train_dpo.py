@@ -87,100 +87,102 @@ class Args:
 
 
 def main(argv=None):
-    a = parse_args(Args, argv)
-    check(not a.label_smoothing or a.loss == "sigmoid", "--label-smoothing only applies to --loss sigmoid")
-    check(a.rounds == 1 or a.task.lower() != "none", "--rounds > 1 samples the task's train prompts: it needs "
+    args = parse_args(Args, argv)
+    check(not args.label_smoothing or args.loss == "sigmoid", "--label-smoothing only applies to --loss sigmoid")
+    check(args.rounds == 1 or args.task.lower() != "none", "--rounds > 1 samples the task's train prompts: it needs "
                                                      "--task (not none)")
-    check(a.rounds == 1 or not a.resume, "--resume is not supported with --rounds > 1 (rerun the command)")
+    check(args.rounds == 1 or not args.resume, "--resume is not supported with --rounds > 1 (rerun the command)")
     W = dist.env_world_size()
-    check(a.batch_size >= W, f"--batch-size {a.batch_size}: must be >= the number of processes ({W}; it is the "
+    check(args.batch_size >= W, f"--batch-size {args.batch_size}: must be >= the number of processes ({W}; it is the "
                              f"global batch, split across them)")
-    check(a.rounds == 1 or W == 1, "--rounds > 1 is not supported under torchrun (run one process)")
-    task = None if a.task.lower() == "none" else get_task(a.task)
-    st = Stage("train_dpo.py", a, inputs={"--policy": a.policy, "--prefs": a.prefs,
-                                          "--reward": a.reward if a.rounds > 1 else None})
+    check(args.rounds == 1 or W == 1, "--rounds > 1 is not supported under torchrun (run one process)")
+    task = None if args.task.lower() == "none" else get_task(args.task)
+    st = Stage("train_dpo.py", args, inputs={"--policy": args.policy, "--prefs": args.prefs,
+                                          "--reward": args.reward if args.rounds > 1 else None})
     device, dtype = st.device, st.dtype
 
     # ---- policy (= reference) and pairs: (prompt, chosen, rejected) token ids
-    model, tok, pol_cfg = load_policy(a.policy, "--policy", device)
-    records = load_pref_jsonl(a.prefs)
+    model, tok, pol_cfg = load_policy(args.policy, "--policy", device)
+    records = load_pref_jsonl(args.prefs)
     has_gold = has_gold_columns(records)
-    train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
+    train_recs, test_recs = split_prefs(records, args.test_frac, args.seed)
     if not test_recs:  # the implicit-reward accuracy is measured on them (train_rm.py refuses such a file too)
-        raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
+        raise DataError(f"--prefs {args.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
     n_all = len(train_recs), len(test_recs)
-    train_recs, test_recs = subsample(train_recs, a.max_pairs, a.seed), subsample(test_recs, a.max_test_pairs, a.seed)
+    train_recs = subsample(train_recs, args.max_pairs, args.seed)
+    test_recs = subsample(test_recs, args.max_test_pairs, args.seed)
     n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
     if n_other:
-        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {a.policy}'s; their "
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {args.policy}'s; their "
               f"text is re-encoded instead")
     splits, n_same = encode_splits({"train pairs": train_recs, "test pairs": test_recs}, tok, model.config.block_size,
                                    model.config.vocab_size, targets=True)
     (train_recs, train_pairs), (test_recs, test_pairs) = splits.values()
-    print(f"{len(train_pairs)} train / {len(test_pairs)} test pairs (of {n_all[0]} / {n_all[1]}) from {a.prefs}, "
-          f"policy {a.policy} ({model.num_params() / 1e6:.2f}M parameters), loss {a.loss}, beta {a.beta}, device "
+    print(f"{len(train_pairs)} train / {len(test_pairs)} test pairs (of {n_all[0]} / {n_all[1]}) from {args.prefs}, "
+          f"policy {args.policy} ({model.num_params() / 1e6:.2f}M parameters), loss {args.loss}, beta {args.beta}, "
+          f"device "
           f"{device} ({dtype})")
-    ref_train, ref_test = dpo.reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, st.dir,
+    ref_train, ref_test = dpo.reference_logps(model, train_pairs, test_pairs, args, tok, device, dtype, st.dir,
                                               also=[st.run.out])
     ref_model = reward_model = None
-    if a.rounds > 1:  # the frozen reference for later rounds' pairs, and the RM that labels them
+    if args.rounds > 1:  # the frozen reference for later rounds' pairs, and the RM that labels them
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        reward_model, _, rm_cfg = load_scalar(a.reward, "--reward", device)
-        check_compatible(("--policy", a.policy, pol_cfg), ("--reward", a.reward, rm_cfg))
+        reward_model, _, rm_cfg = load_scalar(args.reward, "--reward", device)
+        check_compatible(("--policy", args.policy, pol_cfg), ("--reward", args.reward, rm_cfg))
         reward_model.eval().requires_grad_(False)
 
-    opt = adamw(model, a.lr, a.weight_decay, device)
+    opt = adamw(model, args.lr, args.weight_decay, device)
     train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = torch.compile(train_model) if a.compile else train_model
+    train_model = torch.compile(train_model) if args.compile else train_model
     banned = tok.unsampleable_ids(model.config.vocab_size)  # log-probs of the distribution the policy samples
 
     # ---- training: shuffled passes over the pairs
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     extra = {"order": torch.zeros(0, dtype=torch.long), "test_stats": {},
              **st.resume(model=model, optimizer=opt, generators=[gen])}
     model.train()  # dropout is already 0 (load_run): DPO needs deterministic log-probs (TRL #744)
-    if st.saved is None and a.save_interval and a.rounds == 1:  # a crash from here on keeps the reference log-probs
+    if st.saved is None and args.save_interval and args.rounds == 1:  # a crash from here on keeps the ref log-probs
         st.checkpoint(0, **extra)
     round_stats, step0, total = [], 0, 0  # step0: steps of the earlier rounds (metrics.jsonl counts across rounds)
-    for rnd in range(a.rounds):
+    for rnd in range(args.rounds):
         if rnd > 0:  # online round: fresh pairs from the current policy, a new cosine schedule over them
-            train_pairs, ref_train, info = dpo.online_pairs(model, ref_model, reward_model, tok, task, a, rnd, device,
-                                                            dtype, st.dir)
+            train_pairs, ref_train, info = dpo.online_pairs(model, ref_model, reward_model, tok, task, args, rnd,
+                                                            device, dtype, st.dir)
             step0, extra["order"] = step0 + total, torch.zeros(0, dtype=torch.long)
-        steps_per_epoch = math.ceil(len(train_pairs) / a.batch_size)
-        total = max(1, round(a.epochs * steps_per_epoch))
+        steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
+        total = max(1, round(args.epochs * steps_per_epoch))
         if rnd > 0:
             round_stats.append({"round": rnd + 1, **info, "steps": total})
-        bar = st.steps(total, "dpo" if a.rounds == 1 else f"dpo round {rnd + 1}", start=0 if rnd else None)
+        bar = st.steps(total, "dpo" if args.rounds == 1 else f"dpo round {rnd + 1}", start=0 if rnd else None)
         for step in bar:
-            lr = cosine_lr(step, total, a.lr, a.min_lr, a.warmup_steps)
+            lr = cosine_lr(step, total, args.lr, args.min_lr, args.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            if len(extra["order"]) < a.batch_size:  # next epoch; the last one's tail joins it (every pair is seen)
+            if len(extra["order"]) < args.batch_size:  # next epoch; the last one's tail joins it (every pair is seen)
                 extra["order"] = torch.cat([extra["order"], torch.randperm(len(train_pairs), generator=gen)])
-            idx, extra["order"] = extra["order"][:a.batch_size], extra["order"][a.batch_size:]
+            idx, extra["order"] = extra["order"][:args.batch_size], extra["order"][args.batch_size:]
             mine = dist.shard(idx)  # the same global batch on every rank; this rank's contiguous share of it
             batch = dpo.pair_batch([train_pairs[i] for i in mine], tok.pad_id, device)
             logps, lens = dpo.pair_logps(train_model, batch, device, dtype, banned)  # (2B,) chosen, then rejected
             divisors = dpo.global_divisors(batch["loss_mask"][:len(mine)], len(idx))
-            loss, stats = dpo.dpo_step_loss(logps, lens, ref_train[mine.to(device)], a, **divisors)
+            loss, stats = dpo.dpo_step_loss(logps, lens, ref_train[mine.to(device)], args, **divisors)
             grad_norm, = st.optimize(opt, loss, model, step=step0 + step)
             last = step == total - 1
-            if test_pairs and (step % a.eval_interval == 0 or last):
-                extra["test_stats"] = dpo.test_pair_stats(model, test_pairs, ref_test, a, tok, device, dtype)
-            if step % a.log_interval == 0 or last:
+            if test_pairs and (step % args.eval_interval == 0 or last):
+                extra["test_stats"] = dpo.test_pair_stats(model, test_pairs, ref_test, args, tok, device, dtype)
+            if step % args.log_interval == 0 or last:
                 st.check({}, step0 + step)  # a NaN stops the run here, before anything is logged or saved
                 stats = dpo.stats_to_host({**{k: dist.mean_over_ranks(v) for k, v in stats.items()},
                                            "grad_norm": grad_norm})  # each rank's part -> the global batch's
                 row = {"step": step0 + step, "epoch": (step + 1) / steps_per_epoch, **stats, **extra["test_stats"],
-                       "lr": lr, "elapsed_s": st.elapsed(), **({"round": rnd + 1} if a.rounds > 1 else {})}
+                       "lr": lr, "elapsed_s": st.elapsed(), **({"round": rnd + 1} if args.rounds > 1 else {})}
                 st.log(row, step0 + step)
                 bar.log(step, loss=stats["loss"], acc=stats["rewards/accuracy"], chosen=stats["logps/chosen"],
                         test_acc=extra["test_stats"].get("test/rewards/accuracy", float("nan")))
-            if a.rounds == 1:
+            if args.rounds == 1:
                 st.save(step, last, **extra)
     train_seconds = st.elapsed()
-    st.save_model(model, tok, kind="policy", stage="dpo", reference=a.policy)
+    st.save_model(model, tok, kind="policy", stage="dpo", reference=args.policy)
 
     # ---- final numbers: implicit-reward accuracy on test pairs beside the Bayes ceiling, then gold vs reference
     test_stats = extra["test_stats"]
@@ -192,11 +194,11 @@ def main(argv=None):
                **({"bayes_accuracy": bayes_accuracy(test_recs)} if has_gold else {})}
     if task is not None and has_gold:
         model.eval()
-        ref = load_policy(a.policy, "--policy", device)[0].eval()  # the reference again, now that training is over
-        metrics.update(compare_on_test_prompts(model, ref, tok, task, a.n_eval, a.max_new_tokens, a.seed, device,
-                                               dtype, batch_size=a.eval_batch_size))
+        ref = load_policy(args.policy, "--policy", device)[0].eval()  # the reference again, now that training is over
+        metrics.update(compare_on_test_prompts(model, ref, tok, task, args.n_eval, args.max_new_tokens, args.seed,
+                                               device, dtype, batch_size=args.eval_batch_size))
     elif task is not None:
-        print(f"note: {a.prefs} has no gold columns, so it is not from task {a.task!r}: skipping the gold "
+        print(f"note: {args.prefs} has no gold columns, so it is not from task {args.task!r}: skipping the gold "
               f"comparison (pass --task none to silence this)")
     metrics["total_seconds"] = st.elapsed()
     st.finish(metrics)

@@ -85,58 +85,59 @@ class Args:
 
 
 def main(argv=None):
-    a = parse_args(Args, argv)
+    args = parse_args(Args, argv)
     W = dist.env_world_size()  # under torchrun each rank samples whole groups: prompts_per_iter / W prompts
-    check(a.prompts_per_iter % W == 0 and (a.prompts_per_iter // W * a.group_size) % a.minibatches == 0,
-          f"--prompts-per-iter x --group-size = {a.prompts_per_iter * a.group_size} samples must be divisible by "
-          f"--minibatches {a.minibatches}" + (f" (and the prompts by the {W} processes)" if W > 1 else ""))
-    st = Stage("train_grpo.py", a, inputs={"--policy": a.policy, "--reward": a.reward, "--prompts": a.prompts},
-               unit="iteration")
+    check(args.prompts_per_iter % W == 0 and (args.prompts_per_iter // W * args.group_size) % args.minibatches == 0,
+          f"--prompts-per-iter x --group-size = {args.prompts_per_iter * args.group_size} samples must be divisible by "
+          f"--minibatches {args.minibatches}" + (f" (and the prompts by the {W} processes)" if W > 1 else ""))
+    st = Stage("train_grpo.py", args, unit="iteration",
+               inputs={"--policy": args.policy, "--reward": args.reward, "--prompts": args.prompts})
     device, dtype = st.device, st.dtype
     # three models: the policy (trained), the frozen reference and reward model. No value model: that is the point.
-    tok, policy, ref, reward_model = rl.load_models(a, device)
-    print(f"{a.prompts_per_iter} prompts x {a.group_size} samples per iteration, baseline {a.baseline}"
-          f"{' / std' if a.scale_by_std else ''}, loss-agg {a.loss_agg}, KL in {a.kl_in}"
-          f"{' (' + a.kl_estimator + ')' if a.kl_in == 'loss' else ''}")
+    tok, policy, ref, reward_model = rl.load_models(args, device)
+    print(f"{args.prompts_per_iter} prompts x {args.group_size} samples per iteration, baseline {args.baseline}"
+          f"{' / std' if args.scale_by_std else ''}, loss-agg {args.loss_agg}, KL in {args.kl_in}"
+          f"{' (' + args.kl_estimator + ')' if args.kl_in == 'loss' else ''}")
     # each train prompt is repeated group_size times in a row: group g = samples g*k .. g*k + k - 1
-    task = None if a.prompts else get_task(a.task)
-    texts, prompt_ids = training_prompts(a.prompts, task, a.iterations * a.prompts_per_iter, a.seed, tok,
+    task = None if args.prompts else get_task(args.task)
+    texts, prompt_ids = training_prompts(args.prompts, task, args.iterations * args.prompts_per_iter, args.seed, tok,
                                          policy.config.block_size)
-    group_ids = torch.arange(a.prompts_per_iter // W, device=device).repeat_interleave(a.group_size)  # (B,)
-    all_group_ids = torch.arange(a.prompts_per_iter, device=device).repeat_interleave(a.group_size)  # all ranks
+    group_ids = torch.arange(args.prompts_per_iter // W, device=device).repeat_interleave(args.group_size)  # (B,)
+    all_group_ids = torch.arange(args.prompts_per_iter, device=device).repeat_interleave(args.group_size)  # all ranks
 
     # no weight decay (it would pull the policy off the SFT weights the KL anchors it to); eps 1e-5 as for PPO
-    opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.0, eps=1e-5, fused=device.startswith("cuda"))
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, eps=1e-5,
+                            fused=device.startswith("cuda"))
     train_policy = dist.wrap(policy, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_policy = torch.compile(train_policy) if a.compile else train_policy
-    B = a.prompts_per_iter * a.group_size // W  # samples per rollout (of this rank)
-    constant = float(a.max_new_tokens * B // a.minibatches)  # Dr. GRPO's normaliser: a minibatch's token budget
+    train_policy = torch.compile(train_policy) if args.compile else train_policy
+    B = args.prompts_per_iter * args.group_size // W  # samples per rollout (of this rank)
+    constant = float(args.max_new_tokens * B // args.minibatches)  # Dr. GRPO's normaliser: a minibatch's token budget
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
-    gen = torch.Generator(device=device).manual_seed(a.seed + 1_000_003 * dist.rank())  # a stream per rank
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * dist.rank())  # a stream per rank
     first = rl.FirstRatio()
     vars(first).update(st.resume(policy=policy, optimizer=opt, generators=[gen]))
 
-    bar = st.steps(a.iterations, a.baseline)
+    bar = st.steps(args.iterations, args.baseline)
     for it in bar:
         for group in opt.param_groups:
-            group["lr"] = linear_lr(it, a.iterations, a.lr)
+            group["lr"] = linear_lr(it, args.iterations, args.lr)
 
         # ================================================================ rollout (no gradients)
         t_roll = time.time()
-        mine = dist.shard_range(a.prompts_per_iter)  # this rank's groups
-        sl = slice(it * a.prompts_per_iter + mine.start, it * a.prompts_per_iter + mine.stop)
-        ids = [p for p in prompt_ids[sl] for _ in range(a.group_size)]
-        strs = [p for p in texts[sl] for _ in range(a.group_size)]
-        ro = collect_rollout(policy, ref, reward_model, tok, ids, strs, a.max_new_tokens, a.temperature,
-                             a.missing_eos_penalty, gen, device, dtype, task=task, compile=a.compile)
+        mine = dist.shard_range(args.prompts_per_iter)  # this rank's groups
+        sl = slice(it * args.prompts_per_iter + mine.start, it * args.prompts_per_iter + mine.stop)
+        ids = [p for p in prompt_ids[sl] for _ in range(args.group_size)]
+        strs = [p for p in texts[sl] for _ in range(args.group_size)]
+        ro = collect_rollout(policy, ref, reward_model, tok, ids, strs, args.max_new_tokens, args.temperature,
+                             args.missing_eos_penalty, gen, device, dtype, task=task, compile=args.compile)
         mask = ro.mask  # (B, R)
 
         # ================================================================ group advantages
         seq_kl = ((ro.old_logp - ro.ref_logp) * mask).sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref)
-        reward = ro.score - a.kl_coef * seq_kl if a.kl_in == "reward" else ro.score  # (B,) sequence reward
-        adv = group_advantages(reward, group_ids, a.baseline, a.scale_by_std)  # (B,), one value per sample
+        reward = ro.score - args.kl_coef * seq_kl if args.kl_in == "reward" else ro.score  # (B,) sequence reward
+        adv = group_advantages(reward, group_ids, args.baseline, args.scale_by_std)  # (B,), one value per sample
         all_reward = dist.all_gather_cat(reward)  # the whole batch's (the identity in one process)
-        row = {"iter": it, "episodes": (it + 1) * a.prompts_per_iter * a.group_size, "beta": a.kl_coef,
+        row = {"iter": it, "episodes": (it + 1) * args.prompts_per_iter * args.group_size, "beta": args.kl_coef,
                **rl.rollout_stats(ro, seq_kl, reward_mean=all_reward.mean(),
                                   zero_adv_groups=zero_advantage_share(all_reward, all_group_ids),
                                   adv_abs_mean=dist.all_gather_cat(adv).abs().mean()),
@@ -144,18 +145,18 @@ def main(argv=None):
 
         # ================================================================ update
         stats, lengths = Stats(maxima=rl.MAXIMA), ro.lengths.tolist()
-        kl_ref = ro.ref_logp if a.kl_in == "loss" else None
-        for epoch in range(a.epochs):
-            for k, (idx, R) in enumerate(rl.minibatches(B, a.minibatches, lengths, gen, device)):
+        kl_ref = ro.ref_logp if args.kl_in == "loss" else None
+        for epoch in range(args.epochs):
+            for k, (idx, R) in enumerate(rl.minibatches(B, args.minibatches, lengths, gen, device)):
                 mb_mask = mask[idx, :R]
                 with autocast(device, dtype):
                     logp, entropy = response_logprobs(train_policy, ro.prompt_ids[idx], ro.prompt_mask[idx],
-                                                      ro.resp[idx, :R], ro.resp_mask[idx, :R], a.temperature,
+                                                      ro.resp[idx, :R], ro.resp_mask[idx, :R], args.temperature,
                                                       with_entropy=True, banned=banned)  # (mb, R) each
-                loss, pg = grpo_policy_loss(logp, ro.old_logp[idx, :R], adv[idx], mb_mask, a.clip, a.loss_agg,
-                                            None if kl_ref is None else kl_ref[idx, :R], a.kl_coef, a.kl_estimator,
-                                            constant)
-                if a.loss_agg == "token":  # a per-token mean: of the global batch's tokens under torchrun
+                loss, pg = grpo_policy_loss(logp, ro.old_logp[idx, :R], adv[idx], mb_mask, args.clip, args.loss_agg,
+                                            None if kl_ref is None else kl_ref[idx, :R], args.kl_coef,
+                                            args.kl_estimator, constant)
+                if args.loss_agg == "token":  # a per-token mean: of the global batch's tokens under torchrun
                     loss = dist.global_mean(loss, mb_mask.sum())  # (the other two divide by equal numbers already)
                 norm, = st.optimize(opt, loss, policy, step=it)
                 stats.add(loss=loss, kl_loss=pg["kl_loss"], approx_kl=pg["approx_kl"], clipfrac=pg["clipfrac"],
@@ -164,18 +165,18 @@ def main(argv=None):
         row.update(stats.host())
         row.update(first.check(row["first_ratio_dev"], dtype, it), elapsed_s=st.elapsed())
         st.log(row, it, policy)  # NaN stops here, before the next rollout samples from NaN weights
-        if it % a.log_interval == 0 or it == a.iterations - 1:
+        if it % args.log_interval == 0 or it == args.iterations - 1:
             bar.write(rl.console_line(it, row, ("loss", "loss", "+.4f"), ("akl", "approx_kl", ".4f"),
                                       ("clip", "clipfrac", ".3f"), ("ent", "entropy", ".2f"),
                                       ("len", "resp_len", ".1f"), ("eos", "eos_rate", ".2f"),
                                       ("zero-adv groups", "zero_adv_groups", ".2f")))
-        st.save(it, last=it == a.iterations - 1, **vars(first))
+        st.save(it, last=it == args.iterations - 1, **vars(first))
     train_seconds = st.elapsed()
     st.save_model(policy, tok, kind="policy", stage="grpo")
 
     metrics = {"train_seconds": train_seconds, **first.metrics(dtype), "final_rm_score_mean": row["rm_score_mean"],
                "final_train_kl": row["kl"], **compare_on_test_prompts(
-                   policy, ref, tok, task, a.n_eval, a.max_new_tokens, a.seed, device, dtype, reward_model)}
+                   policy, ref, tok, task, args.n_eval, args.max_new_tokens, args.seed, device, dtype, reward_model)}
     metrics["total_seconds"] = st.elapsed()
     st.finish(metrics, summary=True)
 

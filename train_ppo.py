@@ -79,14 +79,14 @@ class Args:
 
 
 @torch.no_grad()
-def held_out_eval(policy, ref, reward_model, tok, task, ref_samples, a: Args, device, dtype, seed: int) -> dict:
+def held_out_eval(policy, ref, reward_model, tok, task, ref_samples, args: Args, device, dtype, seed: int) -> dict:
     """The current policy on the held-out prompts of ref_samples (one sample each, temperature 1): gold, gain over
     the reference's samples (paired s.e.), KL(pi || ref) +- s.e., the RM score raw and as trained on (EOS penalty),
     win rate, and each part of the gold reward (eval_part_*). Keys eval_*; what experiments/overopt.py plots."""
-    samples = sample_policy(policy, tok, [s["prompt"] for s in ref_samples], a.max_new_tokens, 1.0,
-                            seed=a.seed + 2 + seed, device=device, dtype=dtype)
+    samples = sample_policy(policy, tok, [s["prompt"] for s in ref_samples], args.max_new_tokens, 1.0,
+                            seed=args.seed + 2 + seed, device=device, dtype=dtype)
     m = policy_metrics(policy, ref, tok, samples, ref_samples, task, reward_model, device=device, dtype=dtype,
-                       missing_eos_penalty=a.missing_eos_penalty)
+                       missing_eos_penalty=args.missing_eos_penalty)
     keys = ("gold_mean", "gold_sem", "ref_gold_mean", "gold_gain", "gold_gain_sem", "kl_mean", "kl_sem", "rm_mean",
             "ref_rm_mean", "score_mean", "ref_score_mean", "win_rate_vs_ref", "eos_rate")
     parts = {f"eval_part_{k}": v for k, v in m.get("gold_parts", {}).items()}  # which parts of the gold moved
@@ -94,69 +94,69 @@ def held_out_eval(policy, ref, reward_model, tok, task, ref_samples, a: Args, de
 
 
 def main(argv=None):
-    a = parse_args(Args, argv)
+    args = parse_args(Args, argv)
     W = dist.env_world_size()  # under torchrun each rank rolls out batch_size / W prompts
-    check(a.batch_size % (W * a.minibatches) == 0, f"--batch-size {a.batch_size} must be divisible by --minibatches "
-                                                   f"{a.minibatches}" + (f" times the {W} processes" if W > 1 else ""))
-    check(not (a.eval_interval and a.prompts), "--eval-interval needs the built-in task's held-out prompts and gold "
-                                               "reward (not available with --prompts)")
-    check(a.target_kl == 0 or a.kl_coef > 0, "--kl-coef 0 with --target-kl: the adaptive controller scales beta, "
+    check(args.batch_size % (W * args.minibatches) == 0, f"--batch-size {args.batch_size} must be divisible by "
+          f"--minibatches {args.minibatches}" + (f" times the {W} processes" if W > 1 else ""))
+    check(not (args.eval_interval and args.prompts), "--eval-interval needs the built-in task's held-out prompts and "
+                                                     "gold reward (not available with --prompts)")
+    check(args.target_kl == 0 or args.kl_coef > 0, "--kl-coef 0 with --target-kl: the adaptive controller scales beta, "
                                              "so it must start > 0")
-    st = Stage("train_ppo.py", a, inputs={"--policy": a.policy, "--reward": a.reward, "--prompts": a.prompts},
-               unit="iteration")
+    st = Stage("train_ppo.py", args, unit="iteration",
+               inputs={"--policy": args.policy, "--reward": args.reward, "--prompts": args.prompts})
     device, dtype = st.device, st.dtype
-    tok, policy, ref, reward_model, value_model = rl.load_models(a, device, value_model=True)
-    task = None if a.prompts else get_task(a.task)
-    texts, prompt_ids = training_prompts(a.prompts, task, a.iterations * a.batch_size, a.seed, tok,
+    tok, policy, ref, reward_model, value_model = rl.load_models(args, device, value_model=True)
+    task = None if args.prompts else get_task(args.task)
+    texts, prompt_ids = training_prompts(args.prompts, task, args.iterations * args.batch_size, args.seed, tok,
                                          policy.config.block_size)
 
     # one optimizer, two parameter groups; no weight decay (it would pull the policy away from the SFT weights
     # the KL penalty anchors it to); eps 1e-5 as in the PPO reference implementations
-    opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": a.lr},
-                             {"params": value_model.parameters(), "lr": a.value_lr}],
+    opt = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.lr},
+                             {"params": value_model.parameters(), "lr": args.value_lr}],
                             weight_decay=0.0, betas=(0.9, 0.999), eps=1e-5, fused=device.startswith("cuda"))
     base_lrs = [group["lr"] for group in opt.param_groups]
     # DDP under torchrun (one wrapper per trained model), else the models themselves
     train_policy, train_value = dist.wrap(policy, device), dist.wrap(value_model, device)
-    train_policy = torch.compile(train_policy) if a.compile else train_policy
-    train_value = torch.compile(train_value) if a.compile else train_value
-    kl_horizon = a.kl_horizon or default_kl_horizon(a.batch_size)
-    kl_ctl = AdaptiveKLController(a.kl_coef, a.target_kl, kl_horizon) if a.target_kl > 0 \
-        else FixedKLController(a.kl_coef)
+    train_policy = torch.compile(train_policy) if args.compile else train_policy
+    train_value = torch.compile(train_value) if args.compile else train_value
+    kl_horizon = args.kl_horizon or default_kl_horizon(args.batch_size)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, kl_horizon) if args.target_kl > 0 \
+        else FixedKLController(args.kl_coef)
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
-    gen = torch.Generator(device=device).manual_seed(a.seed + 1_000_003 * dist.rank())  # a stream per rank
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003 * dist.rank())  # a stream per rank
     first = rl.FirstRatio()
     vars(first).update(st.resume(policy=policy, value_model=value_model, optimizer=opt, kl_ctl=kl_ctl,
                                  generators=[gen]))
     eval_ref = None  # --eval-interval: the SFT's samples on the held-out prompts, drawn once (paired evaluations)
-    if a.eval_interval:
-        eval_ref = sample_policy(ref, tok, task.sample_prompts("test", a.eval_prompts, seed=a.seed), a.max_new_tokens,
-                                 1.0, seed=a.seed + 1, device=device, dtype=dtype)
+    if args.eval_interval:
+        eval_ref = sample_policy(ref, tok, task.sample_prompts("test", args.eval_prompts, seed=args.seed),
+                                 args.max_new_tokens, 1.0, seed=args.seed + 1, device=device, dtype=dtype)
     all_reduce = dist.all_reduce_sum  # batch statistics of the whole batch under torchrun (identity in one process)
 
-    bar = st.steps(a.iterations, "ppo")
+    bar = st.steps(args.iterations, "ppo")
     for it in bar:
         for group, lr in zip(opt.param_groups, base_lrs):
-            group["lr"] = linear_lr(it, a.iterations, lr)
+            group["lr"] = linear_lr(it, args.iterations, lr)
         beta = kl_ctl.value
 
         # ================================================================ rollout (no gradients)
         t_roll = time.time()
-        mine = dist.shard_range(a.batch_size)  # this rank's prompts of the batch
-        sl = slice(it * a.batch_size + mine.start, it * a.batch_size + mine.stop)
-        ro = collect_rollout(policy, ref, reward_model, tok, prompt_ids[sl], texts[sl], a.max_new_tokens,
-                             a.temperature, a.missing_eos_penalty, gen, device, dtype, value_model=value_model,
-                             task=task, compile=a.compile)
+        mine = dist.shard_range(args.batch_size)  # this rank's prompts of the batch
+        sl = slice(it * args.batch_size + mine.start, it * args.batch_size + mine.stop)
+        ro = collect_rollout(policy, ref, reward_model, tok, prompt_ids[sl], texts[sl], args.max_new_tokens,
+                             args.temperature, args.missing_eos_penalty, gen, device, dtype, value_model=value_model,
+                             task=task, compile=args.compile)
         mask, old_logp, old_values = ro.mask, ro.old_logp, ro.values  # (B, R) each
 
         # ================================================================ advantages
         rewards, kl, non_score = kl_shaped_rewards(ro.score, old_logp, ro.ref_logp, mask, beta)  # (B, R) each
-        if a.whiten_rewards:
+        if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
-        advantages, returns = gae_advantages(rewards, old_values, mask, a.gamma, a.lam)  # (B, R) each
+        advantages, returns = gae_advantages(rewards, old_values, mask, args.gamma, args.lam)  # (B, R) each
         advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
         non_score_sum, score = dist.all_gather_cat(non_score.sum(1)), dist.all_gather_cat(ro.score)
-        row = {"iter": it, "episodes": (it + 1) * a.batch_size, "beta": beta, **rl.rollout_stats(
+        row = {"iter": it, "episodes": (it + 1) * args.batch_size, "beta": beta, **rl.rollout_stats(
             ro, kl.sum(1), non_score_reward=non_score_sum.mean(), total_reward=(score + non_score_sum).mean(),
             explained_var=explained_variance(old_values, returns, mask, all_reduce=all_reduce),
             value_mean=masked_mean(old_values, mask, all_reduce=all_reduce),
@@ -165,17 +165,17 @@ def main(argv=None):
 
         # ================================================================ PPO update
         stats, lengths = Stats(maxima=rl.MAXIMA), ro.lengths.tolist()
-        for epoch in range(a.epochs):
+        for epoch in range(args.epochs):
             epoch_kl = []
-            for k, (idx, R) in enumerate(rl.minibatches(len(lengths), a.minibatches, lengths, gen, device)):
+            for k, (idx, R) in enumerate(rl.minibatches(len(lengths), args.minibatches, lengths, gen, device)):
                 mb_mask, resp, resp_mask = mask[idx, :R], ro.resp[idx, :R], ro.resp_mask[idx, :R]
                 with autocast(device, dtype):
                     logp, entropy = response_logprobs(train_policy, ro.prompt_ids[idx], ro.prompt_mask[idx], resp,
-                                                      resp_mask, a.temperature, with_entropy=True, banned=banned)
+                                                      resp_mask, args.temperature, with_entropy=True, banned=banned)
                     values = response_values(train_value, ro.prompt_ids[idx], ro.prompt_mask[idx], resp, resp_mask)
-                pg_loss, pg = ppo_policy_loss(logp, old_logp[idx, :R], advantages[idx, :R], mb_mask, a.clip)
+                pg_loss, pg = ppo_policy_loss(logp, old_logp[idx, :R], advantages[idx, :R], mb_mask, args.clip)
                 vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[idx, :R], returns[idx, :R], mb_mask,
-                                                      a.value_clip)
+                                                      args.value_clip)
                 # The models share no parameters: each loss trains its own model. A weight on vf_loss would only
                 # rescale gradients that Adam normalises away (and the per-model clip): --value-lr is the knob.
                 loss = dist.global_mean(pg_loss + vf_loss, mb_mask.sum())  # per-token means of the global batch
@@ -185,31 +185,33 @@ def main(argv=None):
                           pg_grad_norm=pg_norm, vf_grad_norm=vf_norm,
                           **rl.ratio_stats(pg["ratio"], mb_mask, first=epoch == 0 and k == 0))
                 epoch_kl.append(pg["approx_kl"])
-            if a.approx_kl_stop > 0 and dist.mean_over_ranks(torch.stack(epoch_kl).mean()).item() > a.approx_kl_stop:
+            epoch_kl = torch.stack(epoch_kl).mean()
+            if args.approx_kl_stop > 0 and dist.mean_over_ranks(epoch_kl).item() > args.approx_kl_stop:
                 break  # the policy moved too far from the one that collected the data
         row.update(stats.host(), epochs_done=epoch + 1)
         row.update(first.check(row["first_ratio_dev"], dtype, it))
-        kl_ctl.update(row["kl"], a.batch_size)  # the global batch's KL: beta is the same on every rank
+        kl_ctl.update(row["kl"], args.batch_size)  # the global batch's KL: beta is the same on every rank
         st.check(row, it, policy, value_model)  # NaN stops here, before the next rollout samples from NaN weights
-        if eval_ref is not None and ((it + 1) % a.eval_interval == 0 or it == a.iterations - 1):
+        if eval_ref is not None and ((it + 1) % args.eval_interval == 0 or it == args.iterations - 1):
             t_eval = time.time()
-            row.update(held_out_eval(policy, ref, reward_model, tok, task, eval_ref, a, device, dtype, seed=it))
+            row.update(held_out_eval(policy, ref, reward_model, tok, task, eval_ref, args, device, dtype, seed=it))
             row["eval_s"] = time.time() - t_eval
         row["elapsed_s"] = st.elapsed()
         st.log(row, it)
-        if it % a.log_interval == 0 or it == a.iterations - 1:
+        if it % args.log_interval == 0 or it == args.iterations - 1:
             bar.write(rl.console_line(it, row, ("beta", "beta", ".3f"), ("pg", "pg_loss", "+.4f"),
                                       ("vf", "vf_loss", ".4f"), ("akl", "approx_kl", ".4f"),
                                       ("clip", "clipfrac", ".3f"), ("ent", "entropy", ".2f"),
                                       ("ev", "explained_var", "+.2f"), ("len", "resp_len", ".1f"),
                                       ("eos", "eos_rate", ".2f")))
-        st.save(it, last=it == a.iterations - 1, **vars(first))
+        st.save(it, last=it == args.iterations - 1, **vars(first))
     train_seconds = st.elapsed()
     st.save_model(policy, tok, others=[value_model], kind="policy", stage="ppo")
 
     metrics = {"train_seconds": train_seconds, **first.metrics(dtype), "final_beta": kl_ctl.value,
                "kl_horizon": kl_horizon, "final_rm_score_mean": row["rm_score_mean"], "final_train_kl": row["kl"],
-               **compare_on_test_prompts(policy, ref, tok, task, a.n_eval, a.max_new_tokens, a.seed, device, dtype, reward_model)}
+               **compare_on_test_prompts(policy, ref, tok, task, args.n_eval, args.max_new_tokens, args.seed, device,
+                                         dtype, reward_model)}
     metrics["total_seconds"] = st.elapsed()
     st.finish(metrics, summary=True)
 

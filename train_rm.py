@@ -75,18 +75,18 @@ class Args:
 
 
 def main(argv=None):
-    a = parse_args(Args, argv)
-    task = get_task(a.task)  # (imports a module: no random draws before the seed is set)
-    st = Stage("train_rm.py", a, inputs={"--policy": a.policy, "--prefs": a.prefs})
+    args = parse_args(Args, argv)
+    task = get_task(args.task)  # (imports a module: no random draws before the seed is set)
+    st = Stage("train_rm.py", args, inputs={"--policy": args.policy, "--prefs": args.prefs})
     device, dtype = st.device, st.dtype
-    policy, tok, _ = load_policy(a.policy, "--policy", device)  # the policy whose samples are compared
+    policy, tok, _ = load_policy(args.policy, "--policy", device)  # the policy whose samples are compared
     policy.eval()
     cfg = policy.config  # dropout already forced to 0 by load_run
-    kw = dict(batch_size=a.gen_batch_size, device=device, dtype=dtype)
+    kw = dict(batch_size=args.gen_batch_size, device=device, dtype=dtype)
 
     # ---- preference pairs: collected from the simulated human, or the user's file; as (chosen, rejected) sequences
     train_recs, train_pairs, test_recs, test_pairs, stats, norm_prompts, task_file = preference_records(
-        a, st.dir, policy, tok, task, kw)
+        args, st.dir, policy, tok, task, kw)
     groups = groups_of(train_recs)
     print(f"{len(train_pairs)} train pairs ({len(groups)} prompts) / {len(test_pairs)} test pairs, "
           f"collected in {st.elapsed():.1f}s" + (f"; {stats}" if stats else ""))
@@ -95,27 +95,27 @@ def main(argv=None):
     rm = ScalarModel(cfg)
     rm.gpt.load_state_dict(policy.state_dict())
     rm.to(device)
-    opt = adamw(rm, a.lr, a.weight_decay, device)
+    opt = adamw(rm, args.lr, args.weight_decay, device)
     train_rm = dist.wrap(rm, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_rm = torch.compile(train_rm) if a.compile else train_rm
+    train_rm = torch.compile(train_rm) if args.compile else train_rm
     eval_pad = {}  # padding share of the length-batched evaluation passes (all_pair_rewards)
 
     def evaluate(pairs):
         """Raw (unnormalised) BT loss and accuracy over all pairs."""
-        rc, rr = all_pair_rewards(rm, pairs, tok.pad_id, a.eval_batch_size, device, dtype, stats=eval_pad)
-        return bradley_terry_loss(rc, rr, a.margin).item(), pairwise_accuracy(rc, rr)
+        rc, rr = all_pair_rewards(rm, pairs, tok.pad_id, args.eval_batch_size, device, dtype, stats=eval_pad)
+        return bradley_terry_loss(rc, rr, args.margin).item(), pairwise_accuracy(rc, rr)
 
-    steps_per_epoch = math.ceil(len(groups) / a.batch_size)  # a step: --batch-size prompts with all their pairs
-    total_steps = max(1, a.min_steps, round(a.epochs * steps_per_epoch))
+    steps_per_epoch = math.ceil(len(groups) / args.batch_size)  # a step: --batch-size prompts with all their pairs
+    total_steps = max(1, args.min_steps, round(args.epochs * steps_per_epoch))
     t_train = time.time()
     extra = {"test_accuracy": float("nan"), "pairs_seen": 0, **st.resume(model=rm, optimizer=opt)}
-    if st.saved is None and a.save_interval:  # so that a crash from here on keeps the collected preferences
+    if st.saved is None and args.save_interval:  # so that a crash from here on keeps the collected preferences
         st.checkpoint(0, **extra)
     rm.train()
-    batch_iter = group_batches(groups, a.batch_size, a.seed, skip=st.start)  # a resumed run replays the order
+    batch_iter = group_batches(groups, args.batch_size, args.seed, skip=st.start)  # a resumed run replays the order
     bar = st.steps(total_steps, "rm")
     for step in bar:
-        lr = cosine_lr(step, total_steps, a.lr, a.min_lr, a.warmup_steps)
+        lr = cosine_lr(step, total_steps, args.lr, args.min_lr, args.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = next(batch_iter)  # the global batch: the same on every rank
@@ -123,13 +123,13 @@ def main(argv=None):
         # A rank left without pairs (fewer pairs than processes) scores one at weight 0, to join DDP's all-reduce.
         with autocast(device, dtype):
             rc, rr = pair_rewards(train_rm, [train_pairs[i] for i in mine or idx[:1]], tok.pad_id, device)  # (b,)
-            loss = dist.global_mean(bradley_terry_loss(rc, rr, a.margin, a.center_coef), len(mine))
+            loss = dist.global_mean(bradley_terry_loss(rc, rr, args.margin, args.center_coef), len(mine))
         grad_norm, = st.optimize(opt, loss, rm, step=step)
         extra["pairs_seen"] += len(idx)
         last = step == total_steps - 1
-        if step % a.eval_interval == 0 or last:
+        if step % args.eval_interval == 0 or last:
             _, extra["test_accuracy"] = evaluate(test_pairs)
-        if step % a.log_interval == 0 or last:
+        if step % args.log_interval == 0 or last:
             st.check({}, step)  # a NaN stops the run here, naming its step, before anything is logged or saved
             # the logged numbers are those of the global batch (a rank's real pairs only)
             rc, rr = dist.all_gather_cat(rc[:len(mine)].detach()), dist.all_gather_cat(rr[:len(mine)].detach())
@@ -160,21 +160,22 @@ def main(argv=None):
 
     # ---- normalisation on fresh SFT samples of train prompts: mean 0, std 1 (lm-human-preferences), on the samples
     # that ended with EOS only (the RM never saw cut-off responses; PPO replaces their score)
-    norm_samples = sample_many(policy, tok, norm_prompts, a.max_new_tokens, seed=a.seed + 2, desc="normalise", **kw)
-    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, a.eval_batch_size, device, dtype)
+    norm_samples = sample_many(policy, tok, norm_prompts, args.max_new_tokens, seed=args.seed + 2, desc="normalise",
+                               **kw)
+    raw_mean, raw_std, n_norm_used = fit_normalisation(rm, tok, norm_samples, args.eval_batch_size, device, dtype)
     print(f"reward normalised on {n_norm_used} of {len(norm_samples)} fresh SFT samples (those that ended with EOS)")
     metrics.update(raw_reward_mean=raw_mean, raw_reward_std=raw_std, gain=rm.gain.item(), bias=rm.bias.item(),
                    n_norm_used=n_norm_used)
 
     # ---- does the RM rank fresh samples of held-out prompts like the hidden gold reward does, and how does it price
     # each part of the gold reward (a part it does not see is one a policy can exploit)?
-    if not a.prefs or task_file:
-        samples = sample_many(policy, tok, task.sample_prompts("test", a.n_eval, seed=a.seed + 1), a.max_new_tokens,
-                              seed=a.seed + 3, desc="evaluate", **kw)
-        metrics.update(reward_model_vs_gold(rm, tok, task, samples, a.eval_batch_size, device, dtype))
+    if not args.prefs or task_file:
+        samples = sample_many(policy, tok, task.sample_prompts("test", args.n_eval, seed=args.seed + 1),
+                              args.max_new_tokens, seed=args.seed + 3, desc="evaluate", **kw)
+        metrics.update(reward_model_vs_gold(rm, tok, task, samples, args.eval_batch_size, device, dtype))
     metrics.update(n_train_pairs=len(train_pairs), n_test_pairs=len(test_pairs), **stats, steps=total_steps,
                    train_seconds=train_seconds, total_seconds=st.elapsed())
-    st.save_model(rm, tok, kind="reward", stage="rm", sft=a.policy, normalisation={
+    st.save_model(rm, tok, kind="reward", stage="rm", sft=args.policy, normalisation={
         "fit_on": f"{n_norm_used} EOS-ended of {len(norm_samples)} fresh SFT samples of train prompts",
         "n_samples": n_norm_used, "raw_mean": raw_mean, "raw_std": raw_std})
     (st.dir / "collected.json").unlink(missing_ok=True)  # prefs.jsonl holds the same pairs
@@ -185,8 +186,8 @@ def main(argv=None):
                                         "gold_pearson", "gold_spearman", "train_loss", "train_accuracy", "test_loss")))
     if "gold_part_weights" in metrics:  # in gold units; the gold reward's own weight in brackets
         w = metrics["gold_part_weights"]
-        print("  weights (gold): " + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.2f}'} ({w['gold_weights'][k]:+.2f})"
-                                              for k, v in w["weights"].items()))
+        print("  weights (gold): " + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.2f}'} "
+                                              f"({w['gold_weights'][k]:+.2f})" for k, v in w["weights"].items()))
     print(f"  {'pairs':<18} {len(train_pairs)} train / {len(test_pairs)} test, {st.elapsed():.0f}s in all")
 
 

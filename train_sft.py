@@ -80,31 +80,33 @@ def sft_loss(model, batch):
     return (nll * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
 
 
-def load_records(a: Args, task):
+def load_records(args: Args, task):
     """(train, held-out) demonstrations: the user's --data (a seeded share held out) or the task's."""
-    if not a.data:
-        return task.sft_examples("train", a.n_train, seed=a.seed), task.sft_examples("test", a.n_val, seed=a.seed)
-    records = load_sft_jsonl(a.data)
-    random.Random(a.seed).shuffle(records)
-    n_val = min(a.n_val, max(1, len(records) // 20))
+    if not args.data:
+        return (task.sft_examples("train", args.n_train, seed=args.seed),
+                task.sft_examples("test", args.n_val, seed=args.seed))
+    records = load_sft_jsonl(args.data)
+    random.Random(args.seed).shuffle(records)
+    n_val = min(args.n_val, max(1, len(records) // 20))
     if len(records) <= n_val:
-        raise UserError(f"--data {a.data}: needs at least 2 records (one is held out)")
+        raise UserError(f"--data {args.data}: needs at least 2 records (one is held out)")
     return records[n_val:], records[:n_val]
 
 
-def build_model(a: Args, task, train_recs, resumed_dir=None):
+def build_model(args: Args, task, train_recs, resumed_dir=None):
     """(model, tokenizer): from a Hugging Face GPT-2 (--init-from: <|endoftext|> is BOS and EOS, a PAD is added), an
     earlier run (--init) or fresh weights with a tokenizer given, trained on the data, or the resumed run's own."""
-    if a.init_from:
-        weights, cfg, tok, _ = load_hf_dir(resolve_source(a.init_from, "--init-from"), "--init-from", "policy",
-                                           block_size=a.block_size, dropout=a.dropout)
+    if args.init_from:
+        weights, cfg, tok, _ = load_hf_dir(resolve_source(args.init_from, "--init-from"), "--init-from", "policy",
+                                           block_size=args.block_size, dropout=args.dropout)
         model = GPT(cfg)
         model.load_state_dict(weights)
         return model, tok
-    if a.init:  # built with the requested dropout: load_run's config has dropout 0, as every later stage needs
-        weights, cfg, tok, _ = load_run(a.init, "--init", kind="policy")
-        return load_state(GPT(dataclasses.replace(cfg, dropout=a.dropout)), weights, f"--init {a.init}"), tok
-    for path, flag in ((resumed_dir and resumed_dir / "tokenizer.json", "--resume: cannot reuse"), (a.tokenizer, "--tokenizer")):
+    if args.init:  # built with the requested dropout: load_run's config has dropout 0, as every later stage needs
+        weights, cfg, tok, _ = load_run(args.init, "--init", kind="policy")
+        return load_state(GPT(dataclasses.replace(cfg, dropout=args.dropout)), weights, f"--init {args.init}"), tok
+    for path, flag in ((resumed_dir and resumed_dir / "tokenizer.json", "--resume: cannot reuse"),
+                       (args.tokenizer, "--tokenizer")):
         if path:
             try:
                 tok = Tokenizer.load(path)
@@ -112,31 +114,31 @@ def build_model(a: Args, task, train_recs, resumed_dir=None):
             except ValueError as e:  # not a file tokenizers can read: one line naming the flag
                 raise UserError(f"{flag} {e}") from None
     else:
-        texts = [r["prompt"] + r["completion"] for r in train_recs] if a.data else task.corpus(5000, a.seed)
-        tok = Tokenizer.train(texts, a.vocab_size)
-    cfg = GPTConfig(vocab_size=64 * math.ceil(tok.vocab_size / 64), block_size=a.block_size, n_layer=a.n_layer,
-                    n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout)
+        texts = [r["prompt"] + r["completion"] for r in train_recs] if args.data else task.corpus(5000, args.seed)
+        tok = Tokenizer.train(texts, args.vocab_size)
+    cfg = GPTConfig(vocab_size=64 * math.ceil(tok.vocab_size / 64), block_size=args.block_size, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     return GPT(cfg), tok
 
 
 def main(argv=None):
-    a = parse_args(Args, argv)
-    check(a.n_embd % a.n_head == 0, f"--n-embd {a.n_embd} must be divisible by --n-head {a.n_head}")
-    check(not (a.init and a.tokenizer), "--tokenizer cannot be combined with --init (the run given to --init "
+    args = parse_args(Args, argv)
+    check(args.n_embd % args.n_head == 0, f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+    check(not (args.init and args.tokenizer), "--tokenizer cannot be combined with --init (the run given to --init "
                                         "brings its own tokenizer, which its weights were trained with)")
-    check(not (a.init_from and (a.init or a.tokenizer)),
+    check(not (args.init_from and (args.init or args.tokenizer)),
           "--init-from: the model brings its own tokenizer and weights; drop --init / --tokenizer")
     W = dist.env_world_size()
-    check(a.batch_size >= W, f"--batch-size {a.batch_size}: must be >= the number of processes ({W}; it is the "
+    check(args.batch_size >= W, f"--batch-size {args.batch_size}: must be >= the number of processes ({W}; it is the "
                              f"global batch, split across them)")
-    task = get_task(a.task)  # (imports a module: no random draws before the seed is set)
-    st = Stage("train_sft.py", a, inputs={"--data": a.data, "--init": a.init, "--init-from": a.init_from,
-                                          "--tokenizer": a.tokenizer})
+    task = get_task(args.task)  # (imports a module: no random draws before the seed is set)
+    st = Stage("train_sft.py", args, inputs={"--data": args.data, "--init": args.init, "--init-from": args.init_from,
+                                          "--tokenizer": args.tokenizer})
     device, dtype = st.device, st.dtype
 
     # ---- data: demonstrations as (prompt, completion) records; the tokenizer and the model
-    train_recs, val_recs = load_records(a, task)
-    model, tok = build_model(a, task, train_recs, st.dir if st.saved is not None else None)
+    train_recs, val_recs = load_records(args, task)
+    model, tok = build_model(args, task, train_recs, st.dir if st.saved is not None else None)
     model.to(device)
     if st.saved is None:  # a resumed run keeps the tokenizer its data were encoded with
         tok.save(st.dir / "tokenizer.json")
@@ -147,9 +149,9 @@ def main(argv=None):
     print(f"{len(train_data)} train / {len(val_data)} held-out examples, vocab {tok.vocab_size}, "
           f"{model.num_params() / 1e6:.2f}M parameters, device {device} ({dtype})")
 
-    opt = adamw(model, a.lr, a.weight_decay, device)
+    opt = adamw(model, args.lr, args.weight_decay, device)
     train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = torch.compile(train_model) if a.compile else train_model
+    train_model = torch.compile(train_model) if args.compile else train_model
 
     @torch.no_grad()
     def held_out_loss():
@@ -162,27 +164,27 @@ def main(argv=None):
         return sum(losses) / len(losses)
 
     # ---- training loop
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     extra = {"tokens_seen": 0, "val_loss": float("nan")}
     extra.update(st.resume(model=model, optimizer=opt, generators=[gen]))
-    peak = device_peak_flops(peak_tflops=a.peak_tflops) if device.startswith("cuda") or a.peak_tflops else None
+    peak = device_peak_flops(peak_tflops=args.peak_tflops) if device.startswith("cuda") or args.peak_tflops else None
     model.train()
-    bar = st.steps(a.steps, "sft")
+    bar = st.steps(args.steps, "sft")
     for step in bar:
-        lr = cosine_lr(step, a.steps, a.lr, a.min_lr, a.warmup_steps)
+        lr = cosine_lr(step, args.steps, args.lr, args.min_lr, args.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         # every rank draws the same global batch (same generator) and trains on its shard of it
-        rows = torch.randint(len(train_data), (a.batch_size,), generator=gen)
+        rows = torch.randint(len(train_data), (args.batch_size,), generator=gen)
         batch = collate_sft([train_data[i] for i in dist.shard(rows)], tok.pad_id, device)
         with autocast(device, dtype):
             loss = dist.global_mean(sft_loss(train_model, batch), batch["loss_mask"].sum())
         grad_norm, = st.optimize(opt, loss, model, step=step)
         extra["tokens_seen"] += dist.all_reduce_sum(batch["idx"].numel())
-        last = step == a.steps - 1
-        if step % a.eval_interval == 0 or last:
+        last = step == args.steps - 1
+        if step % args.eval_interval == 0 or last:
             extra["val_loss"] = held_out_loss()
-        if step % a.log_interval == 0 or last:
+        if step % args.log_interval == 0 or last:
             st.check({}, step)  # a NaN stops the run here, naming its step, before anything is logged or saved
             loss_global = dist.mean_over_ranks(loss.detach())  # the global batch's mean
             row = {"step": step, "loss": loss_global.item(), "val_loss": extra["val_loss"], "lr": lr,
@@ -197,13 +199,13 @@ def main(argv=None):
     st.save_model(model, tok, kind="policy", stage="sft")
 
     # ---- samples on held-out prompts: do they stop, and does the grammar accept them?
-    prompts = [r["prompt"] for r in val_recs][:a.n_samples]
-    samples = sample_policy(model, tok, prompts, a.max_new_tokens, a.temperature, seed=a.seed, device=device,
+    prompts = [r["prompt"] for r in val_recs][:args.n_samples]
+    samples = sample_policy(model, tok, prompts, args.max_new_tokens, args.temperature, seed=args.seed, device=device,
                             dtype=dtype)
     metrics = {"train_loss": loss_global.item(), "val_loss": extra["val_loss"],
                "eos_rate": sum(s["eos"] for s in samples) / len(samples), "n_samples": len(samples),
                "train_seconds": train_seconds}
-    if not a.data:
+    if not args.data:
         gram = [s["eos"] and task.is_grammatical(s["prompt"] + s["response"]) for s in samples]
         gold = [task.gold_reward(s["prompt"], s["response"], s["eos"]) for s in samples]
         metrics.update(grammatical_rate=sum(gram) / len(gram), gold_mean=sum(gold) / len(gold))

@@ -1,7 +1,7 @@
 """Time the pipeline's hot loops on one device with random weights and random tokens (no download, no data).
 
-    python experiments/bench.py                       # CPU: the tiny default model (4 x 128, vocab 512, block 64), ~1 minute
-    python experiments/bench.py --device cuda         # GPU: GPT-2-small shapes (12 x 768, vocab 50304, block 1024), bf16
+    python experiments/bench.py   # CPU: the tiny default model (4 x 128, vocab 512, block 64), ~1 minute
+    python experiments/bench.py --device cuda   # GPU: GPT-2-small shapes (12 x 768, vocab 50304, block 1024), bf16
     python experiments/bench.py --device cuda --compile --peak-tflops 989
 
 Measures (a) one SFT training step (tokens/s, MFU against the card's dense bf16 peak: minirlhf.perf), (b) batched
@@ -49,9 +49,8 @@ class Args:
     """Benchmark SFT, sampling, a PPO iteration and DPO on random weights and tokens; writes bench.json."""
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    compile: bool = arg(False, "torch.compile the SFT/DPO/PPO training forwards and time the compiled decode step "
-                               "too (on the CPU compiling takes ~30 s per shape)")
-    peak_tflops: float = arg(0.0, "dense bf16 peak of the card for MFU (0 = look it up in minirlhf.perf's table)")
+    compile: bool = arg(False, "torch.compile the training forwards and time the compiled decode step too")
+    peak_tflops: float = arg(0.0, "dense bf16 peak of the card for MFU (0 = harness/perf.py's table)")
     n_layer: int = arg(0, "transformer blocks (0 = 12 on CUDA, 4 on CPU)")
     n_head: int = arg(0, "attention heads (0 = 12 on CUDA, 4 on CPU)")
     n_embd: int = arg(0, "width (0 = 768 on CUDA, 128 on CPU)")
@@ -60,10 +59,8 @@ class Args:
     iters: int = arg(0, "timed iterations per measurement (0 = 10 on CUDA, 3 on CPU); one warm-up before")
     epochs: int = arg(4, "PPO passes over the rollout batch")
     minibatches: int = arg(4, "PPO minibatches per pass")
-    threads: int = arg(1, "CPU threads for torch (0 = torch's default). 1 by default: on a small shared CPU, OpenMP "
-                          "threads spin-waiting for a busy core made the tiny model's steps ~20x slower")
-    tf32: bool = arg(False, "allow TF32 for float32 matmuls on CUDA (the float32 lm_head; faster, ~1e-3 relative "
-                            "error in the logits). Off by default: the scripts keep full float32")
+    threads: int = arg(1, "CPU threads for torch (0 = torch's default; docs/performance.md says why 1)")
+    tf32: bool = arg(False, "allow TF32 for float32 matmuls on CUDA (the lm_head: faster, ~1e-3 relative error)")
     out: str = arg("bench.json", "where to write the numbers")
     seed: int = arg(0, "random seed")
 

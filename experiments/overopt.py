@@ -1,6 +1,6 @@
 """Reward over-optimisation (Gao, Schulman & Hilton 2022, 2210.10760) on the built-in task, in one command.
 
-    python experiments/overopt.py                            # -> out_overopt/{sft,rm-all,rm-1000,rm-4000,ppo-*}, report.*
+    python experiments/overopt.py   # -> out_overopt/{sft,rm-all,rm-1000,rm-4000,ppo-*}, report.*
     python experiments/overopt.py --sft out/sft              # reuse an SFT run
     python experiments/overopt.py --rm-pairs 1000 0 --ppo-kl 0 --ppo-iterations 200 --dry-run
 
@@ -265,19 +265,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="out_overopt", help="folder for the runs and the report")
     p.add_argument("--sft", default=None, help="an existing SFT run directory (default: train one in --out)")
-    p.add_argument("--rm-pairs", type=int, nargs="+", default=[1000, 4000, 0],
-                   help="train pairs of each RM (0 = all that rm-all collected)")
-    p.add_argument("--rm-min-steps", type=int, default=100, help="optimizer steps at least, for the RMs on a "
-                   "subset (train_rm.py --min-steps: more epochs over fewer pairs)")
+    p.add_argument("--rm-pairs", type=int, nargs="+", default=[1000, 4000, 0], help="train pairs of each RM (0 = all)")
+    p.add_argument("--rm-min-steps", type=int, default=100, help="train_rm.py --min-steps of the RMs on a subset")
     p.add_argument("--ppo-kl", type=float, default=0.01, help="PPO --kl-coef (weak, so the RM gets over-optimised)")
     p.add_argument("--ppo-iterations", type=int, default=120, help="PPO iterations per RM")
-    p.add_argument("--eval-interval", type=int, default=5, help="PPO iterations between held-out evaluations "
-                                                                  "(train_ppo.py --eval-interval)")
+    p.add_argument("--eval-interval", type=int, default=5, help="PPO iterations between held-out evaluations")
     p.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts per PPO evaluation")
     p.add_argument("--bon-max", type=int, default=256, help="largest n of best-of-n (a power of 2)")
     p.add_argument("--bon-prompts", type=int, default=128, help="held-out prompts for best-of-n")
-    p.add_argument("--missing-eos-penalty", type=float, default=2.0, help="best-of-n: a sample without EOS scores "
-                   "-this under every RM (train_ppo.py's default, so both curves use the score PPO trains on)")
+    p.add_argument("--missing-eos-penalty", type=float, default=2.0, help="best-of-n: score of a sample without EOS")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

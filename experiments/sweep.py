@@ -1,6 +1,6 @@
 """Reward-KL frontiers: every algorithm at several KL strengths against the optimal frontier, in one command.
 
-    python experiments/sweep.py                               # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-*,eval}, report.*
+    python experiments/sweep.py   # -> out_sweep/{sft,rm,ppo-kl*,grpo-kl*,dpo-*,eval}, report.*
     python experiments/sweep.py --dry-run                     # the plan: which runs exist, which would run and why
     python experiments/sweep.py --ppo-kl 0.03 0.07 --dpo-beta 0.1 --grpo-kl --best-of 4 64   # another grid ("--grpo-kl" = none)
 
@@ -248,14 +248,12 @@ def main(argv=None):
     p.add_argument("--ppo-kl", type=float, nargs="*", default=[0.03, 0.07, 0.15], help="PPO --kl-coef values")
     p.add_argument("--grpo-kl", type=float, nargs="*", default=[0.03, 0.07, 0.15], help="RLOO --kl-coef values")
     p.add_argument("--dpo-beta", type=float, nargs="*", default=[0.1, 0.2, 0.5], help="DPO --beta values")
-    p.add_argument("--online-dpo-beta", type=float, nargs="*", default=[0.5, 1.0], help="online DPO (train_dpo.py --rounds "
-                   "--online-dpo-rounds) --beta values")
+    p.add_argument("--online-dpo-beta", type=float, nargs="*", default=[0.5, 1.0], help="online DPO --beta values")
     p.add_argument("--online-dpo-rounds", type=int, default=3, help="rounds of each online DPO run (>= 2)")
     p.add_argument("--best-of", type=int, nargs="*", default=[4, 16, 64], help="best-of-n rows")
     for kind in ("sft", "rm", "ppo", "grpo", "dpo", "eval"):
         p.add_argument(f"--{kind}-flags", default="", help=f"extra flags for every {kind} stage (one string)")
-    p.add_argument("--extra-policies", nargs="*", default=[], help="finished policy runs on the same SFT/RM to "
-                                                                    "evaluate with the grid (e.g. DPO variants)")
+    p.add_argument("--extra-policies", nargs="*", default=[], help="finished runs on the same SFT/RM to evaluate too")
     p.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     a = p.parse_args(argv)

@@ -73,17 +73,17 @@ def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None,
     return out[:, 0].contiguous(), out[:, 1].contiguous()  # log-probs and lengths (N, 2): [chosen, rejected]
 
 
-def reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out: Path, also=()):
+def reference_logps(model, train_pairs, test_pairs, args, tok, device, dtype, out: Path, also=()):
     """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy (before any
     update) and cached in the run directory `out`; the cache is reused only when the prefs file, the reference
     weights and the split are the same. A cache in one of the folders `also` (the finished run a rerun will
     replace) is reused too, and copied into `out`. The key hashes the loaded weights, not a file, so a Hugging Face
     directory (safetensors) as --policy is keyed like a run directory."""
-    h = hashlib.sha256(Path(a.prefs).read_bytes())
+    h = hashlib.sha256(Path(args.prefs).read_bytes())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps([a.test_frac, a.max_pairs, a.max_test_pairs, a.seed, model.config.block_size, dtype,
+    h.update(json.dumps([args.test_frac, args.max_pairs, args.max_test_pairs, args.seed, model.config.block_size, dtype,
                          "banned-unsampleable"]).encode())  # log-probs over the sampling distribution
     key, cache = h.hexdigest(), out / "ref_logps.pt"
     hit = None
@@ -107,9 +107,9 @@ def reference_logps(model, train_pairs, test_pairs, a, tok, device, dtype, out: 
     pad = {}
     banned = tok.unsampleable_ids(model.config.vocab_size)
     # under torchrun each rank scores a contiguous share of the pairs; all_gather_cat puts them back in order
-    ref_train, _ = all_pair_logps(model, dist.shard(train_pairs), tok.pad_id, device, dtype, a.eval_batch_size,
+    ref_train, _ = all_pair_logps(model, dist.shard(train_pairs), tok.pad_id, device, dtype, args.eval_batch_size,
                                   banned, stats=pad)
-    ref_test, _ = all_pair_logps(model, dist.shard(test_pairs), tok.pad_id, device, dtype, a.eval_batch_size, banned)
+    ref_test, _ = all_pair_logps(model, dist.shard(test_pairs), tok.pad_id, device, dtype, args.eval_batch_size, banned)
     ref_train, ref_test = dist.all_gather_cat(ref_train), dist.all_gather_cat(ref_test)
     if dist.is_main():
         torch_save(cache, {"key": key, "train": ref_train.cpu(), "test": ref_test.cpu()})
@@ -128,7 +128,7 @@ def global_divisors(chosen_mask, n_pairs: int) -> dict:
     return dict(n_pairs=n_pairs / dist.world_size(), n_tokens=n_tok.clamp(min=1) / dist.world_size())
 
 
-def dpo_step_loss(logps, lens, ref, a, n_pairs=None, n_tokens=None):
+def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None):
     """The training objective and the usual DPO diagnostics for one batch.
 
     n_pairs, n_tokens: the divisors of the pair means and of the chosen responses' per-token NLL, by default this
@@ -138,23 +138,28 @@ def dpo_step_loss(logps, lens, ref, a, n_pairs=None, n_tokens=None):
     by the world size is the global batch's value).
 
     logps, lens (2B,) = policy log-probs and lengths of [chosen; rejected]; ref (B, 2) reference log-probs.
-    Returns (loss, stats), stats as 0-d tensors (stats_to_host turns them into floats): rewards/* = beta * log-ratio (the implicit reward of Rafailov et al., eq. 5, up to
-    beta log Z(x)); accuracy = share of pairs whose implicit reward ranks chosen first (ties half)."""
+    Returns (loss, stats), stats as 0-d tensors (stats_to_host turns them into floats): rewards/* = beta *
+    log-ratio (the implicit reward of Rafailov et al., eq. 5, up to beta log Z(x)); accuracy = share of pairs whose
+    implicit reward ranks chosen first (ties half).
+    The NLL term (args.nll_coef; RPO, Pang et al. 2024, pooled per token over the batch): plain DPO constrains only
+    the difference of two log-ratios, and pushing a rejected response down raises every other token's probability
+    (the "squeezing" of Ren & Sutherland 2024, 2407.10490), most of all the tokens the data never uses; the NLL of
+    the chosen responses keeps them down (docs/results.md measures it)."""
     B = ref.size(0)
     pi_c, pi_r = logps[:B], logps[B:]
     ref_c, ref_r = ref[:, 0], ref[:, 1]
-    if a.loss == "ipo" and a.ipo_length_average:  # per-token log-ratios: the margin no longer grows with length
+    if args.loss == "ipo" and args.ipo_length_average:  # per-token log-ratios: the margin no longer grows with length
         n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
         pi_c, pi_r, ref_c, ref_r = pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r
-    losses = preference_loss(a.loss, pi_c, pi_r, ref_c, ref_r, a.beta, a.label_smoothing)  # (B,)
+    losses = preference_loss(args.loss, pi_c, pi_r, ref_c, ref_r, args.beta, args.label_smoothing)  # (B,)
     mean = (lambda x: x.mean()) if n_pairs is None else (lambda x: x.sum() / n_pairs)
     loss = mean(losses)
     # per-token NLL of the chosen responses (as SFT's loss)
     nll = -logps[:B].sum() / (lens[:B].sum().clamp(min=1) if n_tokens is None else n_tokens)
-    if a.nll_coef:
-        loss = loss + a.nll_coef * nll
+    if args.nll_coef:
+        loss = loss + args.nll_coef * nll
     with torch.no_grad():  # tensors, not floats: no host sync per step (stats_to_host once per log step)
-        r_c, r_r = a.beta * (pi_c - ref_c), a.beta * (pi_r - ref_r)
+        r_c, r_r = args.beta * (pi_c - ref_c), args.beta * (pi_r - ref_r)
         stats = {"loss": loss.detach(), "pref_loss": mean(losses), "nll_chosen": nll.detach(),
                  "rewards/chosen": mean(r_c), "rewards/rejected": mean(r_r),
                  "rewards/accuracy": mean((r_c > r_r).float() + 0.5 * (r_c == r_r).float()),
@@ -169,30 +174,30 @@ def stats_to_host(stats: dict) -> dict:
 
 
 @torch.no_grad()
-def test_pair_stats(model, pairs, ref, a, tok, device, dtype):
+def test_pair_stats(model, pairs, ref, args, tok, device, dtype):
     """The same diagnostics on the test pairs (pair-weighted means over all of them), prefixed 'test/'."""
     pad = {}
-    logps, lens = all_pair_logps(model, pairs, tok.pad_id, device, dtype, a.eval_batch_size,
+    logps, lens = all_pair_logps(model, pairs, tok.pad_id, device, dtype, args.eval_batch_size,
                                  tok.unsampleable_ids(model.config.vocab_size), stats=pad)
-    _, stats = dpo_step_loss(torch.cat([logps[:, 0], logps[:, 1]]), torch.cat([lens[:, 0], lens[:, 1]]), ref, a)
+    _, stats = dpo_step_loss(torch.cat([logps[:, 0], logps[:, 1]]), torch.cat([lens[:, 0], lens[:, 1]]), ref, args)
     return {f"test/{k}": v for k, v in {**stats_to_host(stats), **pad}.items()}
 
 
-def online_pairs(model, ref_model, reward_model, tok, task, a, rnd: int, device, dtype, out: Path = None):
+def online_pairs(model, ref_model, reward_model, tok, task, args, rnd: int, device, dtype, out: Path = None):
     """The pairs of online round `rnd` (1 = the first after the offline one): --round-k samples per prompt of
     --round-prompts fresh task train prompts from the *current* policy `model`, labelled by the reward model
     (preferences.rank_pairs; the gold reward is never asked), and their reference log-probs (N, 2) from the frozen
     `ref_model`, the same reference as the offline round. Writes the pairs to out/round<rnd+1>_prefs.jsonl.
     Returns (pairs, ref log-probs, stats)."""
-    seed = a.seed * 1000 + rnd  # a new sample of prompts and responses each round
-    prompts = task.sample_prompts("train", a.round_prompts, seed=seed)
+    seed = args.seed * 1000 + rnd  # a new sample of prompts and responses each round
+    prompts = task.sample_prompts("train", args.round_prompts, seed=seed)
     was_training = model.training
     model.eval()
-    samples = sample_many(model, tok, [p for p in prompts for _ in range(a.round_k)], a.max_new_tokens, seed,
-                          a.eval_batch_size, device, dtype, desc=f"round {rnd + 1} samples")
+    samples = sample_many(model, tok, [p for p in prompts for _ in range(args.round_k)], args.max_new_tokens, seed,
+                          args.eval_batch_size, device, dtype, desc=f"round {rnd + 1} samples")
     model.train(was_training)
-    scores = reward_model_scores(reward_model, tok, samples, a.eval_batch_size, device, dtype)
-    records, stats = rank_pairs(prompts, samples, scores, a.round_k, a.round_pairs, tok.fingerprint())
+    scores = reward_model_scores(reward_model, tok, samples, args.eval_batch_size, device, dtype)
+    records, stats = rank_pairs(prompts, samples, scores, args.round_k, args.round_pairs, tok.fingerprint())
     if not records:
         raise UserError(f"online round {rnd + 1}: none of the {len(samples)} samples formed a pair (no two distinct "
                         f"EOS-ended responses of one prompt): raise --round-k or --max-new-tokens")
@@ -203,10 +208,10 @@ def online_pairs(model, ref_model, reward_model, tok, task, a, rnd: int, device,
     for r in records:
         r["_where"] = f"round {rnd + 1} pair"
     pairs, _ = encode_pairs(records, tok, model.config.block_size, model.config.vocab_size, targets=True)
-    ref, _ = all_pair_logps(ref_model, pairs, tok.pad_id, device, dtype, a.eval_batch_size,
+    ref, _ = all_pair_logps(ref_model, pairs, tok.pad_id, device, dtype, args.eval_batch_size,
                             tok.unsampleable_ids(model.config.vocab_size), seed=seed)
     stats["eos_rate"] = sum(s["eos"] for s in samples) / len(samples)
     stats["rm_mean"] = sum(scores) / len(scores)
-    print(f"round {rnd + 1}: {len(pairs)} pairs labelled by {a.reward} from {stats['n_samples']} samples of the "
+    print(f"round {rnd + 1}: {len(pairs)} pairs labelled by {args.reward} from {stats['n_samples']} samples of the "
           f"current policy (EOS {stats['eos_rate']:.3f}, RM mean {stats['rm_mean']:+.3f})")
     return pairs, ref, stats

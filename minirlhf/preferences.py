@@ -424,65 +424,68 @@ def read_collected(path):
     return saved
 
 
-def _records(a, run_dir, policy, tok, task, kw: dict):
+def _records(args, run_dir, policy, tok, task, kw: dict):
     """(train records, test records, collection stats, prompts to normalise on, whether the file carries the task's
     gold columns), from the simulated human's labels of the policy's samples (kept in the staging folder `run_dir`
     across --resume) or from the user's --prefs file."""
     collected = run_dir / "collected.json"  # the simulated human's labels, kept across --resume (~20 s of sampling)
     # under torchrun rank 0 reads its staging folder and every rank gets the same pairs
-    saved = dist.broadcast_object(read_collected(collected) if a.resume and not a.prefs and dist.is_main()
+    saved = dist.broadcast_object(read_collected(collected) if args.resume and not args.prefs and dist.is_main()
                                   and collected.is_file() else None)
     if saved is not None:
         print(f"reusing the {len(saved['train']) + len(saved['test'])} preference pairs collected in {collected}")
-        return saved["train"], saved["test"], saved["stats"], task.sample_prompts("train", a.n_norm, a.seed + 1), False
-    if a.prefs:
-        records = load_pref_jsonl(a.prefs)
+        norm_prompts = task.sample_prompts("train", args.n_norm, args.seed + 1)
+        return saved["train"], saved["test"], saved["stats"], norm_prompts, False
+    if args.prefs:
+        records = load_pref_jsonl(args.prefs)
         # checks the optional numeric columns now (FILE:LINE), not after training; with gold columns the file
         # comes from the built-in task, whose gold reward then also scores the RM on fresh samples
         task_file = has_gold_columns(records)
-        train_recs, test_recs = split_prefs(records, a.test_frac, a.seed)
+        train_recs, test_recs = split_prefs(records, args.test_frac, args.seed)
         if not test_recs:
-            raise DataError(f"--prefs {a.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
+            raise DataError(f"--prefs {args.prefs}: no test pairs (add more prompts, or set the \"split\" field)")
         prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
-        return train_recs, test_recs, {}, [prompts[i % len(prompts)] for i in range(a.n_norm)], task_file
-    train_recs, s_train = collect_preferences(policy, tok, task, task.sample_prompts("train", a.n_prompts, a.seed),
-                                              a.k, a.max_new_tokens, "train", seed=a.seed, **kw)
-    test_recs, s_test = collect_preferences(policy, tok, task, task.sample_prompts("test", a.n_test_prompts, a.seed),
-                                            a.k, a.max_new_tokens, "test", seed=a.seed + 1, **kw)
+        return train_recs, test_recs, {}, [prompts[i % len(prompts)] for i in range(args.n_norm)], task_file
+    train_recs, s_train = collect_preferences(policy, tok, task, task.sample_prompts("train", args.n_prompts,
+                                                                                      args.seed),
+                                              args.k, args.max_new_tokens, "train", seed=args.seed, **kw)
+    test_recs, s_test = collect_preferences(policy, tok, task, task.sample_prompts("test", args.n_test_prompts,
+                                                                                   args.seed),
+                                            args.k, args.max_new_tokens, "test", seed=args.seed + 1, **kw)
     stats = {k: s_train[k] + s_test[k] for k in s_train}
     if stats["n_dropped_no_eos"] > 0.5 * stats["n_samples"]:
         print(f"warning: {stats['n_dropped_no_eos']} of {stats['n_samples']} samples did not end with EOS "
-              f"within --max-new-tokens {a.max_new_tokens} and were not paired")
+              f"within --max-new-tokens {args.max_new_tokens} and were not paired")
     if not train_recs or not test_recs:
         raise DataError(f"no preference pairs: of {stats['n_samples']} samples, {stats['n_dropped_no_eos']} "
                         f"lacked EOS and {stats['n_duplicates']} were duplicates (train the SFT model longer or "
                         f"raise --max-new-tokens / --k)")
     write_json(collected, {"train": train_recs, "test": test_recs, "stats": stats})
-    return train_recs, test_recs, stats, task.sample_prompts("train", a.n_norm, seed=a.seed + 1), False
+    return train_recs, test_recs, stats, task.sample_prompts("train", args.n_norm, seed=args.seed + 1), False
 
 
-def preference_records(a, run_dir, policy, tok, task, kw: dict):
+def preference_records(args, run_dir, policy, tok, task, kw: dict):
     """train_rm.py's pairs, by its args `a`: (train records, train pairs, test records, test pairs, stats, prompts
     to normalise on, whether the file carries the task's gold columns); a pair is (chosen, rejected) token
     sequences BOS + prompt + response. Both splits are written to run_dir/prefs.jsonl ("_where", the file:line of a
     user's record, is not data); under torchrun every rank holds the same records (sample_many gathers them)."""
     cfg = policy.config
-    train_recs, test_recs, stats, norm_prompts, task_file = _records(a, run_dir, policy, tok, task, kw)
+    train_recs, test_recs, stats, norm_prompts, task_file = _records(args, run_dir, policy, tok, task, kw)
     with open(run_dir / "prefs.jsonl", "w") as f:
         for r in train_recs + test_recs:
             f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}) + "\n")
     n_ids, n_other = token_id_counts(train_recs + test_recs, tok)
     if n_other:
-        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {a.policy}'s; their "
+        print(f"warning: {n_other} pairs carry token ids of another tokenizer than --policy {args.policy}'s; their "
               f"text is re-encoded instead")
     splits, n_same = encode_splits({"train pairs": train_recs, "test pairs": test_recs}, tok, cfg.block_size,
                                    cfg.vocab_size)
     (train_recs, train_pairs), (test_recs, test_pairs) = [(r, [(p + c, p + rj) for p, c, rj in t])
                                                           for r, t in splits.values()]
     stats.update(n_pairs_from_ids=n_ids, n_uninformative_pairs=n_same)
-    if a.max_pairs and len(train_pairs) > a.max_pairs:
-        keep = subsample_groups(train_recs, a.max_pairs, a.seed)
-        print(f"--max-pairs {a.max_pairs}: training on {len(keep)} of the {len(train_pairs)} train pairs")
+    if args.max_pairs and len(train_pairs) > args.max_pairs:
+        keep = subsample_groups(train_recs, args.max_pairs, args.seed)
+        print(f"--max-pairs {args.max_pairs}: training on {len(keep)} of the {len(train_pairs)} train pairs")
         stats["n_train_pairs_available"] = len(train_pairs)
         train_recs, train_pairs = [train_recs[i] for i in keep], [train_pairs[i] for i in keep]
     return train_recs, train_pairs, test_recs, test_pairs, stats, norm_prompts, task_file

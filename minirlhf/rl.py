@@ -11,20 +11,20 @@ from minirlhf.rollout import check_first_ratio
 from minirlhf.scoring import RATIO_TOLERANCE
 
 
-def load_models(a, device, value_model: bool = False):
+def load_models(args, device, value_model: bool = False):
     """(tok, policy, frozen reference = an SFT copy, frozen reward model[, value model initialised from the RM: N+
     details, TRL]). load_run turns dropout off: with dropout the rollout and training forwards disagree, the first
     ratio is not 1 and the KL is noise (TRL #3500); eval() everywhere for the same reason (it does not stop
     gradients)."""
-    policy, tok, pol_cfg = load_policy(a.policy, "--policy", device)
-    reward_model, _, rm_cfg = load_scalar(a.reward, "--reward", device)
-    check_compatible(("--policy", a.policy, pol_cfg), ("--reward", a.reward, rm_cfg))
+    policy, tok, pol_cfg = load_policy(args.policy, "--policy", device)
+    reward_model, _, rm_cfg = load_scalar(args.reward, "--reward", device)
+    check_compatible(("--policy", args.policy, pol_cfg), ("--reward", args.reward, rm_cfg))
     models = [policy, copy.deepcopy(policy), reward_model] + ([copy.deepcopy(reward_model)] if value_model else [])
     for m in models[1:3]:
         m.requires_grad_(False)
     for m in models:
         m.eval()
-    print(f"policy {a.policy} ({policy.num_params() / 1e6:.2f}M), reward {a.reward}, device {device}")
+    print(f"policy {args.policy} ({policy.num_params() / 1e6:.2f}M), reward {args.reward}, device {device}")
     return (tok, *models)
 
 

@@ -22,12 +22,9 @@ from minirlhf.scoring import RATIO_TOLERANCE, last_index, response_logprobs, res
 from minirlhf.utils import UserError, autocast
 
 # The ratio at the first minibatch of an iteration must be 1 up to rounding (nothing is updated yet; only the batch
-# composition differs from the rollout's full forward): scoring.RATIO_TOLERANCE per dtype (float32 1e-5; bf16
-# autocast 0.05, measured and explained there -- the lm_head is float32, so only the trunk's bf16 rounding remains).
-# With a bf16 lm_head, before it moved to float32, the worst first minibatch of the default pipeline was 0.030
-# (0.045 and 0.029 for RLOO and PPO policies trained from it); the float32 head shrinks the gap ~30x. The check
-# catches gross mismatches (scoring at T 0.7 instead of 1: 0.37; dropout 0.1 left on: 0.17); float32's 1e-5 catches
-# small ones too (T 0.9), so debug in float32.
+# composition differs from the rollout's full forward): scoring.RATIO_TOLERANCE per dtype, measured and explained
+# there. The check catches gross mismatches (scoring at T 0.7 instead of 1: 0.37; dropout 0.1 left on: 0.17);
+# float32's 1e-5 catches small ones too (T 0.9), so debug in float32.
 
 
 def check_first_ratio(dev: float, dtype: str, it: int) -> float:

@@ -119,14 +119,6 @@ def concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
     return ids, mask
 
 
-def response_logits(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """Logits (B, R, V) predicting each response token (the full tensor: for inspection and tests; the scoring
-    passes use response_logprobs, which never builds it)."""
-    ids, mask = concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
-    P, R = prompt_ids.size(1), resp_ids.size(1)
-    return model(ids, attention_mask=mask)[:, P - 1:P + R - 1]
-
-
 def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0, with_entropy: bool = False, banned=None,
                       chunk_rows: int = None):

@@ -6,7 +6,7 @@
 torchrun starts one process per rank and sets RANK, LOCAL_RANK, WORLD_SIZE (and MASTER_ADDR/PORT); setup() finds
 them, joins the process group (NCCL on CUDA, gloo on the CPU) and returns this rank's device (`--device cuda` ->
 cuda:LOCAL_RANK). Without them (a plain `python train_x.py`) nothing changes: world size 1, no process group, every
-helper below is the identity, so a one-process run computes exactly what it computed before this module existed.
+helper below is the identity, so a one-process run computes exactly what it would without this module.
 
 How the scripts use it (data parallelism, DistributedDataParallel):
   * every rank draws the same global batch (same seed), takes its shard (shard()), and DDP averages the gradients.
