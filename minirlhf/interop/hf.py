@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minirlhf.harness.files import write_json
 from minirlhf.model import GPTConfig
 from minirlhf.tokenizer import ENDOFTEXT, Tokenizer
 from minirlhf.utils import UserError
@@ -436,6 +435,11 @@ def fold_score(state: dict, cfg: GPTConfig) -> tuple:
     return out, 0.0
 
 
+def _write_json(path, obj):
+    """A JSON file of the export (in its staging folder, which is renamed into place as a whole)."""
+    Path(path).write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
 def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir) -> dict:
     """Write a loaded run (checkpoint.load_run: a policy or reward run, or an HF directory) as a transformers GPT-2
     directory. The directory is assembled next to out_dir and renamed into place, so out_dir is either complete or
@@ -457,19 +461,19 @@ def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir
         c = hf_config(cfg, tok, reward)
         if offset:
             c["minirlhf_score_offset"] = offset  # add this to transformers' score to get minirlhf's reward
-        write_json(stage / "config.json", c)
+        _write_json(stage / "config.json", c)
         tok.save(stage / "tokenizer.json")
         specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
         # PreTrainedTokenizerFast reads tokenizer.json as is; it does not add BOS: prepend it yourself (minirlhf
         # sequences are BOS + prompt + response + EOS). split_special_tokens: text that spells a special token
         # ("<|eos|>") is encoded as text, as minirlhf encodes it (tokenizer.json does not store that setting)
-        write_json(stage / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+        _write_json(stage / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
                                                      "model_max_length": cfg.block_size, "padding_side": "right",
                                                      "clean_up_tokenization_spaces": False,
                                                      "split_special_tokens": True})
-        write_json(stage / "special_tokens_map.json", specials)
+        _write_json(stage / "special_tokens_map.json", specials)
         if not reward:
-            write_json(stage / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+            _write_json(stage / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                                                           "pad_token_id": tok.pad_id})
         umask = os.umask(0)
         os.umask(umask)
