@@ -12,7 +12,7 @@ pi_ref exp(g/beta)/Z, Ziegler et al. 2019) and the share of that optimum each po
 --best-of 4 16 64 adds rows bon-4, bon-16, bon-64: the reference's best of n samples under the RM (--reward), at
 the closed-form KL log n - (n - 1)/n, an upper bound on the true KL (Beirami et al. 2024).
 Writes report.json, report.md and (when matplotlib is installed) report.png into --out-dir; see
-minirlhf/evaluation.py for the estimators.
+minirlhf/evaluation/metrics.py for the estimators.
 
 report.json keys:
     policies.<name>.{run_dir, gold_mean, gold_sem, kl_mean, kl_sem, win_rate, win_rate_sem, gold_gain,
@@ -71,7 +71,7 @@ class Args:
     frontier: bool = arg(False, "estimate the optimal reward-KL frontier (needs the gold reward)")
     frontier_prompts: int = arg(32, "prompts for the frontier (the first of the evaluation prompts)", "> 0")
     frontier_samples: int = arg(1024, "reference samples per frontier prompt (the frontier reaches KL < log of it)",
-                                 ">= 2 (the frontier reweights several samples)")
+                                ">= 2 (the frontier reweights several samples)")
     betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)")
     min_ess: float = arg(10.0, "drop frontier points whose effective sample size per prompt is below this",
                          ">= 1 (an effective sample size)")
@@ -203,7 +203,7 @@ def write_plot(report, path):
     if report.get("frontier"):
         fi = report["frontier_info"]
         ax.plot([0.0] + [p["kl"] for p in report["frontier"]], [fi["ref_gold"]] + [p["gold"] for p in
-                                                                                  report["frontier"]],
+                                                                                   report["frontier"]],
                 "k-", lw=1.5, label=f"optimal π* (estimated, KL < {fi['kl_cap']:.1f})")
     bon = [m for m in report["policies"].values() if m.get("kl_is_bound")]
     if bon:  # best-of-n: one curve, at its KL upper bound
@@ -277,12 +277,20 @@ def report_names(paths) -> list:
     return names
 
 
+def report_row(m: dict, samples: list, n_show: int) -> dict:
+    """A policy's metrics as report.json keeps them: win_rate(_sem) for win_rate_vs_ref(_sem), n_show samples."""
+    if "win_rate_vs_ref" in m:
+        m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
+    keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
+    return {**m, "samples": [{k: s[k] for k in keep if k in s} for s in samples[:n_show]]}
+
+
 def validate(args: Args):
     """Every flag's range, before any work (one line naming the flag, exit 2)."""
     check(bool(args.policies), "--policies: name at least one policy run directory")
     check(all(b > 0 for b in args.betas), f"--betas {' '.join(map(str, args.betas))}: must all be > 0")
     check(not (args.frontier and args.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
-                                          "--prompts data")
+          "--prompts data")
     check(not (args.best_of and not args.reward), "--best-of needs --reward (the RM picks the best of n samples)")
     check(all(n >= 1 for n in args.best_of), "--best-of: every n must be >= 1")
 
@@ -297,7 +305,7 @@ def main(argv=None):
     task = None if args.prompts else get_task(args.task)
     # before any work: is the output location writable, free and no input of the run? (no --resume: nothing to keep)
     run_ = Run(args.out_dir, args, inputs={"--policies": args.policies, "--ref": args.ref, "--reward": args.reward,
-                                       "--prompts": args.prompts})
+                                           "--prompts": args.prompts})
     ref, tok, policies, rm = load_models(args, device)
     if args.prompts:
         recs = read_jsonl(args.prompts, ("prompt",))
@@ -327,11 +335,7 @@ def main(argv=None):
         scorer = compiled.get(id(model), model)
         ref_scorer = compiled.setdefault(id(ref), torch.compile(ref)) if args.compile else ref
         m = policy_metrics(scorer, ref_scorer, tok, samples, ref_samples, task, rm, **kw)
-        if "win_rate_vs_ref" in m:
-            m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
-        keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
-        m["samples"] = [{k: s[k] for k in keep if k in s} for s in samples[:args.n_show]]
-        report["policies"][name] = {"run_dir": run_dir, **m}
+        report["policies"][name] = {"run_dir": run_dir, **report_row(m, samples, args.n_show)}
         print(f"  {name}: {time.time() - t:.1f}s")
 
     if args.best_of:  # max(n) reference samples per prompt, drawn once; each n takes the first n of them
@@ -340,19 +344,15 @@ def main(argv=None):
                                 task, args.missing_eos_penalty, seed=args.seed + 3, device=device, dtype=dtype,
                                 batch_size=max(args.batch_size, 512), **shard)
         for n, m in bon.items():
-            if "win_rate_vs_ref" in m:
-                m["win_rate"], m["win_rate_sem"] = m.pop("win_rate_vs_ref"), m.pop("win_rate_vs_ref_sem")
-            keep = ("prompt", "response", "eos", "length", "kl", "gold", "rm")
-            m["samples"] = [{k: s[k] for k in keep if k in s} for s in m["samples"][:args.n_show]]
-            report["policies"][f"bon-{n}"] = {"run_dir": None, **m}
+            report["policies"][f"bon-{n}"] = {"run_dir": None, **report_row(m, m["samples"], args.n_show)}
         print(f"  best-of-{max(args.best_of)} samples for {len(prompts)} prompts (bon-{', bon-'.join(map(str, bon))}): "
               f"{time.time() - t:.1f}s")
 
     if args.frontier:
         t = time.time()
         fr = estimate_frontier(ref, tok, task, prompts[:args.frontier_prompts], args.frontier_samples,
-                               args.max_new_tokens, args.betas or None, args.min_ess, seed=args.seed + 2, device=device, dtype=dtype,
-                               batch_size=max(args.batch_size, 512), **shard)
+                               args.max_new_tokens, args.betas or None, args.min_ess, seed=args.seed + 2, device=device,
+                               dtype=dtype, batch_size=max(args.batch_size, 512), **shard)
         report["frontier"], report["frontier_dropped"] = fr.pop("frontier"), fr.pop("dropped")
         boot = fr.pop("bootstrap")  # the frontier's noise over its prompts, for the shares' error bars
         report["frontier_info"] = {**fr, "n_bootstrap": len(boot)}
@@ -361,7 +361,7 @@ def main(argv=None):
             frac, opt, extrapolated = fraction_of_optimal(m["gold_mean"], m["ref_gold_mean"], m["kl_mean"],
                                                           report["frontier"], fr["ref_gold"], noise)
             sem = None if frac is None else fraction_of_optimal_sem(m["gold_mean"], m["ref_gold_mean"],
-                                                                      m["kl_mean"], noise, boot)
+                                                                    m["kl_mean"], noise, boot)
             m.update(frontier_gold=opt, frontier_extrapolated=extrapolated, frac_optimal=frac, frac_optimal_sem=sem)
         top = max([p["kl"] for p in report["frontier"]], default=0)
         print(f"  frontier: {len(report['frontier'])} points kept, {len(report['frontier_dropped'])} dropped "

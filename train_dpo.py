@@ -90,15 +90,15 @@ def main(argv=None):
     args = parse_args(Args, argv)
     check(not args.label_smoothing or args.loss == "sigmoid", "--label-smoothing only applies to --loss sigmoid")
     check(args.rounds == 1 or args.task.lower() != "none", "--rounds > 1 samples the task's train prompts: it needs "
-                                                     "--task (not none)")
+          "--task (not none)")
     check(args.rounds == 1 or not args.resume, "--resume is not supported with --rounds > 1 (rerun the command)")
     W = dist.env_world_size()
     check(args.batch_size >= W, f"--batch-size {args.batch_size}: must be >= the number of processes ({W}; it is the "
-                             f"global batch, split across them)")
+          f"global batch, split across them)")
     check(args.rounds == 1 or W == 1, "--rounds > 1 is not supported under torchrun (run one process)")
     task = None if args.task.lower() == "none" else get_task(args.task)
     st = Stage("train_dpo.py", args, inputs={"--policy": args.policy, "--prefs": args.prefs,
-                                          "--reward": args.reward if args.rounds > 1 else None})
+                                             "--reward": args.reward if args.rounds > 1 else None})
     device, dtype = st.device, st.dtype
 
     # ---- policy (= reference) and pairs: (prompt, chosen, rejected) token ids

@@ -187,7 +187,7 @@ def main(argv=None):
     if "gold_part_weights" in metrics:  # in gold units; the gold reward's own weight in brackets
         w = metrics["gold_part_weights"]
         print("  weights (gold): " + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.2f}'} "
-                                              f"({w['gold_weights'][k]:+.2f})" for k, v in w["weights"].items()))
+                                               f"({w['gold_weights'][k]:+.2f})" for k, v in w["weights"].items()))
     print(f"  {'pairs':<18} {len(train_pairs)} train / {len(test_pairs)} test, {st.elapsed():.0f}s in all")
 
 

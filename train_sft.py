@@ -125,15 +125,15 @@ def main(argv=None):
     args = parse_args(Args, argv)
     check(args.n_embd % args.n_head == 0, f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
     check(not (args.init and args.tokenizer), "--tokenizer cannot be combined with --init (the run given to --init "
-                                        "brings its own tokenizer, which its weights were trained with)")
+          "brings its own tokenizer, which its weights were trained with)")
     check(not (args.init_from and (args.init or args.tokenizer)),
           "--init-from: the model brings its own tokenizer and weights; drop --init / --tokenizer")
     W = dist.env_world_size()
     check(args.batch_size >= W, f"--batch-size {args.batch_size}: must be >= the number of processes ({W}; it is the "
-                             f"global batch, split across them)")
+          f"global batch, split across them)")
     task = get_task(args.task)  # (imports a module: no random draws before the seed is set)
     st = Stage("train_sft.py", args, inputs={"--data": args.data, "--init": args.init, "--init-from": args.init_from,
-                                          "--tokenizer": args.tokenizer})
+                                             "--tokenizer": args.tokenizer})
     device, dtype = st.device, st.dtype
 
     # ---- data: demonstrations as (prompt, completion) records; the tokenizer and the model

@@ -4,7 +4,7 @@
     python experiments/bench.py --device cuda   # GPU: GPT-2-small shapes (12 x 768, vocab 50304, block 1024), bf16
     python experiments/bench.py --device cuda --compile --peak-tflops 989
 
-Measures (a) one SFT training step (tokens/s, MFU against the card's dense bf16 peak: minirlhf.perf), (b) batched
+Measures (a) one SFT training step (tokens/s, MFU against the card's dense bf16 peak: minirlhf/harness/perf.py), (b) batched
 sampling with the static KV cache (new tokens/s at two batch sizes, eager and --compile'd decode step; EOS is never
 sampled, so every row runs the whole budget), (c) one PPO iteration split into rollout / scoring / update seconds
 (policy + frozen reference + value model + reward model, built here from the library's pieces: generation.generate,

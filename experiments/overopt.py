@@ -12,7 +12,7 @@ collection: train_rm.py --max-pairs; 0 = all of it):
 - PPO with a weak KL penalty (--ppo-kl, default 0.01) for --ppo-iterations, its policy evaluated every
   --eval-interval iterations on --eval-prompts held-out prompts (train_ppo.py --eval-interval: one sample per
   prompt; gold gain over the SFT's samples of the same prompts +- paired s.e., KL +- s.e., RM score as trained on).
-The gold gain over SFT is fitted with both of Gao et al.'s forms in d = sqrt(KL) (minirlhf/overopt.py):
+The gold gain over SFT is fitted with both of Gao et al.'s forms in d = sqrt(KL) (minirlhf/evaluation/overopt.py):
 best-of-n d(alpha - beta d), RL d(alpha - beta log d), and the KL at which the fitted gold peaks is reported with
 the measured peak. Each RM's test accuracy is reported beside the Bayes ceiling of its labels, and, since the task
 breaks its gold reward into parts (tasks/reviews.py gold_components: sentiment, repeated words, ...), how each RM

@@ -447,7 +447,7 @@ def _records(args, run_dir, policy, tok, task, kw: dict):
         prompts = sorted({r["prompt"] for r in train_recs})  # fresh samples for normalisation on these
         return train_recs, test_recs, {}, [prompts[i % len(prompts)] for i in range(args.n_norm)], task_file
     train_recs, s_train = collect_preferences(policy, tok, task, task.sample_prompts("train", args.n_prompts,
-                                                                                      args.seed),
+                                                                                     args.seed),
                                               args.k, args.max_new_tokens, "train", seed=args.seed, **kw)
     test_recs, s_test = collect_preferences(policy, tok, task, task.sample_prompts("test", args.n_test_prompts,
                                                                                    args.seed),

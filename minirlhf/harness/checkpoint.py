@@ -42,7 +42,7 @@ def check_state_dict(state, where: str):
 
 def save_run(out_dir, model, tokenizer: Tokenizer, args=None, kind: str = "policy", **extra):
     """Write model.pt, config.json and tokenizer.json into out_dir, each atomically; the same weights give the same
-    model.pt bytes (utils.atomic_write). The stage scripts pass their Run's staging folder (minirlhf/runs.py).
+    model.pt bytes (files.atomic_write). The stage scripts pass their staging folder (harness/stage.py).
     Under torchrun only rank 0 writes (every rank holds the same weights): a checkpoint is written once."""
     if not dist.is_main():
         return

@@ -240,7 +240,7 @@ class Run:
         ... run.path("model.pt") ... run.save_resume({...}) every --save-interval steps ...
         run.finish()                                # after metrics.json: the run appears at out_dir
 
-    Under torchrun (minirlhf.dist) only rank 0 owns the run directory: the other ranks write whatever the script
+    Under torchrun (harness/dist.py) only rank 0 owns the run directory: the other ranks write whatever the script
     writes into a private scratch folder that is deleted at exit, never save a resume checkpoint, and get rank 0's
     resume state from load_resume() (so every rank agrees on it, also across nodes without a shared disk).
     """
