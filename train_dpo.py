@@ -28,6 +28,7 @@ from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar
 from minirlhf.harness.cli import arg, parse_args, run
 from minirlhf.harness.stage import Stage
+from minirlhf.model import compile_model
 from minirlhf.preferences import (bayes_accuracy, encode_splits, has_gold_columns, split_prefs, subsample,
                                   token_id_counts)
 from minirlhf.tasks import get_task
@@ -133,7 +134,7 @@ def main(argv=None):
 
     opt = adamw(model, args.lr, args.weight_decay, device)
     train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = torch.compile(train_model) if args.compile else train_model
+    train_model = compile_model(train_model) if args.compile else train_model
     banned = tok.unsampleable_ids(model.config.vocab_size)  # log-probs of the distribution the policy samples
 
     # ---- training: shuffled passes over the pairs

@@ -35,6 +35,7 @@ from minirlhf.harness import dist
 from minirlhf.harness.cli import arg, parse_args, run
 from minirlhf.harness.stage import Stage, Stats
 from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
+from minirlhf.model import compile_model
 from minirlhf.rollout import collect_rollout, training_prompts
 from minirlhf.scoring import response_logprobs
 from minirlhf.tasks import get_task
@@ -109,7 +110,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, eps=1e-5,
                             fused=device.startswith("cuda"))
     train_policy = dist.wrap(policy, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_policy = torch.compile(train_policy) if args.compile else train_policy
+    train_policy = compile_model(train_policy) if args.compile else train_policy
     B = args.prompts_per_iter * args.group_size // W  # samples per rollout (of this rank)
     constant = float(args.max_new_tokens * B // args.minibatches)  # Dr. GRPO's normaliser: a minibatch's token budget
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)

@@ -27,6 +27,7 @@ from minirlhf.harness.stage import Stage, Stats
 from minirlhf.losses import (AdaptiveKLController, FixedKLController, default_kl_horizon, explained_variance,
                              gae_advantages, kl_shaped_rewards, masked_mean, masked_var, masked_whiten, ppo_policy_loss,
                              ppo_value_loss)
+from minirlhf.model import compile_model
 from minirlhf.rollout import collect_rollout, training_prompts
 from minirlhf.sampling import sample_policy
 from minirlhf.scoring import response_logprobs, response_values
@@ -118,8 +119,8 @@ def main(argv=None):
     base_lrs = [group["lr"] for group in opt.param_groups]
     # DDP under torchrun (one wrapper per trained model), else the models themselves
     train_policy, train_value = dist.wrap(policy, device), dist.wrap(value_model, device)
-    train_policy = torch.compile(train_policy) if args.compile else train_policy
-    train_value = torch.compile(train_value) if args.compile else train_value
+    train_policy = compile_model(train_policy) if args.compile else train_policy
+    train_value = compile_model(train_value) if args.compile else train_value
     kl_horizon = args.kl_horizon or default_kl_horizon(args.batch_size)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, kl_horizon) if args.target_kl > 0 \
         else FixedKLController(args.kl_coef)

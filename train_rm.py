@@ -22,7 +22,7 @@ from minirlhf.harness.checkpoint import load_policy
 from minirlhf.harness.cli import arg, parse_args, run
 from minirlhf.harness.stage import Stage
 from minirlhf.losses import bradley_terry_loss
-from minirlhf.model import ScalarModel
+from minirlhf.model import ScalarModel, compile_model
 from minirlhf.preferences import (all_pair_rewards, bayes_accuracy, fit_normalisation, group_batches, groups_of,
                                   has_gold_columns, pair_rewards, pairwise_accuracy, preference_records)
 from minirlhf.sampling import sample_many
@@ -97,7 +97,7 @@ def main(argv=None):
     rm.to(device)
     opt = adamw(rm, args.lr, args.weight_decay, device)
     train_rm = dist.wrap(rm, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_rm = torch.compile(train_rm) if args.compile else train_rm
+    train_rm = compile_model(train_rm) if args.compile else train_rm
     eval_pad = {}  # padding share of the length-batched evaluation passes (all_pair_rewards)
 
     def evaluate(pairs):

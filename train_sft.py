@@ -22,7 +22,7 @@ from minirlhf.harness.cli import arg, parse_args, run
 from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.harness.stage import Stage
 from minirlhf.interop.hf import load_hf_dir, resolve_source
-from minirlhf.model import GPT, GPTConfig
+from minirlhf.model import GPT, GPTConfig, compile_model
 from minirlhf.sampling import sample_policy
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
@@ -151,7 +151,7 @@ def main(argv=None):
 
     opt = adamw(model, args.lr, args.weight_decay, device)
     train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = torch.compile(train_model) if args.compile else train_model
+    train_model = compile_model(train_model) if args.compile else train_model
 
     @torch.no_grad()
     def held_out_loss():
