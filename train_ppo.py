@@ -101,8 +101,7 @@ def main(argv=None):
           f"--minibatches {args.minibatches}" + (f" times the {W} processes" if W > 1 else ""))
     check(not (args.eval_interval and args.prompts), "--eval-interval needs the built-in task's held-out prompts and "
                                                      "gold reward (not available with --prompts)")
-    check(args.target_kl == 0 or args.kl_coef > 0, "--kl-coef 0 with --target-kl: the adaptive controller scales beta, "
-          "so it must start > 0")
+    check(args.target_kl == 0 or args.kl_coef > 0, "--kl-coef 0 with --target-kl: the adaptive beta must start > 0")
     st = Stage("train_ppo.py", args, unit="iteration",
                inputs={"--policy": args.policy, "--reward": args.reward, "--prompts": args.prompts})
     device, dtype = st.device, st.dtype
