@@ -78,7 +78,8 @@ def build_parser(args_cls) -> argparse.ArgumentParser:
     for f in dataclasses.fields(args_cls):
         flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "") + (f"; {f.metadata['must']}" if f.metadata.get("must") else "") \
+            + (f" (one of {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else "")
         if typing.get_origin(typ) is typing.Union:  # Optional[X]
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
         if typ is bool:
