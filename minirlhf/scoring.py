@@ -42,16 +42,26 @@ RATIO_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.05}
 LOGIT_CHUNK_ELEMENTS = 1 << 24
 
 
+_BANNED_MASKS = {}  # (ids, vocab size, device) -> mask: built and copied to the device once, not per call
+
+
 def banned_mask(banned, vocab_size: int, device=None):
-    """The ids never to sample, as a (V,) bool mask: from a list/tensor of ids or a (V,) bool mask; None stays None."""
+    """The ids never to sample, as a (V,) bool mask: from a list/tuple of ids, a tensor of ids or a (V,) bool mask;
+    None stays None. A list's mask is cached (read-only: callers never write into it)."""
     if banned is None:
         return None
     if isinstance(banned, torch.Tensor) and banned.dtype == torch.bool:
         assert banned.shape == (vocab_size,), f"banned mask of shape {tuple(banned.shape)} for vocab {vocab_size}"
         return banned.to(device)
+    key = (tuple(banned), vocab_size, str(device)) if isinstance(banned, (list, tuple)) else None
+    if key in _BANNED_MASKS:
+        return _BANNED_MASKS[key]
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[torch.as_tensor(banned, dtype=torch.long)] = True
-    return mask.to(device)
+    mask = mask.to(device)
+    if key is not None and len(_BANNED_MASKS) < 64:
+        _BANNED_MASKS[key] = mask
+    return mask
 
 
 def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, banned=None):

@@ -350,3 +350,12 @@ def test_compiled_training_gradients_equal_eager_ones_under_bf16_autocast():
     assert ((compiled["head"] - head).norm() / head.norm()).item() < 1e-5
     for name, g in eager.items():  # the bf16 trunk: the same rounding as eager, not exactly the same sums
         assert ((compiled[name] - g).norm() / g.norm().clamp(min=1e-12)).item() < 2e-2, name
+
+
+def test_the_banned_mask_is_built_once_per_list_and_device():
+    """scoring.banned_mask: the same ids give the same (cached) device mask, so scoring a minibatch does not rebuild
+    it on the host and copy it over every call; other ids get their own."""
+    from minirlhf.scoring import banned_mask
+    a, b = banned_mask([0, 1, 5], 16, "cpu"), banned_mask([0, 1, 5], 16, "cpu")
+    assert a is b and a.tolist() == [i in (0, 1, 5) for i in range(16)]
+    assert banned_mask([0, 2], 16, "cpu").tolist() == [i in (0, 2) for i in range(16)]

@@ -220,15 +220,19 @@ class FiniteCheck:
 
     def check(self, *models):
         """Raise NonFiniteError naming the first bad step (and value), also when a model's weights are not finite."""
-        bad = {name: int(s) for name, s in self.first.items() if int(s) >= 0}
+        weights = [torch.isfinite(v).all() for m in models for v in m.state_dict().values() if v.is_floating_point()]
+        flags = list(self.first.values()) + ([torch.stack(weights).all().long()] if weights else [])
+        if not flags:
+            return
+        host = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one host transfer for all of it
+        bad = {name: s for name, s in zip(self.first, host) if s >= 0}
         if bad:
             name, step = min(bad.items(), key=lambda kv: kv[1])
             raise NonFiniteError(f"{self.script}: {name} became non-finite (NaN/inf) at {self.unit} {step}; stopped "
                                  f"without saving (lower --lr, or check the data)")
-        for m in models:  # parameters and float buffers (the RM's gain and bias)
-            if not all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point()):
-                raise NonFiniteError(f"{self.script}: the weights became non-finite (NaN/inf); stopped without "
-                                     f"saving (lower --lr)")
+        if weights and not host[-1]:  # parameters and float buffers (the RM's gain and bias)
+            raise NonFiniteError(f"{self.script}: the weights became non-finite (NaN/inf); stopped without "
+                                 f"saving (lower --lr)")
 
 
 # ----------------------------------------------------------------------------------------------- the run
