@@ -276,7 +276,7 @@ def group_stats(scores, groups):
     The std is the sample (Bessel, n-1) standard deviation, as torch.std and TRL's GRPO use; a group of one has std 0.
     scores (B,) float; groups: group ids (B,) long or a list of sizes."""
     gid = _as_group_ids(groups, scores.numel(), scores.device)
-    G = int(gid.max()) + 1 if gid.numel() else 0
+    G = gid.numel()  # at most one group per sample: no host sync to find the number of groups
     count = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, torch.ones_like(scores))
     total = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, scores)
     mean = (total / count.clamp(min=1))[gid]
@@ -318,12 +318,13 @@ def group_advantages(scores, groups, baseline: str = "grpo", scale_by_std: bool 
 def zero_advantage_share(scores, groups, tol: float = 1e-6):
     """Share of groups whose scores are all equal (max - min <= tol): their advantages are 0, the samples wasted."""
     gid = _as_group_ids(groups, scores.numel(), scores.device)
-    G = int(gid.max()) + 1
+    G = gid.numel()  # at most one group per sample (no host sync); the ids that occur are the groups
+    present = torch.zeros(G, dtype=torch.bool, device=scores.device).index_fill_(0, gid, True)
     hi = torch.full((G,), float("-inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
         0, gid, scores, "amax")
     lo = torch.full((G,), float("inf"), dtype=scores.dtype, device=scores.device).scatter_reduce(
         0, gid, scores, "amin")
-    return ((hi - lo) <= tol).float().mean()
+    return (((hi - lo) <= tol) & present).sum() / present.sum().clamp(min=1)
 
 
 def kl_estimator(logprobs, ref_logprobs, kind: str = "k3"):

@@ -338,3 +338,17 @@ def test_evaluate_best_of_n_rows(tiny_runs, tmp_path, monkeypatch, capsys):
             assert key in m, key
     printed = capsys.readouterr().out
     assert "| bon-4" in printed and "≤ 0.64" in printed
+
+
+def test_group_statistics_never_read_the_device(monkeypatch):
+    """group_advantages and zero_advantage_share on group ids: no host sync (the number of groups is bounded by the
+    samples, not read off the device); empty group ids in between do not count as groups."""
+    from tests.test_runs import count_host_syncs
+    scores = torch.tensor([1.0, 2.0, 3.0, 3.0, 0.5, 0.5])
+    groups = torch.tensor([0, 0, 2, 2, 3, 3])  # group 1 has no samples
+    calls = count_host_syncs(monkeypatch)
+    adv = group_advantages(scores, groups, "rloo", scale_by_std=False)
+    share = zero_advantage_share(scores, groups)
+    assert calls == []
+    monkeypatch.undo()
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0])) and abs(share.item() - 2 / 3) < 1e-6
