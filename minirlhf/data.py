@@ -131,6 +131,14 @@ def encode_sft(records, tok, block_size: int) -> tuple:
     return out, n_truncated
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch built on the host, on `device`: on CUDA through pinned memory without blocking the host (the copy is
+    queued before the kernels that read it); elsewhere .to(device)."""
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def collate_sft(batch, pad_id: int, device="cpu") -> dict:
     """Right-padded SFT batch from [(prompt_ids, completion_ids)].
 
@@ -145,7 +153,8 @@ def collate_sft(batch, pad_id: int, device="cpu") -> dict:
         n = len(seq) - 1
         idx[i, :n], targets[i, :n] = seq[:-1], seq[1:]
         loss_mask[i, len(p) - 1:n] = 1.0  # target positions len(p)-1 .. n-1 hold the completion tokens
-    return {"idx": idx.to(device), "targets": targets.to(device), "loss_mask": loss_mask.to(device)}
+    return {"idx": to_device(idx, device), "targets": to_device(targets, device),
+            "loss_mask": to_device(loss_mask, device)}
 
 
 def left_pad(seqs, pad_id: int, device="cpu") -> tuple:
@@ -156,7 +165,7 @@ def left_pad(seqs, pad_id: int, device="cpu") -> tuple:
     for i, s in enumerate(seqs):
         if s:
             ids[i, P - len(s):], mask[i, P - len(s):] = torch.tensor(s), 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def right_pad(seqs, pad_id: int, device="cpu") -> tuple:
@@ -167,7 +176,7 @@ def right_pad(seqs, pad_id: int, device="cpu") -> tuple:
     for i, s in enumerate(seqs):
         if s:
             ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def length_batches(lengths, batch_size: int, window: int = None, seed: int = 0) -> list:
