@@ -38,6 +38,7 @@ class Stage:
         self.saved = self.run.load_resume()  # the last resume checkpoint's contents, None on a fresh start
         self.finite = FiniteCheck(script, unit=unit)
         self.objects, self.generators, self.start, self.t0, self.metrics_log = {}, [], 0, time.time(), None
+        self.checked = None  # the last step check() passed
 
     def resume(self, generators=(), **objects) -> dict:
         """Name, once, what a resume checkpoint holds: modules and optimizers (their state_dict), plain objects such
@@ -76,8 +77,9 @@ class Stage:
         return norms
 
     def log(self, row: dict, step: int, *models):
-        """Write one metrics.jsonl line, after the NaN checks (check)."""
-        self.check(row, step, *models)
+        """Write one metrics.jsonl line, after the NaN checks (check; not twice when the step was checked already)."""
+        if self.checked != step:
+            self.check(row, step, *models)
         self.metrics_log.write(row)
 
     def check(self, row: dict, step: int, *models):
@@ -89,6 +91,7 @@ class Stage:
             raise NonFiniteError(f"{self.script}: {', '.join(bad)} became non-finite (NaN/inf) at {self.unit} {step}; "
                                  f"stopped without saving (lower --lr)")
         self.finite.check(*models)
+        self.checked = step
 
     def save(self, step: int, last: bool, **extra):
         """After `step`, every --save-interval steps but the last: a resume checkpoint (see checkpoint)."""
