@@ -1,12 +1,14 @@
 """Batched sampling with a static KV cache: prefill the left-padded prompts once, then one token per step.
 
 Layout: the prompts fill columns 0..P-1 of a cache of P + N columns (N = the largest row budget); response token t
-goes to column P + t. Every decode step has the same shapes (one token per row, attention over all P + N columns
-with a boolean mask of the columns written so far, positions and the write column given as tensors), and the loop
-asks the GPU "are all rows done?" only every CHECK_EVERY steps, so nothing stops the device between tokens.
-That makes the step capturable: generate(..., compile=True) runs it through torch.compile (CUDA graphs via
-mode="reduce-overhead" on CUDA); the eager step is the default and the reference.
+goes to column P + t. Every decode step (sample token t, update the bookkeeping, run token t through the model)
+has the same shapes (one token per row, attention over all P + N columns with a boolean mask of the columns
+written so far, positions and the write column given as tensors), and the loop asks the GPU "are all rows done?"
+only every CHECK_EVERY steps, so nothing stops the device between tokens. That makes the step capturable:
+generate(..., compile=True) runs it through torch.compile (CUDA graphs via mode="reduce-overhead" on CUDA); the
+eager step is the default and the reference. Outside the step each token costs the noise draw and three writes.
 """
+import functools
 import weakref
 
 import torch
@@ -29,13 +31,37 @@ def cache_columns(n: int) -> int:
     return max(CACHE_MIN, 1 << (n - 1).bit_length())
 
 
-def decode_step(model, tok, pos, key_mask, col, cache: KVCache):
-    """One token per row through the model: tok, pos (B, 1) long; key_mask (B, L) bool = cache columns that hold
-    real tokens, this step's column included; col (1,) long = the column this token is written to.
-    Returns the next-token logits (B, V) float32. Fixed shapes, no host syncs: this is what gets compiled."""
+def next_token(logits, noise, temperature: float, top_k: int, top_p: float, ban):
+    """The next token of each row and its log-prob, both (B,), under sampling_logprobs(logits, ...).
+
+    noise (B, V) ~ Exp(1), or None for greedy. argmax_i p_i / q_i with q_i ~ Exp(1) picks i with probability p_i
+    (the exponential race: q_i / p_i ~ Exp(p_i), and the smallest of independent exponentials is i's with
+    probability p_i / sum p). torch.multinomial(p, 1) computes exactly this, drawing q from its generator the same
+    way, so a seed gives the same tokens either way; written out, it makes none of multinomial's host syncs (it
+    checks the probabilities on the host) and runs inside the compiled step."""
+    logp = sampling_logprobs(logits, temperature, top_k, top_p, ban)  # (B, V) float32
+    tok = logp.argmax(-1) if noise is None else (logp.exp() / noise).argmax(-1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def decode_step(model, logits, noise, done, key_mask, t, col, budget, prompt_len, cache: KVCache,
+                eos_id: int, pad_id: int, temperature: float, top_k: int, top_p: float, ban):
+    """Response token t of every row from `logits`, then its forward pass. logits (B, V) float32; noise (B, V) or
+    None (greedy); done (B,) bool = rows that have finished; key_mask (B, L) bool = cache columns holding real
+    tokens; t, col (1,) long = the token's index and its cache column; budget, prompt_len (B,) long.
+    Returns the token (B,) (PAD on finished rows), its log-prob (B,) (0 there), alive (B,) bool (the row was still
+    generating), the new done and key_mask, and the next-token logits (B, V). Fixed shapes, no host syncs: this
+    is what gets compiled, sampling and bookkeeping included."""
+    tok, logp = next_token(logits, noise, temperature, top_k, top_p, ban)
+    alive = ~done
+    tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
+    done = done | (tok == eos_id) | (t + 1 >= budget)  # EOS, or this row's budget is spent
+    # feed token t at column col, position prompt_len + t (finished rows: PAD, garbage outputs, never used)
+    key_mask = key_mask.index_copy(1, col, alive[:, None])
+    pos = (prompt_len + t).clamp(max=model.config.block_size - 1)[:, None]  # (B, 1)
     mask = key_mask[:, None, None, :]  # (B, 1, 1, L): causal by construction (later columns are not set yet)
-    h = model.trunk(tok, pos, mask, cache, col)  # (B, 1, C)
-    return model.logits(h[:, -1])  # (B, V)
+    h = model.trunk(tok[:, None], pos, mask, cache, col)  # (B, 1, C)
+    return tok, logp, alive, done, key_mask, model.logits(h[:, -1])
 
 
 _compiled = weakref.WeakKeyDictionary()  # model -> its compiled decode_step (one per model; shapes specialise)
@@ -51,15 +77,18 @@ def compiled_decode_step(model):
         compiled = torch.compile(decode_step, mode=mode, dynamic=False)
         ref = weakref.ref(model)  # no strong reference from the cache value back to its key
 
-        def step(tok, pos, key_mask, col, cache):
+        def step(*args, **kwargs):
             # the limit is torch.compile's per function, so the decode steps of every model share it
             with torch._dynamo.config.patch(recompile_limit=MAX_DECODE_GRAPHS, fail_on_recompile_limit_hit=True):
                 try:
-                    return compiled(ref(), tok, pos, key_mask, col, cache)
+                    out = compiled(ref(), *args, **kwargs)
                 except torch._dynamo.exc.FailOnRecompileLimitHit:
                     raise UserError(f"--compile: the decode step has been compiled for {MAX_DECODE_GRAPHS} shapes "
-                                    f"(models x batch sizes x cache lengths) in this process, the most it keeps; "
-                                    f"use fewer distinct batch sizes, or run without --compile") from None
+                                    f"(models x batch sizes x cache lengths x sampling settings) in this process, "
+                                    f"the most it keeps; use fewer distinct batch sizes, or run without --compile"
+                                    ) from None
+            # a CUDA-graph output is overwritten by the next replay, and done / key_mask / logits feed that replay
+            return [x.clone() for x in out] if out[0].is_cuda else out
         _compiled[model] = step
     return step
 
@@ -129,35 +158,21 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
     h = model.trunk(prompt_ids, pos, mask[:, None], cache, cols[:P])  # (B, P, C)
     logits = model.logits(h[:, -1])  # (B, V) float32
 
-    step = compiled_decode_step(model) if compile else None
+    step = compiled_decode_step(model) if compile else functools.partial(decode_step, model)
     tokens = torch.full((B, N), pad_id, dtype=torch.long, device=dev)
     resp_mask = torch.zeros(B, N, dtype=torch.long, device=dev)
     logprobs = torch.zeros(B, N, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    steps = torch.arange(N, device=dev)
     for t in range(N):
-        logp = sampling_logprobs(logits, temperature, top_k, top_p, ban)  # (B, V) float32
-        if temperature > 0:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B,)
-        else:
-            tok = logp.argmax(-1)
-        alive = ~done  # (B,) rows still generating at step t
-        tok = tok.masked_fill(done, pad_id)
-        tokens[:, t] = tok
-        logprobs[:, t] = logp.gather(1, tok[:, None]).squeeze(1).masked_fill(done, 0.0)
-        resp_mask[:, t] = alive.long()
-        done = done | (tok == eos_id) | (t + 1 >= budget)  # EOS, or this row's budget is spent
-        if t == N - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(done.all())):
+        # the sampling noise is drawn outside the step: a compiled graph cannot advance a torch.Generator
+        noise = torch.empty_like(logits).exponential_(generator=generator) if temperature > 0 else None
+        tok, logp, alive, done, key_mask, logits = step(
+            logits, noise, done, key_mask, steps[t:t + 1], cols[P + t:P + t + 1], budget, prompt_len, cache,
+            eos_id, pad_id, temperature, top_k, top_p, ban)
+        tokens[:, t], logprobs[:, t], resp_mask[:, t] = tok, logp, alive
+        if (t + 1) % CHECK_EVERY == 0 and bool(done.all()):
             break
-        # feed token t at column P + t, position prompt_len + t (finished rows: PAD, garbage outputs, never used)
-        key_mask[:, P + t] = alive
-        pos = (prompt_len + t).clamp(max=model.config.block_size - 1)[:, None]  # (B, 1)
-        col = cols[P + t:P + t + 1]  # (1,)
-        if compile:
-            logits = step(tok[:, None], pos, key_mask, col, cache)
-            if logits.is_cuda:
-                logits = logits.clone()  # a CUDA-graph output is overwritten by the next replay
-        else:
-            logits = decode_step(model, tok[:, None], pos, key_mask, col, cache)
     model.train(was_training)
     n = int(resp_mask.sum(1).max())  # trailing columns no row used (steps after all rows finished)
     return tokens[:, :n], resp_mask[:, :n], logprobs[:, :n]

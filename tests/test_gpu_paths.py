@@ -85,13 +85,50 @@ def test_compiled_decode_step_gives_the_same_tokens_and_logprobs(n_layer):
     model = tiny_gpt(n_layer=n_layer, n_embd=16)
     p_ids, p_mask = ragged_prompts()
     eager = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3))
+    torch._dynamo.utils.counters.clear()
     compiled = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3),
                         compile=True)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert sum(breaks.values()) == 0, breaks  # sampling and bookkeeping run inside the one compiled step
     naive = naive_generate(model, p_ids, p_mask, 12, EOS, 1.0, 0, torch.Generator().manual_seed(3))
     assert eager[1].sum(1).min() < eager[1].sum(1).max()  # ragged: some rows stopped at EOS
     for out in (compiled, naive):
         assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
         torch.testing.assert_close(out[2], eager[2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.7, 6, 0.9)])
+def test_compiled_decode_agrees_when_greedy_and_when_filtered(temperature, top_k, top_p):
+    model = tiny_gpt(n_layer=2, n_embd=16)
+    p_ids, p_mask = ragged_prompts()
+    runs = [generate(model, p_ids, p_mask, 12, EOS, PAD, temperature, top_k, top_p, banned=[PAD, BOS, 7],
+                     generator=torch.Generator().manual_seed(5), compile=c) for c in (False, True)]
+    assert not (runs[0][0] == 7).any()
+    assert torch.equal(runs[1][0], runs[0][0]) and torch.equal(runs[1][1], runs[0][1])
+    torch.testing.assert_close(runs[1][2], runs[0][2], atol=1e-5, rtol=0)
+
+
+def test_sampling_is_multinomials_exponential_race_without_its_host_syncs(monkeypatch):
+    """generation.next_token draws what torch.multinomial(p, 1) draws from the same generator (the same tokens,
+    the generator left in the same state), and generate reads the device only before the loop, every
+    CHECK_EVERY tokens and at the end: never torch.multinomial, which checks the probabilities on the host."""
+    from tests.test_runs import count_host_syncs
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(1)) * 3
+    noise = torch.empty_like(logits).exponential_(generator=g1)
+    tok, logp = generation.next_token(logits, noise, 1.0, 0, 1.0, None)
+    assert torch.equal(tok, torch.multinomial(logits.softmax(-1), 1, generator=g2).squeeze(1))
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    torch.testing.assert_close(logp, logits.log_softmax(-1).gather(1, tok[:, None]).squeeze(1))
+    model = tiny_gpt(block_size=64)
+    p_ids, p_mask = ragged_prompts()
+
+    def no_multinomial(*a, **k):
+        raise AssertionError("torch.multinomial syncs with the host")
+    monkeypatch.setattr(torch, "multinomial", no_multinomial)
+    calls = count_host_syncs(monkeypatch)
+    generate(model, p_ids, p_mask, 24, -1, PAD, 1.0, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 + 24 // generation.CHECK_EVERY + 1, calls
 
 
 def test_each_row_has_its_own_budget():
