@@ -53,7 +53,7 @@ class Args:
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
-    compile: bool = arg(False, "torch.compile the policy for the update passes and the decode step of the rollouts")
+    compile: bool = arg(False, "torch.compile every model: the update, the rollouts' decode step and scoring")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
     save_interval: int = arg(10, "iterations between resume checkpoints (0 = none)", ">= 0")
     # rollouts
@@ -111,6 +111,8 @@ def main(argv=None):
                             fused=device.startswith("cuda"))
     train_policy = dist.wrap(policy, device)  # DDP under torchrun (averages gradients), else the model itself
     train_policy = compile_model(train_policy) if args.compile else train_policy
+    # --compile: the rollout's scoring passes run compiled too (generate compiles its own decode step)
+    scorers = [compile_model(m) if args.compile else m for m in (policy, ref, reward_model)]
     B = args.prompts_per_iter * args.group_size // W  # samples per rollout (of this rank)
     constant = float(args.max_new_tokens * B // args.minibatches)  # Dr. GRPO's normaliser: a minibatch's token budget
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)
@@ -129,7 +131,7 @@ def main(argv=None):
         sl = slice(it * args.prompts_per_iter + mine.start, it * args.prompts_per_iter + mine.stop)
         ids = [p for p in prompt_ids[sl] for _ in range(args.group_size)]
         strs = [p for p in texts[sl] for _ in range(args.group_size)]
-        ro = collect_rollout(policy, ref, reward_model, tok, ids, strs, args.max_new_tokens, args.temperature,
+        ro = collect_rollout(*scorers, tok, ids, strs, args.max_new_tokens, args.temperature,
                              args.missing_eos_penalty, gen, device, dtype, task=task, compile=args.compile)
         mask = ro.mask  # (B, R)
 

@@ -46,7 +46,7 @@ class Args:
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
     seed: int = arg(0, "random seed")
-    compile: bool = arg(False, "torch.compile the policy and value model, and the rollouts' decode step")
+    compile: bool = arg(False, "torch.compile every model: the update, the rollouts' decode step and scoring")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
     save_interval: int = arg(10, "iterations between resume checkpoints (0 = none)", ">= 0")
     # rollouts
@@ -120,6 +120,8 @@ def main(argv=None):
     train_policy, train_value = dist.wrap(policy, device), dist.wrap(value_model, device)
     train_policy = compile_model(train_policy) if args.compile else train_policy
     train_value = compile_model(train_value) if args.compile else train_value
+    # --compile: the rollout's scoring passes run compiled too (generate compiles its own decode step)
+    scorers = [compile_model(m) if args.compile else m for m in (policy, ref, reward_model, value_model)]
     kl_horizon = args.kl_horizon or default_kl_horizon(args.batch_size)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, kl_horizon) if args.target_kl > 0 \
         else FixedKLController(args.kl_coef)
@@ -144,9 +146,9 @@ def main(argv=None):
         t_roll = time.time()
         mine = dist.shard_range(args.batch_size)  # this rank's prompts of the batch
         sl = slice(it * args.batch_size + mine.start, it * args.batch_size + mine.stop)
-        ro = collect_rollout(policy, ref, reward_model, tok, prompt_ids[sl], texts[sl], args.max_new_tokens,
-                             args.temperature, args.missing_eos_penalty, gen, device, dtype, value_model=value_model,
-                             task=task, compile=args.compile)
+        ro = collect_rollout(*scorers[:3], tok, prompt_ids[sl], texts[sl], args.max_new_tokens, args.temperature,
+                             args.missing_eos_penalty, gen, device, dtype, value_model=scorers[3], task=task,
+                             compile=args.compile)
         mask, old_logp, old_values = ro.mask, ro.old_logp, ro.values  # (B, R) each
 
         # ================================================================ advantages

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
 from minirlhf.evaluation.metrics import print_samples
@@ -24,6 +23,7 @@ from minirlhf.harness.stage import Stage
 from minirlhf.interop.hf import load_hf_dir, resolve_source
 from minirlhf.model import GPT, GPTConfig, compile_model
 from minirlhf.sampling import sample_policy
+from minirlhf.scoring import is_compiled, token_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.utils import UserError, adamw, autocast, check, cosine_lr
@@ -74,10 +74,13 @@ class Args:
 
 
 def sft_loss(model, batch):
-    """Mean cross-entropy over completion tokens + EOS (loss_mask); prompt and padding do not count."""
-    logits = model(batch["idx"])  # right-padded: plain causal attention, PAD only ever follows real tokens
-    nll = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
-    return (nll * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
+    """Mean cross-entropy over completion tokens + EOS (loss_mask); prompt and padding do not count. The
+    log-probs come a chunk of positions at a time (scoring.token_logprobs), so the (B, T, V) float32 logits never
+    exist: at batch 8 x 256 and GPT-2's vocabulary they would be 393 MB, held three times (logits, log-softmax,
+    gradient)."""
+    h = model(batch["idx"], hidden=True)  # (B, T, C) right-padded: plain causal attention, PAD only after tokens
+    logp = token_logprobs(h, model.lm_head.weight, batch["targets"], compile=is_compiled(model))  # (B, T)
+    return -(logp * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
 
 def load_records(args: Args, task):
@@ -186,10 +189,10 @@ def main(argv=None):
             extra["val_loss"] = held_out_loss()
         if step % args.log_interval == 0 or last:
             st.check({}, step)  # a NaN stops the run here, naming its step, before anything is logged or saved
-            loss_global = dist.mean_over_ranks(loss.detach())  # the global batch's mean
-            row = {"step": step, "loss": loss_global.item(), "val_loss": extra["val_loss"], "lr": lr,
-                   "grad_norm": grad_norm.item(), "tokens_per_s": extra["tokens_seen"] / st.elapsed(),
-                   "elapsed_s": st.elapsed()}
+            # the global batch's mean loss and the gradient norm, in one host transfer
+            loss_mean, norm = torch.stack([dist.mean_over_ranks(loss.detach()), grad_norm]).float().tolist()
+            row = {"step": step, "loss": loss_mean, "val_loss": extra["val_loss"], "lr": lr, "grad_norm": norm,
+                   "tokens_per_s": extra["tokens_seen"] / st.elapsed(), "elapsed_s": st.elapsed()}
             if peak:  # model FLOPs utilisation against the card's (or --peak-tflops) dense bf16 peak, per device
                 row["mfu"] = mfu(model.flops_per_token(batch["idx"].size(1)), row["tokens_per_s"] / W, peak)
             st.log(row, step)
@@ -202,7 +205,7 @@ def main(argv=None):
     prompts = [r["prompt"] for r in val_recs][:args.n_samples]
     samples = sample_policy(model, tok, prompts, args.max_new_tokens, args.temperature, seed=args.seed, device=device,
                             dtype=dtype)
-    metrics = {"train_loss": loss_global.item(), "val_loss": extra["val_loss"],
+    metrics = {"train_loss": loss_mean, "val_loss": extra["val_loss"],
                "eos_rate": sum(s["eos"] for s in samples) / len(samples), "n_samples": len(samples),
                "train_seconds": train_seconds}
     if not args.data:

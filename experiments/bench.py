@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from minirlhf.generation import generate
 from minirlhf.losses import (gae_advantages, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss,
                              ppo_value_loss, preference_loss)
-from minirlhf.model import GPT, GPTConfig, ScalarModel
+from minirlhf.model import GPT, GPTConfig, ScalarModel, compile_model
 from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.scoring import response_logprobs, response_values, reward_at_eos, token_logprobs
 from minirlhf.utils import UserError, adamw, autocast
 from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run
+from train_sft import sft_loss
 
 # shapes per device kind: (GPT-2 small on CUDA, the pipeline's tiny CPU model scaled to finish in ~1 minute)
 SHAPES = {
@@ -49,7 +50,7 @@ class Args:
     """Benchmark SFT, sampling, a PPO iteration and DPO on random weights and tokens; writes bench.json."""
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    compile: bool = arg(False, "torch.compile the training forwards and time the compiled decode step too")
+    compile: bool = arg(False, "torch.compile what the scripts compile; time the compiled decode step beside eager")
     peak_tflops: float = arg(0.0, "dense bf16 peak of the card for MFU (0 = harness/perf.py's table)")
     n_layer: int = arg(0, "transformer blocks (0 = 12 on CUDA, 4 on CPU)")
     n_head: int = arg(0, "attention heads (0 = 12 on CUDA, 4 on CPU)")
@@ -138,17 +139,18 @@ def main():
     policy = GPT(cfg).to(device)
     n_params = policy.num_params()
     opt = adamw(policy, 1e-4, 0.0, device)
-    fwd = torch.compile(policy) if a.compile else policy
+    fwd = compile_model(policy) if a.compile else policy
     B, T = s["sft_batch"], s["sft_seq"]
     idx = torch.randint(3, V, (B, T + 1), device=device, generator=gen)
+    batch = {"idx": idx[:, :-1], "targets": idx[:, 1:], "loss_mask": torch.ones(B, T, device=device)}
 
     def sft_step(head_in_autocast: bool):
         with autocast(device, dtype):
             if head_in_autocast:  # nanoGPT's way: lm_head in the autocast dtype (bf16 logits; fine for a CE loss)
                 logits = policy.lm_head(fwd(idx[:, :-1], hidden=True))
-            else:  # what train_sft.py does: GPT.forward, lm_head in float32 (exact logits, slower on tensor cores)
-                logits = fwd(idx[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+                loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+            else:  # what train_sft.py does: lm_head in float32, the log-probs a chunk of positions at a time
+                loss = sft_loss(fwd, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -187,8 +189,9 @@ def main():
     value_model, reward_model = ScalarModel(cfg).to(device), ScalarModel(cfg).to(device).eval()
     opt = torch.optim.AdamW([{"params": policy.parameters()}, {"params": value_model.parameters()}], lr=1e-6,
                             weight_decay=0.0, eps=1e-5, fused=device.startswith("cuda"))
-    train_policy = torch.compile(policy) if a.compile else policy
-    train_value = torch.compile(value_model) if a.compile else value_model
+    # --compile: what train_ppo.py compiles: the update's models and the rollout's scoring passes
+    train_policy, train_value, score_policy, score_ref, score_value, score_rm = [
+        compile_model(m) if a.compile else m for m in (policy, value_model, policy, ref, value_model, reward_model)]
     Bp = s["ppo_prompts"]
     p_ids, p_mask = random_prompts(Bp, P, V, device, gen)
 
@@ -199,10 +202,10 @@ def main():
         t["rollout_s"] = tm.seconds
         with Timer(device) as tm, torch.no_grad(), autocast(device, dtype):
             mask = r_mask.float()
-            old_logp = response_logprobs(policy, p_ids, p_mask, resp, r_mask)
-            ref_logp = response_logprobs(ref, p_ids, p_mask, resp, r_mask)
-            old_values = response_values(value_model, p_ids, p_mask, resp, r_mask)
-            score = reward_at_eos(reward_model, p_ids, p_mask, resp, r_mask)
+            old_logp = response_logprobs(score_policy, p_ids, p_mask, resp, r_mask)
+            ref_logp = response_logprobs(score_ref, p_ids, p_mask, resp, r_mask)
+            old_values = response_values(score_value, p_ids, p_mask, resp, r_mask)
+            score = reward_at_eos(score_rm, p_ids, p_mask, resp, r_mask)
             rewards, _, _ = kl_shaped_rewards(score, old_logp, ref_logp, mask, 0.05)
             adv, returns = gae_advantages(rewards, old_values, mask, 1.0, 0.95)
             adv = masked_whiten(adv, mask)
@@ -253,7 +256,8 @@ def main():
     def dpo_step():
         with autocast(device, dtype):
             h = train_policy(seqs[:, :-1], hidden=True)
-            lp = token_logprobs(h, policy.lm_head.weight, seqs[:, 1:]).masked_fill(resp_mask == 0, 0.0).sum(1)
+            lp = token_logprobs(h, policy.lm_head.weight, seqs[:, 1:], compile=a.compile)
+            lp = lp.masked_fill(resp_mask == 0, 0.0).sum(1)
         loss = preference_loss("sigmoid", lp[:Bd], lp[Bd:], ref_lp[:, 0], ref_lp[:, 1], 0.1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

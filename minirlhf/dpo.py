@@ -25,7 +25,7 @@ from minirlhf.harness.files import torch_save
 from minirlhf.losses import preference_loss
 from minirlhf.preferences import encode_pairs, rank_pairs
 from minirlhf.sampling import reward_model_scores, sample_many
-from minirlhf.scoring import token_logprobs
+from minirlhf.scoring import is_compiled, token_logprobs
 from minirlhf.utils import UserError, autocast
 
 
@@ -44,7 +44,8 @@ def pair_logps(model, batch, device, dtype, banned=None):
     the policy is sampled from."""
     with autocast(device, dtype):
         h = model(batch["idx"], hidden=True)  # (2B, T, C)
-        logp = token_logprobs(h, model.lm_head.weight, batch["targets"], banned=banned)  # (2B, T) float32
+        logp = token_logprobs(h, model.lm_head.weight, batch["targets"], banned=banned,
+                              compile=is_compiled(model))  # (2B, T) float32
     mask = batch["loss_mask"]
     return logp.masked_fill(mask == 0, 0.0).sum(1), mask.sum(1)  # masked_fill: PAD targets are banned (-inf)
 

@@ -4,6 +4,8 @@ The logits at column t predict the token at column t + 1, so response token j (c
 logits at column P + j - 1. Getting this off by one, or scoring with a different temperature or filtering than
 the one sampled with, shows up as a PPO ratio != 1 at the first step or a negative KL (TRL #925, #1857).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -71,15 +73,34 @@ def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: f
     past the tokenizer's vocabulary: Tokenizer.unsampleable_ids); their logits become -inf before top-k/top-p,
     so sampling and every scoring pass that gets the same `banned` use one distribution."""
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1.0:  # (dividing by 1 would cost a pass over (n, V) for nothing)
         logits = logits / temperature
     if banned is not None:
         logits = logits.masked_fill(banned_mask(banned, logits.size(-1), logits.device), float("-inf"))
     return F.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
 
 
+def chunk_logprobs(hc, yc, weight, temperature: float, top_k: int, top_p: float, ban, with_entropy: bool):
+    """One chunk of token_logprobs: hc (n, C), yc (n,) -> log-probs (n,) [, entropies (n,)], lm_head in float32."""
+    with torch.autocast(hc.device.type, enabled=False):
+        logits = F.linear(hc.float(), weight.float())  # (n, V) float32
+    logp_all = sampling_logprobs(logits, temperature, top_k, top_p, ban)
+    logp = logp_all.gather(1, yc[:, None]).squeeze(1)
+    if not with_entropy:
+        return logp
+    p = logp_all.exp()
+    return logp, -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+@functools.cache
+def compiled_chunk_logprobs():
+    """chunk_logprobs through torch.compile: eagerly it is a chain of ~17 kernels with several (n, V) float32
+    temporaries; compiled, the softmax, gather and entropy fuse (2.4x faster on the CPU)."""
+    return torch.compile(chunk_logprobs, dynamic=True)
+
+
 def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, banned=None,
-                   with_entropy: bool = False, chunk_rows: int = None):
+                   with_entropy: bool = False, chunk_rows: int = None, compile: bool = False):
     """Log-probs (B, T) float32 of `targets` under sampling_logprobs(h @ weight.T), without ever holding the full
     (B, T, V) float32 logits: the B*T positions go through lm_head (in float32) a chunk of rows at a time, each
     chunk giving log pi(y) = logit[y] - logsumexp(logits) with temperature/banned/top-k/top-p applied.
@@ -87,22 +108,15 @@ def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0,
     instead of kept), so training memory is bounded the same way.
     h (B, T, C) hidden states; weight (V, C) (lm_head); targets (B, T) long; chunk_rows default:
     LOGIT_CHUNK_ELEMENTS // V. with_entropy also returns the per-position entropy (B, T) of the same distribution.
+    compile: each chunk through compiled_chunk_logprobs.
     Targets that are banned or filtered get -inf: mask them with masked_fill (not `* mask`: -inf * 0 = nan)."""
     B, T, C = h.shape
     V = weight.size(0)
     rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // V)
     ban = banned_mask(banned, V, h.device)
     h_flat, y_flat = h.reshape(B * T, C), targets.reshape(B * T)
-
-    def chunk(hc, yc):  # hc (n, C), yc (n,) -> log-probs (n,) [, entropy (n,)]
-        with torch.autocast(hc.device.type, enabled=False):
-            logits = F.linear(hc.float(), weight.float())  # (n, V) float32
-        logp_all = sampling_logprobs(logits, temperature, top_k, top_p, ban)
-        logp = logp_all.gather(1, yc[:, None]).squeeze(1)
-        if not with_entropy:
-            return logp
-        p = logp_all.exp()
-        return logp, -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+    chunk = functools.partial(compiled_chunk_logprobs() if compile else chunk_logprobs, weight=weight,
+                              temperature=temperature, top_k=top_k, top_p=top_p, ban=ban, with_entropy=with_entropy)
 
     remat = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and B * T > rows
     outs = []
@@ -134,15 +148,21 @@ def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, tempe
                       chunk_rows: int = None):
     """Per-token log-probs (B, R) float32 of the response tokens (0 on padding); with_entropy also returns the
     per-token entropy (B, R) of the same distribution. banned: as in sampling_logprobs (pass what generate got).
-    Chunked over positions with a float32 lm_head (token_logprobs): no (B, R, V) tensor, exact under bf16."""
+    Chunked over positions with a float32 lm_head (token_logprobs): no (B, R, V) tensor, exact under bf16.
+    A compiled model (model.compile_model) gets the compiled chunks too."""
     ids, mask = concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
     P, R = prompt_ids.size(1), resp_ids.size(1)
     h = model(ids, attention_mask=mask, hidden=True)[:, P - 1:P + R - 1]  # (B, R, C)
     out = token_logprobs(h, model.lm_head.weight, resp_ids, temperature, top_k, top_p, banned, with_entropy,
-                         chunk_rows)
+                         chunk_rows, compile=is_compiled(model))
     logp, entropy = out if with_entropy else (out, None)
     logp = logp.masked_fill(resp_mask == 0, 0.0)  # not `* mask`: PAD is banned/filtered (-inf), and -inf * 0 = nan
     return (logp, entropy) if with_entropy else logp
+
+
+def is_compiled(model) -> bool:
+    """Whether `model` is a torch.compile wrapper (model.compile_model), possibly inside DDP."""
+    return hasattr(model, "_orig_mod")
 
 
 def response_values(value_model, prompt_ids, prompt_mask, resp_ids, resp_mask):
