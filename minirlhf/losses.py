@@ -52,8 +52,8 @@ def masked_var(x, mask, unbiased: bool = True, all_reduce=None):
     mean = masked_mean(x, mask, all_reduce=all_reduce)
     n = mask.sum() if all_reduce is None else all_reduce(mask.to(x.dtype).sum())
     var = masked_mean((x - mean) ** 2, mask, all_reduce=all_reduce)
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
+    if unbiased:  # torch.where, not `if n > 1`: that would read n on the host
+        var = torch.where(n > 1, var * n / (n - 1), var)
     return var
 
 

@@ -99,8 +99,9 @@ def collect_rollout(policy, ref, reward_model, tok, prompt_ids: list, prompts: l
     has_eos = (resp[torch.arange(B, device=resp.device), last] == tok.eos_id) & (resp_mask.sum(1) > 0)
     score = score_with_eos_penalty(rm_score, has_eos, missing_eos_penalty)
     # texts: one device->host transfer for the whole batch, then decode on the host (no per-row sync)
-    lengths, rows, eos = resp_mask.sum(1).tolist(), resp.tolist(), has_eos.tolist()
-    responses = [tok.decode(rows[j][:lengths[j]]) for j in range(B)]
+    rows = torch.cat([resp_mask.sum(1, keepdim=True), has_eos[:, None].long(), resp], 1).tolist()  # (B, 2 + R)
+    responses = [tok.decode(row[2:2 + row[0]]) for row in rows]
+    eos = [bool(row[1]) for row in rows]
     gold = None
     if task is not None:  # gold reward: logged to expose reward hacking, never trained on
         gold = [task.gold_reward(prompts[j], responses[j], eos[j]) for j in range(B)]

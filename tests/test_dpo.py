@@ -425,3 +425,20 @@ def test_online_flags_are_checked(online_runs, tmp_path):
     assert proc.returncode == 2 and "--rounds > 1" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_script("train_dpo.py", "--round-pairs", "best", "--out-dir", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "--round-pairs" in proc.stderr
+
+
+def test_host_syncs_per_step_and_per_log_step_stay_within_budget(sft_run, tmp_path, monkeypatch):
+    """A DPO step reads nothing back from the device and copies one batch over (idx, targets, loss_mask of the
+    chosen and rejected together); a log step adds the statistics' one transfer and the NaN watch's one."""
+    import train_dpo
+    from tests.test_runs import host_syncs_added
+    prefs = write_prefs(tmp_path / "prefs.jsonl")
+
+    def argv(log_every):
+        return lambda n: ["--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(tmp_path / f"{log_every}-{n}"),
+                          "--epochs", str(n), "--batch-size", "8", "--log-interval", str(log_every),
+                          "--eval-interval", "1000", "--save-interval", "0", "--n-eval", "8", "--max-new-tokens", "8",
+                          "--device", "cpu"]
+    assert host_syncs_added(monkeypatch, train_dpo.main, argv(1000)) == {"to_device": 3 * 3}  # 3 more steps
+    added = host_syncs_added(monkeypatch, train_dpo.main, argv(3))  # 3 more steps, 1 more log step
+    assert added.pop("to_device") == 3 * 3 and sum(added.values()) <= 2, added

@@ -1,6 +1,7 @@
 """Critic-free RL: group advantages (GRPO, RLOO) on ragged groups, the leave-one-out mean, the three loss
 aggregations, the KL loss estimators (values and expected gradients by exact enumeration), the best-of-n KL, and a
 tiny end-to-end run of train_grpo.py."""
+import copy
 import json
 import math
 import os
@@ -267,6 +268,29 @@ def test_collect_rollout_texts_gold_and_eos_rule(tiny_runs):
     assert ro.values is not None and ro.values.shape == ro.resp.shape
 
 
+def test_compiled_rollout_scores_like_the_eager_one_in_whole_graphs(tiny_runs):
+    """--compile: the decode step and the four scoring passes (old, reference, value, reward) run compiled, with
+    the eager rollout's tokens and, to rounding, its log-probs, values and scores; no graph break anywhere."""
+    from minirlhf.model import compile_model
+    policy, tok, _ = load_policy(tiny_runs / "sft")
+    rm, _, _ = load_scalar(tiny_runs / "rm")
+    prompts = get_task("reviews").sample_prompts("train", 6, seed=1)
+    ids = [tok.encode(p) for p in prompts]
+    models = (policy, copy.deepcopy(policy), rm, copy.deepcopy(rm))
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.utils.counters.clear()
+        ms = [compile_model(m) if compiled else m for m in models]
+        runs.append(collect_rollout(*ms[:3], tok, ids, prompts, 8, 1.0, 2.5, torch.Generator().manual_seed(0),
+                                    value_model=ms[3], compile=compiled))
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert sum(breaks.values()) == 0, breaks
+    eager, comp = runs
+    assert torch.equal(comp.resp, eager.resp) and comp.responses == eager.responses
+    for name in ("sample_logp", "old_logp", "ref_logp", "values", "rm_score", "score"):
+        torch.testing.assert_close(getattr(comp, name), getattr(eager, name), atol=1e-5, rtol=0)
+
+
 def test_first_ratio_check_tolerances():
     assert check_first_ratio(1e-6, "float32", 0) == FIRST_RATIO_TOL["float32"] == 1e-5
     assert check_first_ratio(0.05, "bfloat16", 0) == FIRST_RATIO_TOL["bfloat16"]
@@ -352,3 +376,16 @@ def test_group_statistics_never_read_the_device(monkeypatch):
     assert calls == []
     monkeypatch.undo()
     assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0])) and abs(share.item() - 2 / 3) < 1e-6
+
+
+def test_host_syncs_per_iteration_stay_within_budget(tiny_runs, tmp_path, monkeypatch):
+    """One more GRPO iteration reads the device as often as a PPO one (test_ppo.py): 7 + epochs + max_new_tokens /
+    CHECK_EVERY, none per minibatch, group or token; it copies the prompts over (2)."""
+    import train_grpo
+    from minirlhf.generation import CHECK_EVERY
+    from tests.test_runs import host_syncs_added
+    added = host_syncs_added(monkeypatch, train_grpo.main, lambda n: [
+        "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"), "--out-dir", str(tmp_path / str(n)),
+        "--iterations", str(n), "--prompts-per-iter", "4", "--group-size", "2", "--minibatches", "2", "--epochs", "2",
+        "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu"])
+    assert added.pop("to_device") == 2 and sum(added.values()) <= 7 + 2 + 8 // CHECK_EVERY, added

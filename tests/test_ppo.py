@@ -378,3 +378,18 @@ def test_missing_reward_dir_is_a_clear_error(tiny_runs, tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=ENV)
     assert res.returncode == 2 and "--reward" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_host_syncs_per_iteration_stay_within_budget(tiny_runs, tmp_path, monkeypatch):
+    """One more PPO iteration reads the device 7 + epochs + max_new_tokens / CHECK_EVERY times: generate's prompt
+    budgets, "all rows done?" every CHECK_EVERY tokens and the final width (3 here), the rollout's texts and its
+    statistics (2), the response lengths of the update (1), each epoch's minibatch order (2), the update's
+    statistics (1) and the NaN watch (1): none per minibatch or per token. It copies the prompts over (2)."""
+    import train_ppo
+    from minirlhf.generation import CHECK_EVERY
+    from tests.test_runs import host_syncs_added
+    added = host_syncs_added(monkeypatch, train_ppo.main, lambda n: [
+        "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"), "--out-dir", str(tmp_path / str(n)),
+        "--iterations", str(n), "--batch-size", "8", "--minibatches", "2", "--epochs", "2", "--max-new-tokens", "8",
+        "--n-eval", "16", "--device", "cpu"])
+    assert added.pop("to_device") == 2 and sum(added.values()) <= 7 + 2 + 8 // CHECK_EVERY, added

@@ -129,3 +129,17 @@ def test_checkpoint_mismatches_are_refused(sft_run, tmp_path):
     (other / "model.pt").unlink()
     with pytest.raises(CheckpointError, match="no model.pt"):
         load_run(other, "--policy")
+
+
+def test_host_syncs_per_step_and_per_log_step_stay_within_budget(tmp_path, monkeypatch):
+    """An SFT step reads nothing back from the device (its loss and gradient norm stay tensors) and copies one
+    batch over (idx, targets, loss_mask); a log step adds one read for the NaN watch and one for the loss."""
+    import train_sft
+    from tests.test_runs import host_syncs_added
+
+    def argv(steps, log_every):
+        return lambda n: [*TINY, "--out-dir", str(tmp_path / f"{steps}-{log_every}-{n}"), "--steps", str(steps * n),
+                          "--log-interval", str(log_every), "--eval-interval", "1000", "--save-interval", "0"]
+    assert host_syncs_added(monkeypatch, train_sft.main, argv(4, 1000)) == {"to_device": 3 * 4}  # 4 more steps
+    added = host_syncs_added(monkeypatch, train_sft.main, argv(4, 4))  # 4 more steps, 1 more log step
+    assert added.pop("to_device") == 3 * 4 and sum(added.values()) <= 2, added

@@ -14,6 +14,7 @@ Everything a run writes goes to its staging folder `st.dir` (runs.Run: atomic fi
 location). Under torchrun the same calls work on every rank (dist: rank 0 owns the files, statistics are the
 global batch's); in one process every distributed helper is the identity, so no training loop branches on it.
 """
+import math
 import time
 
 import torch
@@ -85,12 +86,11 @@ class Stage:
     def check(self, row: dict, step: int, *models):
         """A watched value (optimize) that was ever non-finite, a non-finite number in the row, or non-finite weights
         of `models` stop the run here, naming the step, before anything is logged or saved."""
-        self.finite.check()
-        bad = [k for k, v in row.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
+        self.finite.check(*models)  # one host transfer for the watched values and the weights together
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise NonFiniteError(f"{self.script}: {', '.join(bad)} became non-finite (NaN/inf) at {self.unit} {step}; "
                                  f"stopped without saving (lower --lr)")
-        self.finite.check(*models)
         self.checked = step
 
     def save(self, step: int, last: bool, **extra):
