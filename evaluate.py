@@ -42,7 +42,7 @@ from minirlhf.evaluation.metrics import (best_of_n_metrics, estimate_frontier, f
                                          fraction_of_optimal_sem, policy_metrics)
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_scalar
-from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run, set_seed
+from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run, set_head_precision, set_seed
 from minirlhf.harness.files import pyplot, save_figure, write_json
 from minirlhf.harness.runs import Run
 from minirlhf.sampling import sample_policy
@@ -65,6 +65,8 @@ class Args:
     n_show: int = arg(3, "sample responses per policy in the report", ">= 0")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
+                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     seed: int = arg(0, "sampling seed (every policy draws from the same random stream)")
     compile: bool = arg(False, "torch.compile the scoring forward passes (sampling stays eager)")
     # the optimal frontier
@@ -300,6 +302,7 @@ def main(argv=None):
     validate(args)
     device = dist.setup(resolve_device(args.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(args.dtype, device)
+    set_head_precision(args.head_precision, device, dtype)
     set_seed(args.seed)
     t0 = time.time()
     task = None if args.prompts else get_task(args.task)

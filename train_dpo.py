@@ -46,6 +46,8 @@ class Args:
     save_interval: int = arg(25, "steps between resume checkpoints (0 = none)", ">= 0")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
+                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
     # loss

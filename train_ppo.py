@@ -45,6 +45,8 @@ class Args:
     prompts: Optional[str] = arg(None, "JSONL of {prompt} records to train on instead of the built-in task")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
+                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile every model: the update, the rollouts' decode step and scoring")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")

@@ -40,6 +40,8 @@ class Args:
     tokenizer: Optional[str] = arg(None, "use this tokenizer.json instead of training one")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
+                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
     peak_tflops: float = arg(0.0, "the card's dense bf16 peak for the MFU (0 = look the card up in harness/perf.py)",

@@ -31,7 +31,7 @@ from minirlhf.model import GPT, GPTConfig, ScalarModel, compile_model
 from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.scoring import response_logprobs, response_values, reward_at_eos, token_logprobs
 from minirlhf.utils import UserError, adamw, autocast
-from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run
+from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run, set_head_precision
 from train_sft import sft_loss
 
 # shapes per device kind: (GPT-2 small on CUDA, the pipeline's tiny CPU model scaled to finish in ~1 minute)
@@ -50,6 +50,8 @@ class Args:
     """Benchmark SFT, sampling, a PPO iteration and DPO on random weights and tokens; writes bench.json."""
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
+                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     compile: bool = arg(False, "torch.compile what the scripts compile; time the compiled decode step beside eager")
     peak_tflops: float = arg(0.0, "dense bf16 peak of the card for MFU (0 = harness/perf.py's table)")
     n_layer: int = arg(0, "transformer blocks (0 = 12 on CUDA, 4 on CPU)")
@@ -61,7 +63,6 @@ class Args:
     epochs: int = arg(4, "PPO passes over the rollout batch")
     minibatches: int = arg(4, "PPO minibatches per pass")
     threads: int = arg(1, "CPU threads for torch (0 = torch's default; docs/performance.md says why 1)")
-    tf32: bool = arg(False, "allow TF32 for float32 matmuls on CUDA (the lm_head: faster, ~1e-3 relative error)")
     out: str = arg("bench.json", "where to write the numbers")
     seed: int = arg(0, "random seed")
 
@@ -127,12 +128,11 @@ def main():
                     n_embd=s["n_embd"])
     V, it = cfg.vocab_size, s["iters"]
     peak = device_peak_flops(peak_tflops=a.peak_tflops) if device.startswith("cuda") or a.peak_tflops else None
-    if a.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    head_precision = set_head_precision(a.head_precision, device, dtype)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"device {name} ({dtype}), model {cfg.n_layer} x {cfg.n_embd} (heads {cfg.n_head}), vocab {V}, "
-          f"block {cfg.block_size}, compile {a.compile}, {torch.get_num_threads()} CPU threads; {it} timed iterations "
-          f"each after one warm-up")
+          f"block {cfg.block_size}, compile {a.compile}, float32 heads {head_precision}, {torch.get_num_threads()} CPU "
+          f"threads; {it} timed iterations each after one warm-up")
     results, rows = {}, []
 
     # ---- (a) SFT training step
@@ -267,7 +267,8 @@ def main():
     rows.append((f"DPO step ({Bd} pairs x {Td})", f"{Bd / sec:,.1f} pairs/s", sec, mem))
 
     # ---- table and bench.json
-    results["config"] = {"device": name, "dtype": dtype, "compile": a.compile, "params": n_params,
+    results["config"] = {"device": name, "dtype": dtype, "compile": a.compile, "head_precision": head_precision,
+                         "params": n_params,
                          "peak_flops": peak, **asdict(cfg), "iters": it, "torch": torch.__version__,
                          "threads": torch.get_num_threads()}
     w = max(len(r[0]) for r in rows)

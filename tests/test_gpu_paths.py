@@ -446,3 +446,40 @@ def test_sft_and_dpo_steps_never_hold_the_full_logits(stage, limit):
     out = subprocess.run([sys.executable, "-c", PEAK_MEMORY, root, stage], capture_output=True, text=True, check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert 0 < ratio < limit, ratio
+
+
+def tf32(x):
+    """x (float32) rounded to TF32's 10 mantissa bits, to nearest even: what the tensor cores read."""
+    i = x.view(torch.int32)
+    return ((i + 0xFFF + ((i >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_heads_move_logprobs_far_less_than_the_first_ratio_tolerance():
+    """The measurement behind --head-precision auto = tf32 under bf16 on CUDA: at GPT-2's width (768) with logits
+    of std 4, log-probs of sampled tokens against float64: IEEE float32 ~1e-6 nats, TF32 (emulated) ~7e-4, bf16
+    inputs ~6e-3, a bf16 head ~2e-2. TF32 stays 50x below the bf16 first-ratio tolerance."""
+    assert tf32(torch.tensor([1.0, 1 + 2 ** -11, 1 + 2 ** -10 + 2 ** -11])).tolist() == [1.0, 1.0, 1 + 2 ** -9]
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 768, generator=g), torch.randn(8192, 768, generator=g) * (4 / 768 ** 0.5)
+    ref = torch.log_softmax(h.double() @ w.double().T, -1)
+    y = torch.multinomial(ref.exp(), 1, generator=g)
+
+    def err(logits):
+        return (torch.log_softmax(logits.float(), -1).double().gather(1, y) - ref.gather(1, y)).abs().mean().item()
+    ieee, t32 = err(h @ w.T), err(tf32(h) @ tf32(w).T)
+    bf16_in, bf16 = err(h.bfloat16().float() @ w.bfloat16().float().T), err(h.bfloat16() @ w.bfloat16().T)
+    assert ieee < 1e-5 < t32 < 2e-3 < bf16_in < bf16, (ieee, t32, bf16_in, bf16)
+    assert t32 < RATIO_TOLERANCE["bfloat16"] / 50
+
+
+def test_head_precision_switches_tf32_on_cuda_only(monkeypatch):
+    from minirlhf.harness.cli import set_head_precision
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(matmul, "allow_tf32", False)  # restored afterwards
+    assert set_head_precision("auto", "cpu", "float32") == "ieee" and set_head_precision("auto", "cpu", "bfloat16") == "ieee"
+    assert not matmul.allow_tf32
+    assert set_head_precision("tf32", "cpu", "bfloat16") == "tf32" and not matmul.allow_tf32  # no TF32 on the CPU
+    assert set_head_precision("auto", "cuda", "bfloat16") == "tf32" and matmul.allow_tf32
+    assert set_head_precision("auto", "cuda:1", "float32") == "ieee" and not matmul.allow_tf32  # exact float32 asked
+    assert set_head_precision("tf32", "cuda", "float32") == "tf32" and matmul.allow_tf32
+    assert set_head_precision("ieee", "cuda", "bfloat16") == "ieee" and not matmul.allow_tf32

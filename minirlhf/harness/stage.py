@@ -21,7 +21,7 @@ import torch
 
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import save_run
-from minirlhf.harness.cli import MetricsLog, Progress, resolve_device, resolve_dtype, set_seed
+from minirlhf.harness.cli import MetricsLog, Progress, resolve_device, resolve_dtype, set_head_precision, set_seed
 from minirlhf.harness.files import write_json
 from minirlhf.harness.runs import FiniteCheck, NonFiniteError, Run, rng_state, set_rng_state
 
@@ -33,6 +33,7 @@ class Stage:
         self.script, self.args, self.unit = script, args, unit
         self.device = dist.setup(resolve_device(args.device))
         self.dtype = resolve_dtype(args.dtype, self.device)
+        self.head_precision = set_head_precision(args.head_precision, self.device, self.dtype)
         set_seed(args.seed)
         self.run = Run(args.out_dir, args, resume=args.resume, inputs=inputs)
         self.dir = self.run.dir
