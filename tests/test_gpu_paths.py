@@ -1,8 +1,10 @@
-"""The GPU-shaped code paths, checked on the CPU: the static-cache (and compiled) decode step against a naive
-sampler, per-row budgets, banned ids, chunked float32 log-probs (values and gradients), bf16 agreement between
-sampling and scoring, compiled scoring of batches wider than the block in one graph, length batching, and the MFU
-peak table."""
+"""The GPU-shaped code paths, checked on the CPU (and on a card with MINIRLHF_TEST_DEVICE=cuda): the static-cache
+(and compiled) decode step against a naive sampler, sampling as multinomial's exponential race, per-row budgets,
+banned ids, chunked float32 log-probs (values and gradients), bf16 agreement between sampling and scoring, compiled
+scoring of batches wider than the block in one graph, compiled against eager gradients, length batching, the peak
+memory of SFT and DPO steps, the float32 heads' precision, and the MFU peak table."""
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,21 @@ from minirlhf.harness.perf import device_peak_flops
 from minirlhf.utils import UserError, autocast
 
 PAD, BOS, EOS = 0, 1, 2
+# MINIRLHF_TEST_DEVICE=cuda runs these tests on a card (every tensor and generator made there); without one they skip
+DEVICE = os.environ.get("MINIRLHF_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip(f"MINIRLHF_TEST_DEVICE={DEVICE} but no CUDA device", allow_module_level=True)
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="measures or emulates the CPU")
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    with torch.device(DEVICE):  # factory functions (randn, zeros, arange, modules' parameters) make their tensors there
+        yield
+
+
+def gen():
+    return torch.Generator(DEVICE)
 
 
 def tiny_gpt(seed=0, vocab=16, block_size=32, n_layer=2, n_embd=32, scale=0.3):
@@ -36,7 +53,7 @@ def tiny_gpt(seed=0, vocab=16, block_size=32, n_layer=2, n_embd=32, scale=0.3):
 
 def ragged_prompts(vocab=16):
     lens = [2, 6, 4, 5]
-    g = torch.Generator().manual_seed(1)
+    g = gen().manual_seed(1)
     P = max(lens)
     ids = torch.full((len(lens), P), PAD)
     for i, n in enumerate(lens):
@@ -72,8 +89,8 @@ def naive_generate(model, p_ids, p_mask, n_new, eos_id, temperature, top_k, gene
 def test_static_cache_matches_the_naive_sampler(temperature, top_k):
     model = tiny_gpt()
     p_ids, p_mask = ragged_prompts()
-    ref = naive_generate(model, p_ids, p_mask, 12, EOS, temperature, top_k, torch.Generator().manual_seed(0))
-    got = generate(model, p_ids, p_mask, 12, EOS, PAD, temperature, top_k, generator=torch.Generator().manual_seed(0))
+    ref = naive_generate(model, p_ids, p_mask, 12, EOS, temperature, top_k, gen().manual_seed(0))
+    got = generate(model, p_ids, p_mask, 12, EOS, PAD, temperature, top_k, generator=gen().manual_seed(0))
     lengths = ref[1].sum(1)
     if temperature > 0:
         assert (ref[0] == EOS).any() and lengths.min() < lengths.max()  # EOS and ragged rows are exercised
@@ -85,13 +102,13 @@ def test_static_cache_matches_the_naive_sampler(temperature, top_k):
 def test_compiled_decode_step_gives_the_same_tokens_and_logprobs(n_layer):
     model = tiny_gpt(n_layer=n_layer, n_embd=16)
     p_ids, p_mask = ragged_prompts()
-    eager = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3))
+    eager = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=gen().manual_seed(3))
     torch._dynamo.utils.counters.clear()
-    compiled = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=torch.Generator().manual_seed(3),
+    compiled = generate(model, p_ids, p_mask, 12, EOS, PAD, 1.0, generator=gen().manual_seed(3),
                         compile=True)
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     assert sum(breaks.values()) == 0, breaks  # sampling and bookkeeping run inside the one compiled step
-    naive = naive_generate(model, p_ids, p_mask, 12, EOS, 1.0, 0, torch.Generator().manual_seed(3))
+    naive = naive_generate(model, p_ids, p_mask, 12, EOS, 1.0, 0, gen().manual_seed(3))
     assert eager[1].sum(1).min() < eager[1].sum(1).max()  # ragged: some rows stopped at EOS
     for out in (compiled, naive):
         assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
@@ -103,7 +120,7 @@ def test_compiled_decode_agrees_when_greedy_and_when_filtered(temperature, top_k
     model = tiny_gpt(n_layer=2, n_embd=16)
     p_ids, p_mask = ragged_prompts()
     runs = [generate(model, p_ids, p_mask, 12, EOS, PAD, temperature, top_k, top_p, banned=[PAD, BOS, 7],
-                     generator=torch.Generator().manual_seed(5), compile=c) for c in (False, True)]
+                     generator=gen().manual_seed(5), compile=c) for c in (False, True)]
     assert not (runs[0][0] == 7).any()
     assert torch.equal(runs[1][0], runs[0][0]) and torch.equal(runs[1][1], runs[0][1])
     torch.testing.assert_close(runs[1][2], runs[0][2], atol=1e-5, rtol=0)
@@ -114,8 +131,8 @@ def test_sampling_is_multinomials_exponential_race_without_its_host_syncs(monkey
     the generator left in the same state), and generate reads the device only before the loop, every
     CHECK_EVERY tokens and at the end: never torch.multinomial, which checks the probabilities on the host."""
     from tests.test_runs import count_host_syncs
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(1)) * 3
+    g1, g2 = gen().manual_seed(0), gen().manual_seed(0)
+    logits = torch.randn(64, 50, generator=gen().manual_seed(1)) * 3
     noise = torch.empty_like(logits).exponential_(generator=g1)
     tok, logp = generation.next_token(logits, noise, 1.0, 0, 1.0, None)
     assert torch.equal(tok, torch.multinomial(logits.softmax(-1), 1, generator=g2).squeeze(1))
@@ -128,7 +145,7 @@ def test_sampling_is_multinomials_exponential_race_without_its_host_syncs(monkey
         raise AssertionError("torch.multinomial syncs with the host")
     monkeypatch.setattr(torch, "multinomial", no_multinomial)
     calls = count_host_syncs(monkeypatch)
-    generate(model, p_ids, p_mask, 24, -1, PAD, 1.0, generator=torch.Generator().manual_seed(0))
+    generate(model, p_ids, p_mask, 24, -1, PAD, 1.0, generator=gen().manual_seed(0))
     assert len(calls) == 1 + 24 // generation.CHECK_EVERY + 1, calls
 
 
@@ -175,7 +192,7 @@ def test_unsampleable_ids_are_never_sampled_and_text_matches_tokens(tok):
     prompts = ["the food was", "the room", "we stayed"] * 4
     p_ids = torch.tensor([[tok.bos_id] + tok.encode("the food was")])
     unbanned, _, _ = generate(model, p_ids, torch.ones_like(p_ids), 20, tok.eos_id, tok.pad_id, 1.0,
-                              generator=torch.Generator().manual_seed(0))
+                              generator=gen().manual_seed(0))
     assert set(unbanned[0].tolist()) & set(banned)  # without the ban they are sampled: the test can fail
     samples = sample_policy(model, tok, prompts, 20, seed=0, batch_size=5)  # several length-sorted batches
     assert [s["prompt"] for s in samples] == prompts  # back in input order
@@ -242,9 +259,9 @@ def test_bf16_sampling_and_scoring_logprobs_agree_within_the_ratio_tolerance(tem
     and the float32 lm_head matters: the same comparison with a bf16 head is measurably worse."""
     model = tiny_gpt(vocab=64, n_layer=2, n_embd=64, scale=0.15)
     p_ids, p_mask = ragged_prompts(64)
-    with autocast("cpu", "bfloat16"):
+    with autocast(DEVICE, "bfloat16"):
         resp, r_mask, sample_lp = generate(model, p_ids, p_mask, 16, EOS, PAD, temperature,
-                                           generator=torch.Generator().manual_seed(0))
+                                           generator=gen().manual_seed(0))
         old = response_logprobs(model, p_ids, p_mask, resp, r_mask, temperature)
         idx = torch.tensor([2, 0, 3])
         R = int(r_mask[idx].sum(1).max())
@@ -264,7 +281,7 @@ def test_bf16_sampling_and_scoring_logprobs_agree_within_the_ratio_tolerance(tem
 
 
 def test_length_batches_cover_every_index_once_and_cut_padding():
-    g = torch.Generator().manual_seed(0)
+    g = gen().manual_seed(0)
     lengths = [int(x) for x in torch.randint(1, 200, (1000,), generator=g)]
     batches = length_batches(lengths, 32, window=256, seed=1)
     flat = [i for b in batches for i in b]
@@ -282,6 +299,7 @@ def test_length_batches_cover_every_index_once_and_cut_padding():
     assert padding_share([3, 3], [[0, 1]]) == 0.0 and abs(padding_share([1, 3], [[0, 1]]) - 1 / 3) < 1e-12
 
 
+@cpu_only
 def test_peak_flops_table():
     assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert device_peak_flops("NVIDIA H200") == 989e12
@@ -305,9 +323,9 @@ def test_length_batched_passes_return_results_in_input_order():
     pairs = [([BOS] + rand(rng.randint(1, 8)), rand(rng.randint(1, 12)) + [EOS], rand(rng.randint(1, 12)) + [EOS])
              for _ in range(23)]
     stats = {}
-    logps, lens = dpo.all_pair_logps(model, pairs, PAD, "cpu", "float32", 4, banned=[PAD, BOS], stats=stats)
+    logps, lens = dpo.all_pair_logps(model, pairs, PAD, DEVICE, "float32", 4, banned=[PAD, BOS], stats=stats)
     for i in (0, 7, 22):
-        alone, n = dpo.pair_logps(model, dpo.pair_batch(pairs[i:i + 1], PAD, "cpu"), "cpu", "float32",
+        alone, n = dpo.pair_logps(model, dpo.pair_batch(pairs[i:i + 1], PAD, DEVICE), DEVICE, "float32",
                                   banned=[PAD, BOS])
         torch.testing.assert_close(logps[i], alone, atol=1e-5, rtol=0)
         assert lens[i].tolist() == n.tolist()
@@ -330,7 +348,7 @@ def test_a_batch_wider_than_the_block_scores_in_one_compiled_graph():
     p_ids, p_mask = ragged_prompts()  # prompt lengths 2, 6, 4, 5 padded to 6
     lens = torch.tensor([5, 3, 4, 4])  # real lengths 7, 9, 8, 9 <= 9, padded width 6 + 5 = 11 > 9
     resp_mask = (torch.arange(5)[None] < lens[:, None]).long()
-    resp = torch.randint(3, 16, (4, 5), generator=torch.Generator().manual_seed(2)) * resp_mask
+    resp = torch.randint(3, 16, (4, 5), generator=gen().manual_seed(2)) * resp_mask
     eager = response_logprobs(model, p_ids, p_mask, resp, resp_mask)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -351,17 +369,17 @@ def test_compiled_decode_shapes_are_few_and_known_and_too_many_fail_loudly(monke
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for width in (5, 9, 12):  # prompt widths 5 / 9 / 12 + 8 new tokens: all in the 32-column bucket, one graph
-        ids = torch.randint(3, 16, (3, width), generator=torch.Generator().manual_seed(width))
-        generate(model, ids, torch.ones_like(ids), 8, -1, PAD, 1.0, generator=torch.Generator().manual_seed(0),
+        ids = torch.randint(3, 16, (3, width), generator=gen().manual_seed(width))
+        generate(model, ids, torch.ones_like(ids), 8, -1, PAD, 1.0, generator=gen().manual_seed(0),
                  compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     # more shapes than the step keeps: a one-line error, not a silent fall-back to the eager step
     monkeypatch.setattr(generation, "MAX_DECODE_GRAPHS", 2)
     torch._dynamo.reset()
     for B in (2, 3):
-        ids = torch.randint(3, 16, (B, 4), generator=torch.Generator().manual_seed(B))
+        ids = torch.randint(3, 16, (B, 4), generator=gen().manual_seed(B))
         generate(model, ids, torch.ones_like(ids), 4, -1, PAD, 1.0, compile=True)
-    ids = torch.randint(3, 16, (4, 4), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(3, 16, (4, 4), generator=gen().manual_seed(4))
     with pytest.raises(UserError, match="the decode step has been compiled for 2 shapes") as e:
         generate(model, ids, torch.ones_like(ids), 4, -1, PAD, 1.0, compile=True)
     assert "\n" not in str(e.value)
@@ -372,13 +390,13 @@ def test_compiled_training_gradients_equal_eager_ones_under_bf16_autocast():
     gradient is float32 as in eager mode (torch.compile's default re-applies autocast: 2.7e-3 relative error)."""
     from minirlhf.model import compile_model
     cfg = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    idx = torch.randint(128, (4, 16), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(128, (4, 16), generator=gen().manual_seed(1))
 
     def grads(compiled):
         torch.manual_seed(0)
         model = GPT(cfg)
         f = compile_model(model) if compiled else model
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16):
             loss = F.cross_entropy(f(idx).float().flatten(0, 1), idx.roll(-1, 1).flatten())
         loss.backward()
         return {"head": model.lm_head.weight.grad, **{n: p.grad for n, p in model.named_parameters()}}
@@ -394,9 +412,9 @@ def test_the_banned_mask_is_built_once_per_list_and_device():
     """scoring.banned_mask: the same ids give the same (cached) device mask, so scoring a minibatch does not rebuild
     it on the host and copy it over every call; other ids get their own."""
     from minirlhf.scoring import banned_mask
-    a, b = banned_mask([0, 1, 5], 16, "cpu"), banned_mask([0, 1, 5], 16, "cpu")
+    a, b = banned_mask([0, 1, 5], 16, DEVICE), banned_mask([0, 1, 5], 16, DEVICE)
     assert a is b and a.tolist() == [i in (0, 1, 5) for i in range(16)]
-    assert banned_mask([0, 2], 16, "cpu").tolist() == [i in (0, 2) for i in range(16)]
+    assert banned_mask([0, 2], 16, DEVICE).tolist() == [i in (0, 2) for i in range(16)]
 
 
 PEAK_MEMORY = r"""
@@ -434,6 +452,7 @@ print((status("VmHWM") - base) / (B * T * V * 4))
 """
 
 
+@cpu_only
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 @pytest.mark.parametrize("stage,limit", [("sft", 1.3), ("dpo", 1.0)])
 def test_sft_and_dpo_steps_never_hold_the_full_logits(stage, limit):
@@ -454,12 +473,13 @@ def tf32(x):
     return ((i + 0xFFF + ((i >> 13) & 1)) & ~0x1FFF).view(torch.float32)
 
 
+@cpu_only
 def test_tf32_heads_move_logprobs_far_less_than_the_first_ratio_tolerance():
     """The measurement behind --head-precision auto = tf32 under bf16 on CUDA: at GPT-2's width (768) with logits
     of std 4, log-probs of sampled tokens against float64: IEEE float32 ~1e-6 nats, TF32 (emulated) ~7e-4, bf16
     inputs ~6e-3, a bf16 head ~2e-2. TF32 stays 50x below the bf16 first-ratio tolerance."""
     assert tf32(torch.tensor([1.0, 1 + 2 ** -11, 1 + 2 ** -10 + 2 ** -11])).tolist() == [1.0, 1.0, 1 + 2 ** -9]
-    g = torch.Generator().manual_seed(0)
+    g = gen().manual_seed(0)
     h, w = torch.randn(64, 768, generator=g), torch.randn(8192, 768, generator=g) * (4 / 768 ** 0.5)
     ref = torch.log_softmax(h.double() @ w.double().T, -1)
     y = torch.multinomial(ref.exp(), 1, generator=g)
