@@ -136,7 +136,7 @@ def main(argv=None):
 
     opt = adamw(model, args.lr, args.weight_decay, device)
     train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = compile_model(train_model) if args.compile else train_model
+    train_model = compile_model(train_model, args.compile)
     banned = tok.unsampleable_ids(model.config.vocab_size)  # log-probs of the distribution the policy samples
 
     # ---- training: shuffled passes over the pairs

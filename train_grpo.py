@@ -112,9 +112,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, eps=1e-5,
                             fused=device.startswith("cuda"))
     train_policy = dist.wrap(policy, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_policy = compile_model(train_policy) if args.compile else train_policy
+    train_policy = compile_model(train_policy, args.compile)
     # --compile: the rollout's scoring passes run compiled too (generate compiles its own decode step)
-    scorers = [compile_model(m) if args.compile else m for m in (policy, ref, reward_model)]
+    scorers = [compile_model(m, args.compile) for m in (policy, ref, reward_model)]
     B = args.prompts_per_iter * args.group_size // W  # samples per rollout (of this rank)
     constant = float(args.max_new_tokens * B // args.minibatches)  # Dr. GRPO's normaliser: a minibatch's token budget
     banned = tok.unsampleable_ids(policy.config.vocab_size)  # never sampled, so never scored (rollout.py)

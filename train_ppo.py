@@ -118,12 +118,10 @@ def main(argv=None):
                              {"params": value_model.parameters(), "lr": args.value_lr}],
                             weight_decay=0.0, betas=(0.9, 0.999), eps=1e-5, fused=device.startswith("cuda"))
     base_lrs = [group["lr"] for group in opt.param_groups]
-    # DDP under torchrun (one wrapper per trained model), else the models themselves
-    train_policy, train_value = dist.wrap(policy, device), dist.wrap(value_model, device)
-    train_policy = compile_model(train_policy) if args.compile else train_policy
-    train_value = compile_model(train_value) if args.compile else train_value
-    # --compile: the rollout's scoring passes run compiled too (generate compiles its own decode step)
-    scorers = [compile_model(m) if args.compile else m for m in (policy, ref, reward_model, value_model)]
+    # DDP under torchrun (one wrapper per trained model), else the models themselves; --compile compiles them and
+    # the models of the rollout's scoring passes (generate compiles its own decode step)
+    train_policy, train_value = (compile_model(dist.wrap(m, device), args.compile) for m in (policy, value_model))
+    scorers = [compile_model(m, args.compile) for m in (policy, ref, reward_model, value_model)]
     kl_horizon = args.kl_horizon or default_kl_horizon(args.batch_size)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, kl_horizon) if args.target_kl > 0 \
         else FixedKLController(args.kl_coef)

@@ -99,7 +99,7 @@ def main(argv=None):
     rm.to(device)
     opt = adamw(rm, args.lr, args.weight_decay, device)
     train_rm = dist.wrap(rm, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_rm = compile_model(train_rm) if args.compile else train_rm
+    train_rm = compile_model(train_rm, args.compile)
     eval_pad = {}  # padding share of the length-batched evaluation passes (all_pair_rewards)
 
     def evaluate(pairs):

@@ -156,7 +156,7 @@ def main(argv=None):
 
     opt = adamw(model, args.lr, args.weight_decay, device)
     train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = compile_model(train_model) if args.compile else train_model
+    train_model = compile_model(train_model, args.compile)
 
     @torch.no_grad()
     def held_out_loss():

@@ -139,7 +139,7 @@ def main():
     policy = GPT(cfg).to(device)
     n_params = policy.num_params()
     opt = adamw(policy, 1e-4, 0.0, device)
-    fwd = compile_model(policy) if a.compile else policy
+    fwd = compile_model(policy, a.compile)
     B, T = s["sft_batch"], s["sft_seq"]
     idx = torch.randint(3, V, (B, T + 1), device=device, generator=gen)
     batch = {"idx": idx[:, :-1], "targets": idx[:, 1:], "loss_mask": torch.ones(B, T, device=device)}
@@ -191,7 +191,7 @@ def main():
                             weight_decay=0.0, eps=1e-5, fused=device.startswith("cuda"))
     # --compile: what train_ppo.py compiles: the update's models and the rollout's scoring passes
     train_policy, train_value, score_policy, score_ref, score_value, score_rm = [
-        compile_model(m) if a.compile else m for m in (policy, value_model, policy, ref, value_model, reward_model)]
+        compile_model(m, a.compile) for m in (policy, value_model, policy, ref, value_model, reward_model)]
     Bp = s["ppo_prompts"]
     p_ids, p_mask = random_prompts(Bp, P, V, device, gen)
 

@@ -243,10 +243,13 @@ class ScalarModel(nn.Module):
         return r * self.gain + self.bias
 
 
-def compile_model(model):
-    """torch.compile for the training passes, with the backward computed in the forward's own dtypes, as in eager
-    mode. By default a compiled backward re-applies the forward's autocast, so the float32 lm_head's weight
-    gradient came out of a bf16 matmul: 2.7e-3 relative error against eager's 9e-8 (tests/test_gpu_paths.py)."""
+def compile_model(model, enabled: bool = True):
+    """torch.compile (the model itself when not enabled: --compile off), with the backward computed in the forward's
+    own dtypes, as in eager mode. By default a compiled backward re-applies the forward's autocast, so the float32
+    lm_head's weight gradient came out of a bf16 matmul: 2.7e-3 relative error against eager's 9e-8
+    (tests/test_gpu_paths.py)."""
+    if not enabled:
+        return model
     import torch._functorch.config as functorch_config
     if hasattr(functorch_config, "backward_pass_autocast"):
         functorch_config.backward_pass_autocast = "off"  # (process-wide: every compiled model alike)

@@ -496,7 +496,8 @@ def test_head_precision_switches_tf32_on_cuda_only(monkeypatch):
     from minirlhf.harness.cli import set_head_precision
     matmul = torch.backends.cuda.matmul
     monkeypatch.setattr(matmul, "allow_tf32", False)  # restored afterwards
-    assert set_head_precision("auto", "cpu", "float32") == "ieee" and set_head_precision("auto", "cpu", "bfloat16") == "ieee"
+    assert set_head_precision("auto", "cpu", "float32") == "ieee"
+    assert set_head_precision("auto", "cpu", "bfloat16") == "ieee"
     assert not matmul.allow_tf32
     assert set_head_precision("tf32", "cpu", "bfloat16") == "tf32" and not matmul.allow_tf32  # no TF32 on the CPU
     assert set_head_precision("auto", "cuda", "bfloat16") == "tf32" and matmul.allow_tf32
