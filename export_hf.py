@@ -1,9 +1,10 @@
-"""Export a minirlhf run as a Hugging Face transformers GPT-2 directory.
+"""Export a minirlhf run as a Hugging Face transformers directory: GPT-2, or Llama / Qwen2 / Qwen3 for a model of
+that family (train_sft.py --arch, or one imported with --init-from).
 
-    python export_hf.py out/ppo hf/ppo     # policy  -> GPT2LMHeadModel
-    python export_hf.py out/rm  hf/rm      # reward  -> GPT2ForSequenceClassification (one label)
+    python export_hf.py out/ppo hf/ppo     # policy  -> GPT2LMHeadModel (LlamaForCausalLM, Qwen2ForCausalLM, ...)
+    python export_hf.py out/rm  hf/rm      # reward  -> GPT2ForSequenceClassification (one label; Llama..., ...)
 
-Then, in the transformers world (weights as safetensors, Conv1D layout; no minirlhf needed):
+Then, in the transformers world (weights as safetensors; no minirlhf needed):
 
     model = AutoModelForCausalLM.from_pretrained("hf/ppo"); tok = AutoTokenizer.from_pretrained("hf/ppo")
     ids = [tok.bos_token_id] + tok(prompt)["input_ids"]    # minirlhf sequences start with BOS; add it yourself
@@ -11,9 +12,11 @@ Then, in the transformers world (weights as safetensors, Conv1D layout; no minir
 OUT_DIR holds config.json (vocab_size = the model's padded vocabulary, n_positions = its block_size),
 model.safetensors, tokenizer.json, tokenizer_config.json + special_tokens_map.json (BOS/EOS/PAD) and, for a
 policy, generation_config.json (eos/pad ids). A reward model's head bias and normalisation (gain, bias) are folded
-into score.weight and ln_f.bias (see minirlhf/interop/hf.py: fold_score), so transformers' score at the last non-PAD token
-of a right-padded row is minirlhf's reward at EOS. After writing, the export is read back with minirlhf's importer
-and its logits (scores) are compared with the run's on random tokens; the largest difference is printed.
+into score.weight and, for GPT-2, ln_f.bias (see minirlhf/interop/hf.py: fold_score), so transformers' score at the
+last non-PAD token of a right-padded row is minirlhf's reward at EOS; the Llama/Qwen family's final RMSNorm has no
+bias, so there the constant is in config.json as minirlhf_score_offset (transformers' score + offset = reward).
+After writing, the export is read back with minirlhf's importer and its logits (scores) are compared with the
+run's on random tokens; the largest difference is printed.
 """
 import argparse
 
@@ -35,7 +38,7 @@ def load_model(run_dir, flag):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a policy or reward run directory (or an HF GPT-2 dir)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a policy or reward run directory (or an HF directory)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (must not exist or be empty)")
     a = parser.parse_args()
     info = export_hf(*load_run(a.run_dir, "RUN_DIR"), a.out_dir)
@@ -46,12 +49,12 @@ def main():
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (before(idx).float() - after(idx).float()).abs().max().item()
-    what = "GPT2ForSequenceClassification" if info["kind"] == "reward" else "GPT2LMHeadModel"
-    print(f"wrote {a.out_dir}: {what}, vocab {info['vocab_size']}, n_positions {info['n_positions']}; "
+    print(f"wrote {a.out_dir}: {info['architecture']}, vocab {info['vocab_size']}, n_positions {info['n_positions']}; "
           f"max |difference| after reimport {diff:.2e}")
     if info["score_offset"]:
-        print(f"note: the reward head has zero weight, so its offset {info['score_offset']:+.6f} could not be "
-              f"folded in; it is in config.json as minirlhf_score_offset (add it to transformers' score)")
+        why = "the reward head has zero weight" if info["architecture"].startswith("GPT2") else "RMSNorm has no bias"
+        print(f"note: {why}, so the reward's offset {info['score_offset']:+.6f} could not be folded in; it is in "
+              f"config.json as minirlhf_score_offset (add it to transformers' score)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     bash pipeline.sh --force              # rerun every stage, even those that are up to date
     bash pipeline.sh --out runs/seed1 --seed 1
     bash pipeline.sh --init-from gpt2 --data my_sft.jsonl ...   # --init-from goes to train_sft.py only
+    bash pipeline.sh --arch llama --out out_llama   # the Llama family from scratch (--arch: train_sft.py only)
     bash pipeline.sh --nproc 8 --device cuda   # every stage under torchrun --standalone --nproc_per_node 8
 
     out/sft   train_sft.py  --out-dir out/sft
@@ -43,10 +44,11 @@ from minirlhf.harness.cli import build_parser, parse_args
 PATH_ARGS = ("out_dir", "sft", "policy", "reward", "prefs", "policies", "ref", "init", "data", "tokenizer", "prompts")
 
 
-def stages(root: Path, init_from: str = None):
+def stages(root: Path, init_from: str = None, arch: str = None):
     """(name, script, argv, output dir, finished-marker file, names of the stages it reads)."""
     sft, rm, ppo, grpo, dpo, ev = (root / n for n in ("sft", "rm", "ppo", "grpo", "dpo", "eval"))
-    init = ["--init-from", init_from] if init_from else []  # only SFT starts from the pretrained model
+    # only SFT builds the model (later stages read it from the SFT run)
+    init = (["--init-from", init_from] if init_from else []) + (["--arch", arch] if arch else [])
     return [
         ("sft", "train_sft.py", ["--out-dir", sft, *init], sft, "metrics.json", []),
         ("rm", "train_rm.py", ["--policy", sft, "--out-dir", rm], rm, "metrics.json", ["sft"]),
@@ -191,7 +193,10 @@ def main():
     parser.add_argument("--force", action="store_true", help="rerun every stage, even if up to date")
     parser.add_argument("--dry-run", action="store_true", help="only print which stages would run, and why")
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage (> 1: torchrun, one per GPU)")
-    parser.add_argument("--init-from", help="pretrained GPT-2 directory or Hub id for train_sft.py (SFT only)")
+    parser.add_argument("--init-from", help="pretrained GPT-2 / Llama / Qwen directory or Hub id for train_sft.py (SFT "
+                                            "only)")
+    parser.add_argument("--arch", help="architecture of the fresh SFT model (train_sft.py --arch: gpt2, llama, qwen2, "
+                                       "qwen3)")
     a, extra = parser.parse_known_args()
     if a.nproc < 1:
         fail(f"--nproc {a.nproc}: must be >= 1")
@@ -200,7 +205,7 @@ def main():
                                                      "--nproc_per_node", str(a.nproc)]
     here = Path(__file__).resolve().parent  # the stage scripts sit next to this file
     root = Path(a.out).resolve()  # stages get absolute paths: the same run from any folder
-    plan = stages(root, a.init_from)
+    plan = stages(root, a.init_from, a.arch)
     check_flags(plan, extra)
     markers = {name: out_dir / marker for name, _, _, out_dir, marker, _ in plan}
     t_all, timings = time.time(), []

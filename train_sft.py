@@ -3,6 +3,8 @@
     python train_sft.py                          # built-in simulated-human task, CPU-sized defaults
     python train_sft.py --data my.jsonl          # your {"prompt", "completion"} or {"text"} records
     python train_sft.py --device cuda --n-layer 12 --n-embd 768 --batch-size 128   # same script, bigger
+    python train_sft.py --arch llama             # RoPE, RMSNorm, SwiGLU, grouped-query attention (also qwen2, qwen3)
+    python train_sft.py --init-from Qwen/Qwen2.5-0.5B   # a pretrained GPT-2, Llama, Qwen2 or Qwen3 (dir or Hub id)
     torchrun --standalone --nproc_per_node 2 train_sft.py ...   # data parallel: each rank a shard of the batch
 """
 import dataclasses
@@ -21,7 +23,7 @@ from minirlhf.harness.cli import arg, parse_args, run
 from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.harness.stage import Stage
 from minirlhf.interop.hf import load_hf_dir, resolve_source
-from minirlhf.model import GPT, GPTConfig, compile_model
+from minirlhf.model import ARCHS, GPT, arch_config, compile_model
 from minirlhf.sampling import sample_policy
 from minirlhf.scoring import is_compiled, token_logprobs
 from minirlhf.tasks import get_task
@@ -36,7 +38,8 @@ class Args:
     task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py) for data, prompts and evaluation")
     data: Optional[str] = arg(None, "JSONL of {prompt, completion} or {text} records instead of the built-in task")
     init: Optional[str] = arg(None, "start from this earlier run directory (its tokenizer and model config)")
-    init_from: Optional[str] = arg(None, "start from a pretrained Hugging Face GPT-2: a directory or a Hub id")
+    init_from: Optional[str] = arg(None, "start from a pretrained Hugging Face GPT-2, Llama, Qwen2 or Qwen3: a "
+                                   "directory or a Hub id")
     tokenizer: Optional[str] = arg(None, "use this tokenizer.json instead of training one")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
@@ -55,6 +58,9 @@ class Args:
     n_layer: int = arg(4, "transformer blocks", "> 0")
     n_head: int = arg(4, "attention heads", "> 0")
     n_embd: int = arg(128, "embedding width", "> 0")
+    arch: str = arg("gpt2", "gpt2, or the Llama/Qwen family (RoPE, RMSNorm, SwiGLU, grouped-query attention): llama, "
+                    "qwen2 (+ q/k/v biases), qwen3 (+ q/k norms)", choices=tuple(ARCHS))
+    n_kv_head: int = arg(0, "key/value heads of a llama/qwen model (0 = n_head / 2)", ">= 0")
     dropout: float = arg(0.0, "dropout during SFT (later stages always turn it off)", "in [0, 1)")
     # data
     n_train: int = arg(20000, "built-in task: demonstrations generated for training", "> 0")
@@ -99,7 +105,7 @@ def load_records(args: Args, task):
 
 
 def build_model(args: Args, task, train_recs, resumed_dir=None):
-    """(model, tokenizer): from a Hugging Face GPT-2 (--init-from: <|endoftext|> is BOS and EOS, a PAD is added), an
+    """(model, tokenizer): from a Hugging Face model (--init-from: BOS/EOS as tokenizer.py reads them, a PAD added), an
     earlier run (--init) or fresh weights with a tokenizer given, trained on the data, or the resumed run's own."""
     if args.init_from:
         weights, cfg, tok, _ = load_hf_dir(resolve_source(args.init_from, "--init-from"), "--init-from", "policy",
@@ -121,18 +127,26 @@ def build_model(args: Args, task, train_recs, resumed_dir=None):
     else:
         texts = [r["prompt"] + r["completion"] for r in train_recs] if args.data else task.corpus(5000, args.seed)
         tok = Tokenizer.train(texts, args.vocab_size)
-    cfg = GPTConfig(vocab_size=64 * math.ceil(tok.vocab_size / 64), block_size=args.block_size, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    cfg = arch_config(args.arch, vocab_size=64 * math.ceil(tok.vocab_size / 64), block_size=args.block_size,
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                      n_kv_head=args.n_kv_head)
     return GPT(cfg), tok
 
 
 def main(argv=None):
     args = parse_args(Args, argv)
     check(args.n_embd % args.n_head == 0, f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+    check(args.arch != "gpt2" or not args.n_kv_head, "--n-kv-head: only for --arch llama / qwen2 / qwen3")
+    check(not args.n_kv_head or args.n_head % args.n_kv_head == 0,
+          f"--n-kv-head {args.n_kv_head} must divide --n-head {args.n_head}")
+    check(args.arch == "gpt2" or (args.n_embd // args.n_head) % 2 == 0,
+          f"--arch {args.arch}: RoPE needs an even head size (--n-embd / --n-head = {args.n_embd // args.n_head})")
     check(not (args.init and args.tokenizer), "--tokenizer cannot be combined with --init (the run given to --init "
           "brings its own tokenizer, which its weights were trained with)")
     check(not (args.init_from and (args.init or args.tokenizer)),
           "--init-from: the model brings its own tokenizer and weights; drop --init / --tokenizer")
+    check(args.arch == "gpt2" or not (args.init or args.init_from),
+          f"--arch {args.arch}: the model given to --init / --init-from brings its own architecture; drop --arch")
     W = dist.env_world_size()
     check(args.batch_size >= W, f"--batch-size {args.batch_size}: must be >= the number of processes ({W}; it is the "
           f"global batch, split across them)")

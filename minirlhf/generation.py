@@ -103,7 +103,7 @@ def reused_cache(model, B: int, L: int, dtype) -> KVCache:
         cfg = model.config
         cache = KVCache(cfg.n_layer, L)
         device = next(model.parameters()).device
-        cache.allocate(B, cfg.n_head, cfg.n_embd // cfg.n_head, dtype, device)
+        cache.allocate(B, cfg.kv_heads, cfg.head_size, dtype, device)
         if device.type == "cuda":
             for buf in cache.k + cache.v:
                 torch._dynamo.mark_static_address(buf)

@@ -1,7 +1,12 @@
-"""A GPT-2-architecture decoder, written out: learned positions, pre-LayerNorm blocks, GELU(tanh), tied embeddings.
+"""A decoder-only transformer, written out: GPT-2 by default, the Llama/Qwen family with a few switches.
 
-Parameter names follow GPT-2's (transformer.wte, transformer.h.{i}.attn.c_attn, ...) so GPT-2 weights can be
-mapped in. Three things beyond nanoGPT that RLHF needs:
+GPT-2: learned positions, pre-LayerNorm blocks, GELU(tanh), biases, tied embeddings. The Llama/Qwen family
+(SmolLM2, Qwen2.5, Qwen3, Llama 3): rotary positions (RoPE), RMSNorm, a SwiGLU MLP, fewer key/value heads than
+query heads (grouped-query attention), no biases except Qwen2's on q/k/v, Qwen3's RMSNorm of each head's q and k,
+tied or untied embeddings. Each is one GPTConfig field (`ARCHS` names the combinations); the defaults are GPT-2's.
+Parameter names follow GPT-2's (transformer.wte, transformer.h.{i}.attn.c_attn, ...) for every architecture, with
+q/k/v fused in c_attn and SwiGLU's gate and up projections fused in mlp.c_fc; interop/ maps them to Hugging Face's.
+Three things beyond nanoGPT that RLHF needs:
   * left-padded batches: an attention mask hides PAD keys and position ids come from the mask, so a padded row
     gives the same per-token logits as the same row unpadded;
   * a KV cache: prefill the prompt once, then decode one token per step;
@@ -23,7 +28,107 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0  # RLHF stages force it off: dropout makes the KL and PPO ratios noisy (TRL #3500)
-    bias: bool = True
+    bias: bool = True  # biases in every Linear and LayerNorm (GPT-2)
+    # the Llama/Qwen family's switches (defaults: GPT-2's)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    pos: str = "learned"  # learned (wpe) | rope
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | llama3 (Llama 3.1+: long wavelengths stretched, short ones kept)
+    rope_factor: float = 1.0  # linear and llama3: how much longer the context is than in pretraining
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max: int = 8192  # llama3 only: the pretraining context
+    mlp: str = "gelu"  # gelu (tanh GELU) | swiglu (down(silu(gate(x)) * up(x)))
+    mlp_hidden: int = 0  # the MLP's hidden width; 0 = 4 * n_embd
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head
+    head_dim: int = 0  # 0 = n_embd // n_head (Qwen3 sets it larger)
+    qkv_bias: bool = False  # biases on q/k/v even when bias is off (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    tie_embeddings: bool = True  # lm_head is wte
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def mlp_size(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+
+# Fresh models of each family (train_sft.py --arch): the switches, sizes aside. n_kv_head = n_head // 2 and the
+# SwiGLU width (~8/3 n_embd, a multiple of 64, so the MLP has about GELU's 8 n_embd^2 weights) come from the sizes.
+ARCHS = {
+    "gpt2": {},
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False),
+    "qwen2": dict(norm="rmsnorm", norm_eps=1e-6, pos="rope", mlp="swiglu", bias=False, qkv_bias=True),
+    "qwen3": dict(norm="rmsnorm", norm_eps=1e-6, pos="rope", mlp="swiglu", bias=False, qk_norm=True),
+}
+
+
+def arch_config(arch: str, **sizes) -> GPTConfig:
+    """GPTConfig of a fresh `arch` model (ARCHS) with the given sizes (vocab_size, n_layer, ...)."""
+    cfg = GPTConfig(**sizes, **ARCHS[arch])
+    if arch != "gpt2":
+        kv = cfg.n_head // 2 if cfg.n_head % 2 == 0 else cfg.n_head
+        cfg.n_kv_head, cfg.mlp_hidden = cfg.n_kv_head or kv, cfg.mlp_hidden or 64 * math.ceil(8 * cfg.n_embd / 192)
+    return cfg
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, in float32 whatever the input (as Llama's), cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig, dim: int):
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
+    """RoPE's rotation speeds (head_size / 2,) float32: theta^(-2i/d) (Su et al. 2021, "RoFormer"), divided by
+    rope_factor for linear scaling; llama3 scaling divides only the slow ones (wavelength past original_max /
+    low_freq_factor), keeps the fast ones (shorter than original_max / high_freq_factor) and interpolates between."""
+    d = cfg.head_size
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+    if cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        wavelen = 2 * math.pi / inv
+        slow = torch.where(wavelen > cfg.rope_original_max / cfg.rope_low_freq_factor, inv / cfg.rope_factor, inv)
+        smooth = ((cfg.rope_original_max / wavelen - cfg.rope_low_freq_factor)
+                  / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        mid = ((wavelen >= cfg.rope_original_max / cfg.rope_high_freq_factor)
+               & (wavelen <= cfg.rope_original_max / cfg.rope_low_freq_factor))
+        inv = torch.where(mid, (1 - smooth) * slow / cfg.rope_factor + smooth * slow, slow)
+    return inv
+
+
+def rope_angles(inv_freq, pos):
+    """cos and sin of each position's angles, (B, 1, T, head_size) float32, for rotate(). pos (B, T) long: from
+    the attention mask, so a left-padded row is rotated exactly like the same row unpadded."""
+    with torch.autocast(pos.device.type, enabled=False):
+        angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, head_size / 2)
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """RoPE on (B, heads, T, head_size): each pair (x_i, x_{i + d/2}) turned by its angle (the half-split pairing
+    of Hugging Face's Llama weights, not the interleaved one of Meta's originals)."""
+    x1, x2 = x.chunk(2, -1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
 
 
 class KVCache:
@@ -60,47 +165,61 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        assert cfg.head_dim or cfg.n_embd % cfg.n_head == 0
+        assert cfg.n_head % cfg.kv_heads == 0
+        self.n_head, self.n_kv, self.hd, self.dropout = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.hd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
 
-    def forward(self, x, attn_mask=None, cache: KVCache = None, layer: int = 0, write_at=None):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+    def forward(self, x, attn_mask=None, cache: KVCache = None, layer: int = 0, write_at=None, rope=None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=2)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = (t.view(B, T, self.n_kv, self.hd).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (cos, sin), see rope_angles
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v, write_at)  # (B, nh, max_len, hd)
+            k, v = cache.update(layer, k, v, write_at)  # (B, n_kv, max_len, hd): the cache holds n_kv heads only
             q = q.to(k.dtype)
+        if self.n_kv != self.n_head:  # grouped-query attention: query heads i*g .. i*g+g-1 share key/value head i
+            k, v = k.repeat_interleave(self.n_head // self.n_kv, 1), v.repeat_interleave(self.n_head // self.n_kv, 1)
         # attn_mask: (B, 1, T, S) bool, True = may attend; None = plain causal (no padding, no cache).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hd)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.mlp_size, bias=cfg.bias)  # SwiGLU: gate, up
+        self.c_proj = nn.Linear(cfg.mlp_size, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        if self.swiglu:  # Shazeer 2020, "GLU variants improve Transformer"
+            gate, up = self.c_fc(x).chunk(2, -1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, write_at=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, write_at)
+    def forward(self, x, attn_mask=None, cache=None, layer=0, write_at=None, rope=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, write_at, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -131,13 +250,16 @@ class GPT(nn.Module):
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **({"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)} if cfg.pos == "learned" else {}),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            ln_f=make_norm(cfg, cfg.n_embd),
         ))
+        if cfg.pos == "rope":  # not a weight (persistent=False): recomputed from the config
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings, as in GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -158,7 +280,7 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B, as in nanoGPT's MFU estimate."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_size * seq_len
 
     def hidden_states(self, idx, attention_mask=None, cache: KVCache = None):
         """idx (B, T) -> final hidden states (B, T, n_embd), after ln_f.
@@ -196,9 +318,12 @@ class GPT(nn.Module):
         """The transformer on explicit inputs, with no checks and no host syncs (the fixed-shape decode step calls
         this directly): idx, pos (B, T) long; mask (B, 1, T, S) bool or None (plain causal); with a cache, the
         new k/v go to columns write_at (T,) long and S = cache.max_len. Returns hidden states (B, T, n_embd)."""
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if self.config.pos == "rope":
+            x, rope = self.transformer.drop(self.transformer.wte(idx)), rope_angles(self.inv_freq, pos)
+        else:
+            x, rope = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos)), None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i, write_at)
+            x = block(x, mask, cache, i, write_at, rope)
         return self.transformer.ln_f(x)
 
     def logits(self, h):

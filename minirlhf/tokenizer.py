@@ -4,10 +4,15 @@ PAD != EOS on purpose: when they are the same token, masking padding out of the 
 model never learns to stop (TRL #976). Every sequence is BOS + prompt + response + EOS; prompt and response are
 encoded separately and concatenated, so no BPE merge crosses the prompt/response boundary.
 
-Two conventions, chosen from the tokenizer.json itself (so a saved tokenizer always reloads the same way):
-  * ours: three distinct special tokens <|pad|>, <|bos|>, <|eos|> (added at the end if a user's file lacks them);
-  * GPT-2's (a pretrained GPT-2 tokenizer: <|endoftext|> and none of <|bos|> / <|eos|>): <|endoftext|> is BOS and
-    EOS, as the model was pretrained with it between documents, and a distinct <|pad|> is added after it.
+The conventions, chosen from the tokenizer.json itself (so a saved tokenizer always reloads the same way), the
+first that applies:
+  * ours: three distinct special tokens <|pad|>, <|bos|>, <|eos|> (a file with <|bos|> or <|eos|>);
+  * Llama 3's: <|begin_of_text|> is BOS, <|end_of_text|> is EOS, and <|finetune_right_pad_id|> is PAD where the
+    file has it (Llama 3.1 on), a <|pad|> otherwise;
+  * GPT-2's, also Qwen's and SmolLM2's (<|endoftext|>): <|endoftext|> is BOS and EOS, as the models were pretrained
+    with it between documents, and a distinct <|pad|> is added after it. Qwen adds no BOS of its own; minirlhf's
+    sequences start with one, and <|endoftext|> is the token Qwen's configs name as bos_token_id;
+  * otherwise ours, the three tokens added at the end of the user's file.
 """
 import hashlib
 
@@ -16,13 +21,25 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's only special token
+LLAMA3 = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>")  # BOS, EOS, PAD (3.1 on)
+
+
+def convention(hf: HFTokenizer) -> tuple:
+    """(pad, bos, eos) token strings for this tokenizer.json (see the module docstring)."""
+    has = {t: hf.token_to_id(t) is not None for t in (BOS, EOS, ENDOFTEXT, *LLAMA3)}
+    if has[BOS] or has[EOS]:
+        return PAD, BOS, EOS
+    if has[LLAMA3[0]] and has[LLAMA3[1]]:
+        return (LLAMA3[2] if has[LLAMA3[2]] else PAD), LLAMA3[0], LLAMA3[1]
+    if has[ENDOFTEXT]:
+        return PAD, ENDOFTEXT, ENDOFTEXT
+    return PAD, BOS, EOS
 
 
 class Tokenizer:
     def __init__(self, hf: HFTokenizer):
-        gpt2 = hf.token_to_id(ENDOFTEXT) is not None and hf.token_to_id(BOS) is None and hf.token_to_id(EOS) is None
         # pad_token, bos_token, eos_token: the strings (export_hf.py writes them into tokenizer_config.json)
-        self.pad_token, self.bos_token, self.eos_token = (PAD, ENDOFTEXT, ENDOFTEXT) if gpt2 else (PAD, BOS, EOS)
+        self.pad_token, self.bos_token, self.eos_token = convention(hf)
         # A user's tokenizer.json may lack our special tokens: add them (they get new ids at the end). Adding a
         # token that is already a special added token changes nothing, so a saved tokenizer reloads identically;
         # adding <|endoftext|> when it is only a plain vocabulary entry marks it special (decode drops it).
@@ -61,10 +78,12 @@ class Tokenizer:
 
     def unsampleable_ids(self, vocab_size: int) -> list:
         """Ids a policy with `vocab_size` outputs must never sample: PAD, BOS (unless BOS is also EOS, as in GPT-2's
-        single <|endoftext|>) and every id past this tokenizer's vocabulary (the model's is rounded up to a
-        multiple of 64). decode() drops them silently, so sampling one would make the text (and its gold reward)
-        disagree with the tokens. EOS is never banned. Pass the result as `banned=` to sampling and scoring."""
-        ids = {self.pad_id, self.bos_id} | set(range(self.vocab_size, vocab_size))
+        single <|endoftext|>), every other special token (Qwen's <|im_start|>, Llama 3's reserved ones) and every id
+        past this tokenizer's vocabulary (the model's is rounded up to a multiple of 64). decode() drops them
+        silently, so sampling one would make the text (and its gold reward) disagree with the tokens. EOS is never
+        banned. Pass the result as `banned=` to sampling and scoring."""
+        specials = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        ids = {self.pad_id, self.bos_id} | specials | set(range(self.vocab_size, vocab_size))
         ids.discard(self.eos_id)
         return sorted(i for i in ids if i < vocab_size)
 

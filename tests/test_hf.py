@@ -330,7 +330,7 @@ def test_block_size_cut_keeps_logits(tmp_path, source):
         hf.load_hf_dir(d, "--init-from", "policy", block_size=65)
 
 
-@pytest.mark.parametrize("field,value", [("model_type", "llama"), ("activation_function", "relu"),
+@pytest.mark.parametrize("field,value", [("model_type", "mistral"), ("activation_function", "relu"),
                                          ("layer_norm_epsilon", 1e-6), ("n_inner", 100),
                                          ("scale_attn_by_inverse_layer_idx", True), ("tie_word_embeddings", False),
                                          ("n_layer", 0), ("scale_attn_weights", False)])

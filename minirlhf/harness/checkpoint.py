@@ -78,8 +78,23 @@ def check_model_config(cfg: GPTConfig, where: str):
         if getattr(cfg, name) > MODEL_LIMITS[name]:
             raise CheckpointError(f"{where}: model field {name!r} = {getattr(cfg, name)} is absurd (at most "
                                   f"{MODEL_LIMITS[name]})")
-    if cfg.n_embd % cfg.n_head:
+    if cfg.n_embd % cfg.n_head and not cfg.head_dim:
         raise CheckpointError(f"{where}: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+    for name, choices in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")), ("mlp", ("gelu", "swiglu")),
+                          ("rope_scaling", ("none", "linear", "llama3"))):
+        if getattr(cfg, name) not in choices:
+            raise CheckpointError(f"{where}: model field {name!r} must be one of {', '.join(choices)}, got "
+                                  f"{getattr(cfg, name)!r}")
+    for name in ("n_kv_head", "head_dim", "mlp_hidden"):
+        if not 0 <= getattr(cfg, name) <= MODEL_LIMITS["n_embd"] * 4:
+            raise CheckpointError(f"{where}: model field {name!r} = {getattr(cfg, name)} must be in [0, "
+                                  f"{MODEL_LIMITS['n_embd'] * 4}] (0 = derived from the other sizes)")
+    if cfg.n_head % cfg.kv_heads:
+        raise CheckpointError(f"{where}: n_head {cfg.n_head} is not a multiple of n_kv_head {cfg.n_kv_head}")
+    if cfg.pos == "rope" and cfg.head_size % 2:
+        raise CheckpointError(f"{where}: RoPE needs an even head size, got {cfg.head_size}")
+    if not 0 < cfg.norm_eps < 1:
+        raise CheckpointError(f"{where}: norm_eps {cfg.norm_eps} must be in (0, 1)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise CheckpointError(f"{where}: dropout {cfg.dropout} must be in [0, 1)")
 

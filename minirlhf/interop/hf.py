@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 checkpoints in and out: safetensors read and written by hand, GPT-2 names and layouts.
+"""Hugging Face checkpoints in and out: safetensors read and written by hand, GPT-2's names and layouts here and
+the Llama/Qwen family's in llama.py, directories (config.json, weights, tokenizer) for both.
 
 safetensors (the format of `model.safetensors`): 8 bytes little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then one byte buffer holding
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minirlhf.interop import llama
 from minirlhf.model import GPTConfig
 from minirlhf.tokenizer import ENDOFTEXT, Tokenizer
 from minirlhf.utils import UserError
@@ -252,13 +254,17 @@ def gpt2_to_hf(state: dict, cfg: GPTConfig) -> dict:
 
 
 def grow_vocab(state: dict, n_tokens: int) -> int:
-    """Make room for n_tokens (the tokenizer's vocabulary, PAD included) in wte/lm_head: round up to a multiple of
-    64 as train_sft.py does (tensor-core friendly) and fill new rows with the mean embedding. Returns the size."""
+    """Make room for n_tokens (the tokenizer's vocabulary, PAD included) in wte and an untied lm_head: round up to
+    a multiple of 64 as train_sft.py does (tensor-core friendly) and fill new rows with the mean row. Returns the
+    size."""
     wte = state["transformer.wte.weight"]
     if n_tokens <= wte.size(0):
         return wte.size(0)
     V = 64 * math.ceil(n_tokens / 64)
-    state["transformer.wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).expand(V - wte.size(0), -1)])
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # (a tied lm_head is not in state yet)
+        if name in state:
+            w = state[name]
+            state[name] = torch.cat([w, w.mean(0, keepdim=True).expand(V - w.size(0), -1)])
     return V
 
 
@@ -325,12 +331,13 @@ def load_tokenizer(d: Path, where: str) -> Tokenizer:
 
 
 def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropout: float = 0.0) -> tuple:
-    """Read a Hugging Face GPT-2 directory like a run directory (checkpoint.load_run's return values):
-    (state_dict, GPTConfig, Tokenizer, config dict with kind / model / tokenizer_fingerprint).
+    """Read a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 directory like a run directory (checkpoint.load_run's
+    return values): (state_dict, GPTConfig, Tokenizer, config dict with kind / model / tokenizer_fingerprint).
 
-    kind "policy" takes a GPT2LMHeadModel / GPT2Model; kind "reward" a GPT2ForSequenceClassification with one
-    label (as export_hf.py writes a reward model), whose state is then a ScalarModel's. block_size (optional)
-    keeps only the first block_size positions of wpe (the logits of shorter sequences do not change)."""
+    kind "policy" takes a *LMHeadModel / *ForCausalLM / bare *Model; kind "reward" a *ForSequenceClassification
+    with one label (as export_hf.py writes a reward model), whose state is then a ScalarModel's. block_size
+    (optional) shortens the context (GPT-2: keeps the first block_size rows of wpe; the logits of shorter
+    sequences do not change)."""
     d = Path(path)
     where = f"{flag} {d}"
     try:
@@ -339,30 +346,45 @@ def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropo
         raise HFError(f"{where}: cannot read config.json (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise HFError(f"{where}: cannot read config.json ({str(e).splitlines()[0][:200]})") from None
-    check_gpt2_config(hf, where)
+    family = isinstance(hf, dict) and hf.get("model_type") in llama.FAMILY
+    if family:
+        try:
+            cfg = llama.config_from_hf(hf)
+        except ValueError as e:
+            raise HFError(f"{where}: {e}") from None
+    else:
+        check_gpt2_config(hf, where)
     offset = hf.get("minirlhf_score_offset", 0.0)
     if type(offset) not in (int, float) or not math.isfinite(offset):
         raise HFError(f"{where}: config.json minirlhf_score_offset = {offset!r} must be a finite number")
     tokenizer = load_tokenizer(d, where)
-    state, score = gpt2_from_hf(read_weights(d, where), hf, where)
+    if family:
+        try:
+            state, score = llama.tensors_from_hf(read_weights(d, where), cfg)
+        except ValueError as e:
+            raise HFError(f"{where}: {e}") from None
+    else:
+        state, score = gpt2_from_hf(read_weights(d, where), hf, where)
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
     is_reward = score is not None
     if kind is not None and kind != ("reward" if is_reward else "policy"):
         raise HFError(f"{where}: holds a {'reward model (score head)' if is_reward else 'language model'}, "
                       f"expected a {kind} checkpoint")
-    n_pos = hf["n_positions"]
     if block_size is not None:
-        if block_size > n_pos:
-            raise HFError(f"{where}: the checkpoint has {n_pos} positions (n_positions); --block-size {block_size} "
-                          f"is more")
-        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
-        n_pos = block_size
-    vocab = grow_vocab(state, tokenizer.vocab_size)
-    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied, as in GPT-2
-    cfg = GPTConfig(vocab_size=vocab, block_size=n_pos, n_layer=hf["n_layer"], n_head=hf["n_head"],
-                    n_embd=hf["n_embd"], dropout=dropout, bias=True)
+        if block_size > cfg.block_size:
+            field = "max_position_embeddings" if family else "n_positions"
+            raise HFError(f"{where}: the checkpoint has {cfg.block_size} positions ({field}); --block-size "
+                          f"{block_size} is more")
+        if not family:
+            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
+        cfg.block_size = block_size
+    cfg.vocab_size, cfg.dropout = grow_vocab(state, tokenizer.vocab_size), dropout
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     if is_reward:
-        # export_hf.py folded the head's bias and the normalisation into score.weight and ln_f.bias; an offset it
-        # could not fold is recorded in config.json and restored here
+        # export_hf.py folded the head's bias and the normalisation into score.weight (and GPT-2's ln_f.bias); an
+        # offset it could not fold is recorded in config.json and restored here
         state = {"gpt." + k: v for k, v in state.items()}
         state.update({"head.weight": score, "head.bias": torch.zeros(1), "gain": torch.tensor(1.0),
                       "bias": torch.tensor(float(offset))})
@@ -401,8 +423,30 @@ def resolve_source(source: str, flag: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ export
+def export_layout(cfg: GPTConfig) -> str:
+    """The model_type a model exports as: gpt2 (learned positions, LayerNorm, GELU) or llama.family's. A mix that
+    neither implements is refused naming the field."""
+    if (cfg.pos, cfg.norm, cfg.mlp) != ("learned", "layernorm", "gelu"):
+        try:
+            return llama.family(cfg)
+        except ValueError as e:
+            raise HFError(f"cannot export: {e}") from None
+    for field, ok in (("mlp_hidden", cfg.mlp_size == 4 * cfg.n_embd), ("n_kv_head", cfg.kv_heads == cfg.n_head),
+                      ("head_dim", cfg.head_size * cfg.n_head == cfg.n_embd), ("qk_norm", not cfg.qk_norm),
+                      ("tie_embeddings", cfg.tie_embeddings), ("norm_eps", cfg.norm_eps == 1e-5)):
+        if not ok:
+            raise HFError(f"cannot export: model field {field} = {getattr(cfg, field)!r} is not GPT-2's")
+    return "gpt2"
+
+
 def hf_config(cfg: GPTConfig, tok: Tokenizer, reward: bool) -> dict:
-    """config.json of the exported model (transformers' GPT2Config fields)."""
+    """config.json of the exported model (transformers' GPT2Config fields, or llama.config_to_hf's)."""
+    if export_layout(cfg) != "gpt2":
+        c = llama.config_to_hf(cfg, reward)
+        c.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        if reward:
+            c.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        return c
     c = {"architectures": ["GPT2ForSequenceClassification" if reward else "GPT2LMHeadModel"], "model_type": "gpt2",
          "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
          "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
@@ -420,16 +464,19 @@ def fold_score(state: dict, cfg: GPTConfig) -> tuple:
     has score = w' . h and no bias. Take w' = gain * w and fold the constant c = gain * b + bias into ln_f's bias:
     beta' = beta + c * w' / |w'|^2 gives w' . h' = w' . h + c exactly (up to rounding). This works because in that
     model ln_f feeds nothing but the score head (no LM head); the price is that the exported trunk's last hidden
-    states are shifted by c * w' / |w'|^2. With w' = 0 nothing can be folded: returns the offset to record.
+    states are shifted by c * w' / |w'|^2. With w' = 0 nothing can be folded: returns the offset to record. The
+    Llama/Qwen family's final RMSNorm has no bias, so there the offset is always recorded.
     Returns (HF tensors, unfolded offset)."""
     trunk = {k[len("gpt."):]: v for k, v in state.items() if k.startswith("gpt.")}
-    out = gpt2_to_hf(trunk, cfg)
+    gpt2 = export_layout(cfg) == "gpt2"
+    out = gpt2_to_hf(trunk, cfg) if gpt2 else llama.tensors_to_hf(trunk, cfg)
+    out.pop("lm_head.weight", None)  # a sequence classifier has no LM head
     gain, bias = state["gain"].double(), state["bias"].double()
     w = state["head.weight"].double() * gain  # (1, n_embd)
     c = state["head.bias"].double()[0] * gain + bias
     out["score.weight"] = w.float()
     norm2 = (w * w).sum()
-    if norm2 == 0:
+    if norm2 == 0 or not gpt2:
         return out, float(c)
     out["transformer.ln_f.bias"] = (out["transformer.ln_f.bias"].double() + c * w[0] / norm2).float()
     return out, 0.0
@@ -441,9 +488,9 @@ def _write_json(path, obj):
 
 
 def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir) -> dict:
-    """Write a loaded run (checkpoint.load_run: a policy or reward run, or an HF directory) as a transformers GPT-2
-    directory. The directory is assembled next to out_dir and renamed into place, so out_dir is either complete or
-    absent. Returns info."""
+    """Write a loaded run (checkpoint.load_run: a policy or reward run, or an HF directory) as a transformers GPT-2,
+    Llama, Qwen2 or Qwen3 directory (export_layout). The directory is assembled next to out_dir and renamed into
+    place, so out_dir is either complete or absent. Returns info."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HFError(f"OUT_DIR {out_dir}: exists and is not empty (remove it or choose another)")
@@ -451,7 +498,8 @@ def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir
     if reward:
         tensors, offset = fold_score(state, cfg)
     else:
-        tensors, offset = gpt2_to_hf(state, cfg), 0.0
+        layout = export_layout(cfg)
+        tensors, offset = (gpt2_to_hf(state, cfg) if layout == "gpt2" else llama.tensors_to_hf(state, cfg)), 0.0
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
@@ -486,4 +534,4 @@ def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return {"kind": config.get("kind"), "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
-            "score_offset": offset}
+            "score_offset": offset, "architecture": c["architectures"][0]}
