@@ -71,8 +71,9 @@ ARCHS = {
 
 
 def arch_config(arch: str, **sizes) -> GPTConfig:
-    """GPTConfig of a fresh `arch` model (ARCHS) with the given sizes (vocab_size, n_layer, ...)."""
-    cfg = GPTConfig(**sizes, **ARCHS[arch])
+    """GPTConfig of a fresh `arch` model (ARCHS) with the given sizes (vocab_size, n_layer, ...; any other field
+    given overrides the family's)."""
+    cfg = GPTConfig(**{**ARCHS[arch], **sizes})
     if arch != "gpt2":
         kv = cfg.n_head // 2 if cfg.n_head % 2 == 0 else cfg.n_head
         cfg.n_kv_head, cfg.mlp_hidden = cfg.n_kv_head or kv, cfg.mlp_hidden or 64 * math.ceil(8 * cfg.n_embd / 192)
