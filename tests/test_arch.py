@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minirlhf.data import left_pad
+from minirlhf.data import left_pad, right_pad
 from minirlhf.generation import generate
 from minirlhf.harness.checkpoint import load_policy, load_run, load_scalar, save_run
 from minirlhf.interop.hf import HFError, export_hf, load_hf_dir, write_safetensors
@@ -419,10 +419,11 @@ def test_sft_rm_ppo_grpo_dpo_evaluate_chain_from_an_imported_llama_directory(tmp
     for d in (ppo, grpo, dpo):
         out, tok2, _ = load_policy(d)
         assert tok2.fingerprint() == tok.fingerprint() and out.config == policy.config
-    run_script("evaluate.py", "--policies", sft, ppo, grpo, dpo, "--ref", sft, "--reward", rm, "--out-dir",
+    # the Llama directory itself is accepted where a policy run is
+    run_script("evaluate.py", "--policies", sft, ppo, grpo, dpo, g, "--ref", sft, "--reward", rm, "--out-dir",
                tmp_path / "ev", "--n-prompts", 4, *common)
     report = json.loads((tmp_path / "ev/report.json").read_text())
-    assert set(report["policies"]) == {"sft", "ppo", "grpo", "dpo"}
+    assert set(report["policies"]) == {"sft", "ppo", "grpo", "dpo", "llama"}
     eos_rate = json.loads((sft / "metrics.json").read_text())["eos_rate"]
     assert eos_rate > 0  # the rigged model's samples end, so every stage saw finished responses
     run_script("export_hf.py", ppo, tmp_path / "hf_ppo")
@@ -482,3 +483,20 @@ def test_against_transformers(tmp_path, kind):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, policy(idx), atol=1e-4, rtol=0)
+    # a reward model: transformers' score at the last non-PAD token of right-padded rows + the recorded offset ==
+    # minirlhf's reward at EOS
+    rm = ScalarModel(policy.config).eval()
+    rm.gpt.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        rm.head.bias.fill_(0.4)
+        rm.gain.fill_(1.5)
+    save_run(tmp_path / "rm", rm, tok, None, kind="reward")
+    run_script("export_hf.py", tmp_path / "rm", tmp_path / "hf_rm")
+    hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_rm").eval()
+    offset = json.loads((tmp_path / "hf_rm/config.json").read_text())["minirlhf_score_offset"]
+    rows = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in ("the food was very good .", "the service")]
+    r_ids, r_mask = right_pad(rows, tok.pad_id)
+    with torch.no_grad():
+        ours_r = rm(r_ids, r_mask).gather(1, (r_mask.sum(1) - 1)[:, None])[:, 0]
+        theirs_r = hf_rm(input_ids=r_ids, attention_mask=r_mask).logits[:, 0] + offset
+    torch.testing.assert_close(theirs_r, ours_r, atol=1e-4, rtol=0)
