@@ -193,12 +193,10 @@ def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
     """HF GPT-2 tensors -> (trunk state dict in our names and nn.Linear layout, score weight or None).
 
     tensors may carry the `transformer.` prefix or not; lm_head.weight, when present, must equal wte."""
-    by_name = {}
-    for name, t in tensors.items():
-        short = name[len("transformer."):] if name.startswith("transformer.") else name
-        if short in by_name:
-            raise HFError(f"{where}: tensor {short!r} is stored twice (with and without the transformer. prefix)")
-        by_name[short] = t
+    try:
+        by_name = llama.unprefixed(tensors, "transformer.")
+    except ValueError as e:
+        raise HFError(f"{where}: {e}") from None
     n_layer, C, V = hf["n_layer"], hf["n_embd"], hf["vocab_size"]
     expected = {"wte.weight": (V, C), "wpe.weight": (hf["n_positions"], C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),

@@ -133,16 +133,22 @@ def _layer_shapes(cfg: GPTConfig) -> dict:
     return shapes
 
 
+def unprefixed(tensors: dict, prefix: str) -> dict:
+    """{name without `prefix`: tensor}: HF files store a model with the prefix or without it (a bare *Model)."""
+    by_name = {}
+    for name, t in tensors.items():
+        short = name.removeprefix(prefix)
+        if short in by_name:
+            raise ValueError(f"tensor {short!r} is stored twice (with and without the {prefix} prefix)")
+        by_name[short] = t
+    return by_name
+
+
 def tensors_from_hf(tensors: dict, cfg: GPTConfig) -> tuple:
     """HF tensors (with or without the `model.` prefix) -> (our GPT's state dict, score weight (1, C) or None).
     With tied embeddings a stored lm_head.weight must equal embed_tokens and the state has none; untied, it must
     be there."""
-    by_name = {}
-    for name, t in tensors.items():
-        short = name[len("model."):] if name.startswith("model.") else name
-        if short in by_name:
-            raise ValueError(f"tensor {short!r} is stored twice (with and without the model. prefix)")
-        by_name[short] = t
+    by_name = unprefixed(tensors, "model.")
     expected = {"embed_tokens.weight": (cfg.vocab_size, cfg.n_embd), "norm.weight": (cfg.n_embd,)}
     expected.update({f"layers.{i}.{p}": s for i in range(cfg.n_layer) for p, s in _layer_shapes(cfg).items()})
     if not cfg.tie_embeddings:
