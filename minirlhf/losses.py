@@ -114,11 +114,13 @@ def gae_advantages(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95)
     return advantages, (advantages + values) * mask
 
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 0.2, clip_high: float = None):
     """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
-        l_t = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),   ratio = exp(log pi - log pi_old).
-    The max picks the clipped term only when it is the pessimistic one (the 'binding side': ratio > 1 + eps with
-    A > 0, ratio < 1 - eps with A < 0); there the loss is constant in theta and the gradient is 0.
+        l_t = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)),   ratio = exp(log pi - log pi_old).
+    The max picks the clipped term only when it is the pessimistic one (the 'binding side': ratio > 1 + eps_high
+    with A > 0, ratio < 1 - eps with A < 0); there the loss is constant in theta and the gradient is 0.
+    eps_high (clip_high; default eps) above eps is DAPO's "clip-higher" (Yu et al. 2025, 2503.14476: 0.2 / 0.28):
+    a rare token with A > 0 may then grow further per update, against the entropy collapse of a symmetric clip.
     advantages (B, R), or (B,) for one per sample. Returns (l (B, R), stats) with stats = ratio (B, R), clipfrac
     and approx_kl (scalars, detached)."""
     if advantages.dim() == 1:
@@ -126,7 +128,7 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 0.
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     with torch.no_grad():
         stats = {"ratio": ratio.detach(), "clipfrac": masked_mean((clipped > unclipped).float(), mask),
                  "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask)}
@@ -327,7 +329,7 @@ def zero_advantage_share(scores, groups, tol: float = 1e-6):
     return (((hi - lo) <= tol) & present).sum() / present.sum().clamp(min=1)
 
 
-def kl_estimator(logprobs, ref_logprobs, kind: str = "k3"):
+def kl_estimator(logprobs, ref_logprobs, kind: str = "k3", old_logprobs=None):
     """Per-token estimate of KL(pi || pi_ref) from a sample y ~ pi, as a loss term (B, R) (Schulman 2020), with
     log_r = log pi_ref(y) - log pi(y):
 
@@ -340,7 +342,16 @@ def kl_estimator(logprobs, ref_logprobs, kind: str = "k3"):
                                          covering) penalty
 
     The gradient meant is the one autograd takes through log pi with the sample held fixed (no score-function
-    term), i.e. how a loss term behaves; tests/test_grpo.py checks all three by exact enumeration."""
+    term), i.e. how a loss term behaves; tests/test_grpo.py checks every estimator by exact enumeration.
+    Two more, for the KL as a loss term:
+
+        k3+      = k2 - sg(k2) + sg(k3)   the value of k3 (unbiased, what gets logged) with the gradient of k2 (the
+                                         reverse KL's), by a straight-through construction (verl's "k3+")
+        unbiased = (pi / pi_old) * k3     DeepSeek-V3.2's correction when the samples come from pi_old != pi (later
+                                         epochs): E_{pi_old}[(pi / pi_old) k3] = KL(pi || pi_ref) again, and the
+                                         ratio's own gradient adds the score-function term, so its expected
+                                         gradient is the true gradient of KL(pi || pi_ref). Needs old_logprobs.
+    """
     log_r = ref_logprobs - logprobs
     if kind == "k1":
         return -log_r
@@ -348,7 +359,12 @@ def kl_estimator(logprobs, ref_logprobs, kind: str = "k3"):
         return 0.5 * log_r ** 2
     if kind == "k3":
         return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+    if kind == "k3+":
+        k2, k3 = 0.5 * log_r ** 2, torch.expm1(log_r) - log_r
+        return k2 - k2.detach() + k3.detach()
+    if kind == "unbiased":
+        return torch.exp(logprobs - old_logprobs) * (torch.expm1(log_r) - log_r)
+    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3, k3+, unbiased)")
 
 
 def aggregate_loss(per_token, mask, agg: str = "token", constant: float = None):
@@ -371,20 +387,105 @@ def aggregate_loss(per_token, mask, agg: str = "token", constant: float = None):
     raise ValueError(f"unknown loss aggregation {agg!r} (token, sequence, constant)")
 
 
+def gspo_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 3e-4, clip_high: float = 4e-4):
+    """GSPO (Zheng et al. 2025, 2507.18071): one ratio per response, the geometric mean of its tokens' ratios,
+
+        s_i = exp(mean_t (log pi_t - log pi_old_t)),   l_i = max(-A_i * s_i, -A_i * clip(s_i, 1 - eps, 1 + eps_high)),
+
+    so a response is clipped (or not) as a whole, and a long response's noise does not pile up in one token's
+    ratio. Length-normalised, s_i stays near 1: the paper clips at 3e-4 / 4e-4. advantages (B,). Returns (l (B,),
+    stats): ratio = the token ratios (B, R) (for the logs), clipfrac = share of responses clipped, approx_kl."""
+    log_s = masked_mean(logprobs - old_logprobs, mask, dim=1)  # (B,)
+    s = torch.exp(log_s)
+    unclipped, clipped = -advantages * s, -advantages * torch.clamp(s, 1.0 - clip, 1.0 + clip_high)
+    with torch.no_grad():
+        stats = {"ratio": torch.exp((logprobs - old_logprobs) * mask).detach(),
+                 "clipfrac": (clipped > unclipped).float().mean(),
+                 "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask)}
+    return torch.max(unclipped, clipped), stats
+
+
+def cispo_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 1.0, clip_high: float = 0.28):
+    """CISPO (MiniMax 2025, 2506.13585): the importance weight is clipped and detached, not the update dropped,
+
+        l_t = -sg(clip(ratio_t, 1 - eps, 1 + eps_high)) * A * log pi_t,
+
+    so its gradient is -w_t A grad log pi_t for every token: one past the bound still learns, with its weight held
+    at the bound (PPO's clip gives it no gradient at all). The paper sets no effective lower bound (eps = 1 here:
+    w >= 0) and tunes eps_high. advantages (B,) or (B, R). Returns (l (B, R), stats as clipped_surrogate's;
+    clipfrac = share of tokens whose weight was clipped)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp((logprobs - old_logprobs) * mask)
+    w = torch.clamp(ratio, 1.0 - clip, 1.0 + clip_high).detach()
+    with torch.no_grad():
+        stats = {"ratio": ratio.detach(), "clipfrac": masked_mean((w != ratio).float(), mask),
+                 "approx_kl": approx_kl(logprobs.detach(), old_logprobs, mask)}
+    return -w * advantages * logprobs, stats
+
+
+def truncated_is_weights(old_logprobs, sampler_logprobs, mask, cap: float = 2.0):
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"): w_t = min(pi_old(y_t) / pi_sampler(y_t), C), detached, a weight on each token's policy loss.
+    The sampler (generate's KV-cache decode, bf16, maybe compiled) and the trainer's full forward compute different
+    log-probs for the same tokens, so the rollout is slightly off-policy for the trainer; the weight corrects for
+    it, truncated at C against the variance of rare large ratios. Returns (w (B, R) with 1 on padding, stats:
+    is_weight_mean, is_weight_max over valid tokens, is_truncated = share of valid tokens capped)."""
+    ratio = torch.exp((old_logprobs - sampler_logprobs) * mask).detach()
+    w = ratio.clamp(max=cap)
+    stats = {"is_weight_mean": masked_mean(w, mask), "is_weight_max": (w * mask).max(),
+             "is_truncated": masked_mean((ratio > cap).float(), mask)}
+    return w, stats
+
+
+def reinforce_pp_advantages(score, logprobs, ref_logprobs, mask, kl_coef: float, groups=None, all_reduce=None):
+    """REINFORCE++ (Hu 2025, 2501.03262): per-token rewards r_t = -beta * k1_t plus the sequence score on the last
+    token, their return-to-go G_t = sum_{s >= t} r_s as the advantage (gamma 1, no critic), z-scored over every
+    valid token of the global batch (all_reduce under torchrun) -- not per group: the paper's point is that a
+    batch-wide normalisation is less biased than GRPO's per-prompt std. groups given (ids or sizes): the
+    "baseline" variant, each score minus its group's mean first. score (B,); the rest (B, R). Returns A (B, R)."""
+    if groups is not None:
+        score = score - group_stats(score, groups)[0]
+    k1 = (logprobs - ref_logprobs) * mask
+    returns = score[:, None] - kl_coef * k1.flip(1).cumsum(1).flip(1)  # (B, R) score - beta * sum_{s >= t} k1_s
+    return masked_whiten(returns * mask, mask, all_reduce=all_reduce)
+
+
+def overlong_penalty(lengths, max_len: int, buffer: int):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), (B,) to add to the score: 0 up to max_len - buffer
+    tokens, then ((max_len - buffer) - |y|) / buffer, falling linearly to -1 at max_len (and -1 beyond)."""
+    return ((max_len - buffer - lengths.float()) / buffer).clamp(min=-1.0, max=0.0)
+
+
 def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2, agg: str = "sequence",
-                     ref_logprobs=None, kl_coef: float = 0.0, kl_kind: str = "k3", constant: float = None):
+                     ref_logprobs=None, kl_coef: float = 0.0, kl_kind: str = "k3", constant: float = None,
+                     clip_high: float = None, pg_loss: str = "clip", is_weight=None):
     """The clipped surrogate of PPO with a per-sample advantage, plus (optionally) a KL loss term, aggregated by agg:
 
-        l_t = max(-A_i * ratio_t, -A_i * clip(ratio_t, 1 - eps, 1 + eps)) + kl_coef * k(log pi_t, log pi_ref_t)
+        l_t = max(-A_i * ratio_t, -A_i * clip(ratio_t, 1 - eps, 1 + eps_high)) + kl_coef * k(log pi_t, log pi_ref_t)
 
     (GRPO, Shao et al. 2024, eq. 3, with the KL inside the per-token sum). advantages (B,) or (B, R); logprobs,
     old_logprobs, ref_logprobs, mask (B, R). With one epoch of one minibatch the ratio is 1 and its gradient is
-    the REINFORCE-with-baseline gradient A_i * grad log pi. Returns (loss, stats): ratio (B, R) and the scalars
-    clipfrac, approx_kl (KL(pi_old || pi), k3 on the old samples) and kl_loss (the aggregated KL term), detached."""
-    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip)
+    the REINFORCE-with-baseline gradient A_i * grad log pi. pg_loss picks the policy term: clip (above), gspo
+    (gspo_surrogate's per-response loss on every token of the response; aggregate it by sequence) or cispo
+    (cispo_surrogate). is_weight (B, R): truncated_is_weights, multiplying the policy term. clip_high: the upper
+    bound's eps (default clip). Returns (loss, stats): ratio (B, R) and the scalars clipfrac, approx_kl
+    (KL(pi_old || pi), k3 on the old samples) and kl_loss (the aggregated KL term), detached."""
+    clip_high = clip if clip_high is None else clip_high
+    if pg_loss == "clip":
+        per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip, clip_high)
+    elif pg_loss == "gspo":
+        per_seq, stats = gspo_surrogate(logprobs, old_logprobs, advantages, mask, clip, clip_high)
+        per_token = per_seq[:, None].expand_as(logprobs)
+    elif pg_loss == "cispo":
+        per_token, stats = cispo_surrogate(logprobs, old_logprobs, advantages, mask, clip, clip_high)
+    else:
+        raise ValueError(f"unknown policy loss {pg_loss!r} (clip, gspo, cispo)")
+    if is_weight is not None:
+        per_token = per_token * is_weight
     kl_loss = torch.zeros((), device=logprobs.device)
     if ref_logprobs is not None and kl_coef:
-        kl_tok = kl_estimator(logprobs, ref_logprobs, kl_kind) * mask
+        kl_tok = kl_estimator(logprobs, ref_logprobs, kl_kind, old_logprobs) * mask
         kl_loss = aggregate_loss(kl_tok, mask, agg, constant)
         per_token = per_token + kl_coef * kl_tok
     return aggregate_loss(per_token, mask, agg, constant), {**stats, "kl_loss": kl_loss.detach()}

@@ -1,0 +1,172 @@
+"""Today's RL menu as pure functions, each against a naive reference written here: DAPO's clip-higher and overlong
+penalty, GSPO's sequence ratio, CISPO's clipped stop-gradient weight, truncated importance sampling, REINFORCE++
+advantages (and its baseline variant on ragged groups), the k3+ and unbiased KL terms (values and expected
+gradients by exact enumeration), and SimPO / KTO on hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+from minirlhf.losses import (clipped_surrogate, cispo_surrogate, grpo_policy_loss, gspo_surrogate, kl_estimator,
+                             overlong_penalty, reinforce_pp_advantages, truncated_is_weights)
+
+D = torch.float64
+SIZES = [3, 1, 4, 2]  # ragged groups; the third one's scores are all equal
+
+
+def batch(seed=0, B=4, R=5):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, R, generator=g, dtype=D) * 2).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(B, R, generator=g, dtype=D)  # ratios well inside and well outside the clip
+    mask = torch.ones(B, R, dtype=D)
+    for i, n in enumerate([5, 3, 1, 4][:B]):
+        mask[i, n:] = 0  # ragged responses
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5][:B], dtype=D)
+    return logp, old, mask, adv
+
+
+def test_clip_higher_against_a_loop():
+    logp, old, mask, adv = batch()
+    got, stats = clipped_surrogate(logp, old, adv, mask, clip=0.2, clip_high=0.28)
+    for i in range(4):
+        for t in range(5):
+            if not mask[i, t]:
+                continue
+            r = math.exp(logp[i, t].item() - old[i, t].item())
+            want = max(-adv[i].item() * r, -adv[i].item() * min(max(r, 0.8), 1.28))
+            assert got[i, t].item() == pytest.approx(want, rel=1e-12)
+    # the upper bound moved, the lower did not: a ratio of 1.25 with A > 0 is clipped at 0.2, not at 0.28
+    one = torch.tensor([[math.log(1.25)]], requires_grad=True)
+    for high, grad in ((None, 0.0), (0.28, -1.25)):
+        (g,) = torch.autograd.grad(clipped_surrogate(one, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), 0.2,
+                                                     high)[0].sum(), one)
+        assert g.item() == pytest.approx(grad)
+
+
+def test_gspo_ratio_is_per_sequence_against_a_loop():
+    logp, old, mask, adv = batch(1)
+    got, stats = gspo_surrogate(logp, old, adv, mask, clip=0.05, clip_high=0.08)
+    clipped = 0
+    for i in range(4):
+        n = int(mask[i].sum())
+        s = math.exp(sum(logp[i, t].item() - old[i, t].item() for t in range(n)) / n)
+        want = max(-adv[i].item() * s, -adv[i].item() * min(max(s, 0.95), 1.08))
+        clipped += -adv[i].item() * min(max(s, 0.95), 1.08) > -adv[i].item() * s
+        assert got[i].item() == pytest.approx(want, rel=1e-12)
+    assert 0 < clipped < 4 and stats["clipfrac"].item() == clipped / 4  # both kinds of responses occur
+    # through grpo_policy_loss: the sequence aggregation of the per-response loss is its mean over responses
+    loss, _ = grpo_policy_loss(logp, old, adv, mask, 0.05, "sequence", clip_high=0.08, pg_loss="gspo")
+    assert loss.item() == pytest.approx(got.mean().item(), rel=1e-12)
+
+
+def test_cispo_keeps_a_gradient_where_ppo_clips():
+    logp, old, mask, adv = batch(2)
+    got, stats = cispo_surrogate(logp, old, adv, mask, clip=1.0, clip_high=0.1)
+    (g,) = torch.autograd.grad((got * mask).sum(), logp)
+    ppo, _ = clipped_surrogate(logp, old, adv, mask, 0.1, 0.1)
+    (g_ppo,) = torch.autograd.grad((ppo * mask).sum(), logp)
+    n_clipped = 0
+    for i in range(4):
+        for t in range(int(mask[i].sum())):
+            r = math.exp(logp[i, t].item() - old[i, t].item())
+            w = min(r, 1.1)
+            assert got[i, t].item() == pytest.approx(-w * adv[i].item() * logp[i, t].item(), rel=1e-12)
+            assert g[i, t].item() == pytest.approx(-w * adv[i].item(), rel=1e-12)  # d/dlogp of -sg(w) A logp
+            if r > 1.1 and adv[i] > 0:  # PPO's binding side: no gradient there, CISPO's is the capped weight
+                n_clipped += 1
+                assert g_ppo[i, t].item() == 0.0 and g[i, t].item() == pytest.approx(-1.1 * adv[i].item())
+    assert n_clipped > 0
+
+
+def test_truncated_importance_weights_against_a_loop():
+    _, old, mask, _ = batch(3)
+    sampler = old + 0.9 * torch.randn(old.shape, generator=torch.Generator().manual_seed(0), dtype=D)
+    w, stats = truncated_is_weights(old, sampler, mask, cap=2.0)
+    ws, n_cut = [], 0
+    for i in range(4):
+        for t in range(5):
+            r = math.exp(old[i, t].item() - sampler[i, t].item()) if mask[i, t] else 1.0
+            assert w[i, t].item() == pytest.approx(min(r, 2.0), rel=1e-12)
+            if mask[i, t]:
+                ws.append(min(r, 2.0))
+                n_cut += r > 2.0
+    assert 0 < n_cut < len(ws)
+    assert stats["is_weight_mean"].item() == pytest.approx(sum(ws) / len(ws))
+    assert stats["is_weight_max"].item() == pytest.approx(max(ws))
+    assert stats["is_truncated"].item() == pytest.approx(n_cut / len(ws))
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_reinforce_pp_advantages_against_a_loop(baseline):
+    B, R, beta = sum(SIZES), 4, 0.1
+    g = torch.Generator().manual_seed(4)
+    logp, ref = -torch.rand(B, R, generator=g, dtype=D), -torch.rand(B, R, generator=g, dtype=D)
+    lens = [4, 2, 3, 1, 4, 4, 2, 3, 1, 2]
+    mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lens], dtype=D)
+    score = torch.tensor([0.5, -1.0, 2.0, 0.3, 1.0, 1.0, 1.0, 1.0, -0.2, 0.7], dtype=D)
+    got = reinforce_pp_advantages(score, logp, ref, mask, beta, SIZES if baseline else None)
+    if baseline:  # each score minus its group's mean (the group of one: 0)
+        start, shifted = 0, []
+        for n in SIZES:
+            grp = score[start:start + n].tolist()
+            shifted += [x - sum(grp) / n for x in grp]
+            start += n
+    else:
+        shifted = score.tolist()
+    returns = {}
+    for i in range(B):
+        for t in range(lens[i]):  # reward -beta k1 per token, the score on the last; return-to-go, gamma 1
+            returns[i, t] = shifted[i] - beta * sum(logp[i, s].item() - ref[i, s].item() for s in range(t, lens[i]))
+    vals = list(returns.values())
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    for (i, t), v in returns.items():
+        assert got[i, t].item() == pytest.approx((v - mean) / std, rel=1e-6)
+    assert (got * (1 - mask)).abs().max() == 0
+
+
+def test_overlong_penalty_by_hand():
+    lengths = torch.tensor([10, 40, 41, 44, 48, 60])
+    got = overlong_penalty(lengths, max_len=48, buffer=8).tolist()
+    assert got == pytest.approx([0.0, 0.0, -1 / 8, -0.5, -1.0, -1.0])
+
+
+# ------------------------------------------------------------------------------------------------ the new KL terms
+def one_token_policy(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(5, generator=g, dtype=D, requires_grad=True)  # logits of pi
+    ref_logp = torch.randn(5, generator=g, dtype=D).log_softmax(0)
+    old_logp = torch.randn(5, generator=g, dtype=D).log_softmax(0)  # pi_old: where the samples came from
+    return theta, ref_logp, old_logp
+
+
+def grad(f, theta):
+    return torch.autograd.grad(f(theta), theta)[0]
+
+
+def test_k3_plus_has_k3s_value_and_the_reverse_kl_gradient():
+    theta, ref_logp, _ = one_token_policy()
+    logp = theta.detach().log_softmax(0)
+    torch.testing.assert_close(kl_estimator(logp, ref_logp, "k3+"), kl_estimator(logp, ref_logp, "k3"))
+    p = logp.exp()
+    expected = sum(p[y] * grad(lambda t: kl_estimator(t.log_softmax(0)[y], ref_logp[y], "k3+"), theta)
+                   for y in range(5))
+    reverse = grad(lambda t: (t.softmax(0) * (t.log_softmax(0) - ref_logp)).sum(), theta)
+    torch.testing.assert_close(expected, reverse, atol=1e-12, rtol=1e-10)
+
+
+def test_unbiased_kl_is_unbiased_off_policy_in_value_and_gradient():
+    """Samples from pi_old != pi: E_old[k3] is not KL(pi || pi_ref), E_old[(pi / pi_old) k3] is; and the expected
+    gradient of the corrected term (autograd through log pi with the sample fixed) is grad KL(pi || pi_ref)."""
+    theta, ref_logp, old_logp = one_token_policy()
+    logp = theta.detach().log_softmax(0)
+    kl = (logp.exp() * (logp - ref_logp)).sum()
+    q = old_logp.exp()
+    plain = (q * kl_estimator(logp, ref_logp, "k3")).sum()
+    fixed = (q * kl_estimator(logp, ref_logp, "unbiased", old_logp)).sum()
+    assert plain.item() != pytest.approx(kl.item(), rel=1e-2)
+    assert fixed.item() == pytest.approx(kl.item(), rel=1e-10)
+    expected = sum(q[y] * grad(lambda t: kl_estimator(t.log_softmax(0)[y], ref_logp[y], "unbiased", old_logp[y]),
+                               theta) for y in range(5))
+    reverse = grad(lambda t: (t.softmax(0) * (t.log_softmax(0) - ref_logp)).sum(), theta)
+    torch.testing.assert_close(expected, reverse, atol=1e-12, rtol=1e-10)
