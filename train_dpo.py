@@ -37,7 +37,7 @@ from minirlhf.utils import adamw, check, cosine_lr
 
 @dataclass
 class Args:
-    """Direct Preference Optimization (DPO, IPO, hinge) on preference pairs."""
+    """Direct Preference Optimization (DPO, IPO, hinge, SimPO, KTO) on preference pairs."""
     out_dir: str = arg("out/dpo", "run directory to write")
     prefs: str = arg("out/rm/prefs.jsonl", "JSONL of {prompt, chosen, rejected} records, as train_rm.py writes them")
     policy: str = arg("out/sft", "run directory of the starting policy, which is also the frozen reference")
@@ -51,10 +51,15 @@ class Args:
     seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
     # loss
-    loss: str = arg("sigmoid", "sigmoid (DPO), ipo or hinge", choices=("sigmoid", "ipo", "hinge"))
+    loss: str = arg("sigmoid", "sigmoid (DPO), ipo, hinge, simpo (no reference; the paper's beta is 2-2.5) or kto "
+                    "(each pair split into a desirable and an undesirable example)",
+                    choices=("sigmoid", "ipo", "hinge", "simpo", "kto"))
     beta: float = arg(0.1, "beta: strength of the implicit KL penalty (rewards are beta * log-ratios)", "> 0")
     label_smoothing: float = arg(0.0, "sigmoid loss: assumed label-flip rate eps (conservative DPO)", "in [0, 0.5)")
     ipo_length_average: bool = arg(True, "ipo: average log-ratios over response tokens (as TRL) instead of summing")
+    simpo_gamma: float = arg(1.0, "simpo: target margin gamma of the length-normalised rewards", ">= 0")
+    kto_desirable_weight: float = arg(1.0, "kto: lambda_D, the weight of the desirable (chosen) examples", "> 0")
+    kto_undesirable_weight: float = arg(1.0, "kto: lambda_U, the weight of the undesirable (rejected) examples", "> 0")
     nll_coef: float = arg(0.2, "add this times the chosen responses' NLL pooled per token (RPO; not Pang et al.'s "
                                "per-pair mean); 0 = plain DPO", ">= 0")
     # data
@@ -122,14 +127,13 @@ def main(argv=None):
                                    model.config.vocab_size, targets=True)
     (train_recs, train_pairs), (test_recs, test_pairs) = splits.values()
     print(f"{len(train_pairs)} train / {len(test_pairs)} test pairs (of {n_all[0]} / {n_all[1]}) from {args.prefs}, "
-          f"policy {args.policy} ({model.num_params() / 1e6:.2f}M parameters), loss {args.loss}, beta {args.beta}, "
-          f"device "
-          f"{device} ({dtype})")
+          f"policy {args.policy} ({model.num_params() / 1e6:.2f}M parameters), loss {args.loss}, beta {args.beta}")
     ref_train, ref_test = dpo.reference_logps(model, train_pairs, test_pairs, args, tok, device, dtype, st.dir,
                                               also=[st.run.out])
-    ref_model = reward_model = None
-    if args.rounds > 1:  # the frozen reference for later rounds' pairs, and the RM that labels them
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # the frozen reference for KTO's z0 and later rounds' pairs, and the RM that labels those pairs
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.rounds > 1 or args.loss == "kto" else None
+    reward_model = None
+    if args.rounds > 1:
         reward_model, _, rm_cfg = load_scalar(args.reward, "--reward", device)
         check_compatible(("--policy", args.policy, pol_cfg), ("--reward", args.reward, rm_cfg))
         reward_model.eval().requires_grad_(False)
@@ -165,10 +169,12 @@ def main(argv=None):
                 extra["order"] = torch.cat([extra["order"], torch.randperm(len(train_pairs), generator=gen)])
             idx, extra["order"] = extra["order"][:args.batch_size], extra["order"][args.batch_size:]
             mine = dist.shard(idx)  # the same global batch on every rank; this rank's contiguous share of it
-            batch = dpo.pair_batch([train_pairs[i] for i in mine], tok.pad_id, device)
+            chunk = [train_pairs[i] for i in mine]
+            batch = dpo.pair_batch(chunk, tok.pad_id, device)
             logps, lens = dpo.pair_logps(train_model, batch, device, dtype, banned)  # (2B,) chosen, then rejected
             divisors = dpo.global_divisors(batch["loss_mask"][:len(mine)], len(idx))
-            loss, stats = dpo.dpo_step_loss(logps, lens, ref_train[mine.to(device)], args, **divisors)
+            z0 = dpo.kto_z0(model, ref_model, chunk, tok.pad_id, device, dtype, banned) if args.loss == "kto" else 0.0
+            loss, stats = dpo.dpo_step_loss(logps, lens, ref_train[mine.to(device)], args, **divisors, z0=z0)
             grad_norm, = st.optimize(opt, loss, model, step=step0 + step)
             last = step == total - 1
             if test_pairs and (step % args.eval_interval == 0 or last):

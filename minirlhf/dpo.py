@@ -22,7 +22,7 @@ import torch
 from minirlhf.data import collate_sft, in_input_order, length_batches
 from minirlhf.harness import dist
 from minirlhf.harness.files import torch_save
-from minirlhf.losses import preference_loss
+from minirlhf.losses import kto_loss, kto_reference_point, preference_loss, simpo_loss
 from minirlhf.preferences import encode_pairs, rank_pairs
 from minirlhf.sampling import reward_model_scores, sample_many
 from minirlhf.scoring import is_compiled, token_logprobs
@@ -129,7 +129,7 @@ def global_divisors(chosen_mask, n_pairs: int) -> dict:
     return dict(n_pairs=n_pairs / dist.world_size(), n_tokens=n_tok.clamp(min=1) / dist.world_size())
 
 
-def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None):
+def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None, z0=0.0):
     """The training objective and the usual DPO diagnostics for one batch.
 
     n_pairs, n_tokens: the divisors of the pair means and of the chosen responses' per-token NLL, by default this
@@ -145,14 +145,23 @@ def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None):
     The NLL term (args.nll_coef; RPO, Pang et al. 2024, pooled per token over the batch): plain DPO constrains only
     the difference of two log-ratios, and pushing a rejected response down raises every other token's probability
     (the "squeezing" of Ren & Sutherland 2024, 2407.10490), most of all the tokens the data never uses; the NLL of
-    the chosen responses keeps them down (docs/results.md measures it)."""
+    the chosen responses keeps them down (docs/results.md measures it).
+    --loss simpo (no reference: ref is ignored, the implicit rewards are beta * length-averaged log-probs) and kto
+    (z0: kto_reference_point of the batch; a pair's loss is the mean of its two halves' losses) as in losses.py."""
     B = ref.size(0)
     pi_c, pi_r = logps[:B], logps[B:]
     ref_c, ref_r = ref[:, 0], ref[:, 1]
     if args.loss == "ipo" and args.ipo_length_average:  # per-token log-ratios: the margin no longer grows with length
         n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
         pi_c, pi_r, ref_c, ref_r = pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r
-    losses = preference_loss(args.loss, pi_c, pi_r, ref_c, ref_r, args.beta, args.label_smoothing)  # (B,)
+    n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
+    if args.loss == "simpo":
+        losses = simpo_loss(pi_c, pi_r, n_c, n_r, args.beta, args.simpo_gamma)  # (B,)
+    elif args.loss == "kto":
+        losses = sum(kto_loss(pi_c, pi_r, ref_c, ref_r, z0, args.beta, args.kto_desirable_weight,
+                              args.kto_undesirable_weight)) / 2  # (B,)
+    else:
+        losses = preference_loss(args.loss, pi_c, pi_r, ref_c, ref_r, args.beta, args.label_smoothing)  # (B,)
     mean = (lambda x: x.mean()) if n_pairs is None else (lambda x: x.sum() / n_pairs)
     loss = mean(losses)
     # per-token NLL of the chosen responses (as SFT's loss)
@@ -160,13 +169,33 @@ def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None):
     if args.nll_coef:
         loss = loss + args.nll_coef * nll
     with torch.no_grad():  # tensors, not floats: no host sync per step (stats_to_host once per log step)
-        r_c, r_r = args.beta * (pi_c - ref_c), args.beta * (pi_r - ref_r)
+        if args.loss == "simpo":  # SimPO's implicit reward: no reference
+            r_c, r_r = args.beta * pi_c / n_c, args.beta * pi_r / n_r
+        else:
+            r_c, r_r = args.beta * (pi_c - ref_c), args.beta * (pi_r - ref_r)
         stats = {"loss": loss.detach(), "pref_loss": mean(losses), "nll_chosen": nll.detach(),
                  "rewards/chosen": mean(r_c), "rewards/rejected": mean(r_r),
                  "rewards/accuracy": mean((r_c > r_r).float() + 0.5 * (r_c == r_r).float()),
                  "rewards/margin": mean(r_c - r_r),
-                 "logps/chosen": mean(logps[:B]), "logps/rejected": mean(logps[B:])}
+                 "logps/chosen": mean(logps[:B]), "logps/rejected": mean(logps[B:]),
+                 **({"kto_z0": torch.as_tensor(z0, device=logps.device)} if args.loss == "kto" else {})}
     return loss, stats
+
+
+@torch.no_grad()
+def kto_z0(model, ref_model, pairs, pad_id: int, device, dtype, banned=None):
+    """KTO's reference point on a batch of pairs: each prompt with the next pair's chosen response (mismatched,
+    cut to the context), scored by the policy and the frozen reference; kto_reference_point of the log-ratios
+    (the global batch's under torchrun)."""
+    L = model.config.block_size
+    mism = [(p, pairs[(i + 1) % len(pairs)][1][:L - len(p) + 1]) for i, (p, _, _) in enumerate(pairs)]
+    was_training = model.training
+    model.eval()
+    batch = collate_sft(mism, pad_id, device)
+    pi, _ = pair_logps(model, batch, device, dtype, banned)
+    ref, _ = pair_logps(ref_model, batch, device, dtype, banned)
+    model.train(was_training)
+    return kto_reference_point(pi, ref, all_reduce=dist.all_reduce_sum if dist.enabled() else None)
 
 
 def stats_to_host(stats: dict) -> dict:

@@ -240,6 +240,40 @@ def hinge_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0
     return F.relu(1.0 - beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected))
 
 
+def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta: float = 2.0, gamma: float = 1.0):
+    """SimPO (Meng et al. 2024, 2405.14734, eq. 6), per pair:
+
+        -log sigmoid(beta / |y_c| * log pi(y_c|x) - beta / |y_r| * log pi(y_r|x) - gamma)
+
+    No reference model: the implicit reward is the policy's own length-normalised log-prob, and gamma a target
+    margin between the two (the paper: beta 2-2.5, gamma / beta about 0.5)."""
+    return -F.logsigmoid(beta * (pi_chosen / len_chosen - pi_rejected / len_rejected) - gamma)
+
+
+def kto_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, z0, beta: float = 0.1, w_desirable: float = 1.0,
+             w_undesirable: float = 1.0):
+    """KTO (Ethayarajh et al. 2024, 2402.01306, eq. 8) on pairs split into their halves, as TRL does: the chosen
+    response is a desirable example, the rejected one an undesirable example. With r = log pi(y|x) - log ref(y|x)
+    and the reference point z0 (kto_reference_point, detached):
+
+        desirable:    w_D * (1 - sigmoid(beta * (r - z0)))       undesirable:  w_U * (1 - sigmoid(beta * (z0 - r)))
+
+    (the paper's lambda_y - v(x, y)). Each example is judged against z0 alone, not against its partner: the loss
+    also works on unpaired data. Returns (desirable losses (B,), undesirable losses (B,))."""
+    r_c, r_r = pi_chosen - ref_chosen, pi_rejected - ref_rejected
+    return (w_desirable * (1 - torch.sigmoid(beta * (r_c - z0))),
+            w_undesirable * (1 - torch.sigmoid(beta * (z0 - r_r))))
+
+
+def kto_reference_point(pi_mismatched, ref_mismatched, all_reduce=None):
+    """KTO's z0 = max(0, mean of log pi(y'|x) - log ref(y'|x)) over mismatched pairs (each prompt with another
+    example's response), an estimate of KL(pi || ref) on the batch's prompts; detached, as in the paper (it shifts
+    the sigmoid's reference, it is not optimised). all_reduce: the global batch's mean under torchrun."""
+    diff = (pi_mismatched - ref_mismatched).detach()
+    mean = masked_mean(diff, torch.ones_like(diff), all_reduce=all_reduce)
+    return mean.clamp(min=0.0)
+
+
 def preference_loss(kind: str, pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
                     label_smoothing: float = 0.0):
     """Per-pair loss (B,) of the DPO-family member `kind`: sigmoid (with optional label smoothing), ipo or hinge."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minirlhf.losses import (clipped_surrogate, cispo_surrogate, grpo_policy_loss, gspo_surrogate, kl_estimator,
-                             overlong_penalty, reinforce_pp_advantages, truncated_is_weights)
+                             kto_loss, kto_reference_point, overlong_penalty, reinforce_pp_advantages, simpo_loss,
+                             truncated_is_weights)
 
 D = torch.float64
 SIZES = [3, 1, 4, 2]  # ragged groups; the third one's scores are all equal
@@ -170,3 +171,52 @@ def test_unbiased_kl_is_unbiased_off_policy_in_value_and_gradient():
                                theta) for y in range(5))
     reverse = grad(lambda t: (t.softmax(0) * (t.log_softmax(0) - ref_logp)).sum(), theta)
     torch.testing.assert_close(expected, reverse, atol=1e-12, rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ SimPO and KTO
+def test_simpo_by_hand():
+    # log pi(y_c) = -6 over 3 tokens, log pi(y_r) = -4 over 1 token; beta 2, gamma 1:
+    # z = 2 * (-6/3 - (-4/1)) - 1 = 3 -> loss = log(1 + e^-3)
+    got = simpo_loss(torch.tensor([-6.0]), torch.tensor([-4.0]), torch.tensor([3.0]), torch.tensor([1.0]), 2.0, 1.0)
+    assert got.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-6)
+    # no reference model: only the policy's length-normalised log-probs enter (a longer chosen response is not
+    # penalised for its length)
+    long = simpo_loss(torch.tensor([-12.0]), torch.tensor([-4.0]), torch.tensor([6.0]), torch.tensor([1.0]), 2.0, 1.0)
+    assert long.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_kto_by_hand_and_its_reference_point():
+    pi_c, pi_r = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    ref_c, ref_r = torch.tensor([-3.5, -5.0]), torch.tensor([-3.0, -2.5])
+    z0 = kto_reference_point(torch.tensor([-7.0, -6.0]), torch.tensor([-7.4, -6.2]))  # mean log-ratio 0.3
+    assert z0.item() == pytest.approx(0.3, rel=1e-6)
+    assert kto_reference_point(torch.tensor([-7.0]), torch.tensor([-6.0])).item() == 0.0  # clamped at 0
+    des, und = kto_loss(pi_c, pi_r, ref_c, ref_r, z0, beta=0.5, w_desirable=1.0, w_undesirable=1.5)
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+    # r_c = [0.5, 0], r_r = [-1, 0.5]
+    assert des.tolist() == pytest.approx([1 - sig(0.5 * (0.5 - 0.3)), 1 - sig(0.5 * (0.0 - 0.3))], rel=1e-6)
+    assert und.tolist() == pytest.approx([1.5 * (1 - sig(0.5 * (0.3 + 1.0))), 1.5 * (1 - sig(0.5 * (0.3 - 0.5)))],
+                                         rel=1e-6)
+    # z0 is a constant of the loss: no gradient flows into the mismatched log-probs
+    pm = torch.tensor([-7.0, -6.0], requires_grad=True)
+    z = kto_reference_point(pm, torch.tensor([-7.4, -6.2]))
+    assert not z.requires_grad
+
+
+def test_dpo_step_loss_routes_simpo_and_kto():
+    from types import SimpleNamespace
+    from minirlhf.dpo import dpo_step_loss
+    logps, lens = torch.tensor([-6.0, -5.0, -4.0, -2.0]), torch.tensor([3.0, 5.0, 1.0, 2.0])
+    ref = torch.tensor([[-6.5, -3.0], [-5.0, -2.5]])
+    args = SimpleNamespace(loss="simpo", beta=2.0, simpo_gamma=1.0, nll_coef=0.0, ipo_length_average=True,
+                           label_smoothing=0.0, kto_desirable_weight=1.0, kto_undesirable_weight=1.0)
+    loss, stats = dpo_step_loss(logps, lens, ref, args)
+    want = simpo_loss(logps[:2], logps[2:], lens[:2], lens[2:], 2.0, 1.0).mean()
+    assert loss.item() == pytest.approx(want.item())
+    assert stats["rewards/chosen"].item() == pytest.approx((2.0 * logps[:2] / lens[:2]).mean().item())
+    args.loss = "kto"
+    loss, stats = dpo_step_loss(logps, lens, ref, args, z0=torch.tensor(0.2))
+    des, und = kto_loss(logps[:2], logps[2:], ref[:, 0], ref[:, 1], 0.2, 2.0)
+    assert loss.item() == pytest.approx(((des + und) / 2).mean().item())
+    assert stats["kto_z0"].item() == pytest.approx(0.2)
