@@ -255,6 +255,22 @@ def sft_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("loss,flags", [("simpo", ["--beta", "2.0", "--simpo-gamma", "1.0"]),
+                                        ("kto", ["--kto-undesirable-weight", "1.2"])])
+def test_tiny_simpo_and_kto_runs(sft_run, tmp_path, loss, flags):
+    prefs, out = write_prefs(tmp_path / "prefs.jsonl"), tmp_path / loss
+    run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(out), *TINY_DPO,
+               "--loss", loss, "--nll-coef", "0", *flags)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if loss == "kto":  # first step: policy = reference, so z0 = 0 and every example's loss is 1 - sigmoid(0)
+        assert rows[0]["kto_z0"] == 0.0 and rows[0]["loss"] == pytest.approx(0.5 * (1 + 1.2) / 2, abs=1e-6)
+        assert any(r["kto_z0"] > 0 for r in rows[1:])  # the policy moved: mismatched pairs' log-ratio above 0
+    else:  # SimPO's loss at the start is the policy's own (no reference): not log 2
+        assert rows[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0
+
+
 def test_tiny_dpo_run_writes_outputs(sft_run, tmp_path):
     prefs, out = write_prefs(tmp_path / "prefs.jsonl"), tmp_path / "dpo"
     proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir", str(out),
@@ -304,8 +320,8 @@ def test_user_file_without_split_or_gold_and_clear_errors(sft_run, tmp_path):
                       str(tmp_path / "y"), *TINY_DPO, check=False)
     assert proc.returncode == 2 and "--policy" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir",
-                      str(tmp_path / "z"), "--loss", "kto", check=False)
-    assert proc.returncode == 2 and "--loss kto" in proc.stderr
+                      str(tmp_path / "z"), "--loss", "orpo", check=False)
+    assert proc.returncode == 2 and "--loss orpo" in proc.stderr
     # a file whose pairs all have chosen == rejected carries no preference: refused, not trained at loss ln 2
     same = tmp_path / "same.jsonl"
     same.write_text("".join(json.dumps({"prompt": f"the food {i}", "chosen": " was good .", "rejected": " was good .",
