@@ -15,6 +15,12 @@ token of the sample gets that one number. Which flags are which paper's:
     RLOO      (Ahmadian et al. 2024, 2402.14740)  --baseline rloo --kl-in reward (the KL penalty summed into the
               sequence reward, as PPO does); the default here, with 2 epochs x 2 minibatches (see docs/grpo.md for
               the measurements behind the defaults)
+    DAPO      (Yu et al. 2025, 2503.14476)  --clip-high 0.28 --loss-agg token --dynamic-sampling --overlong-buffer N
+    GSPO      (Zheng et al. 2025, 2507.18071)  --pg-loss gspo --loss-agg sequence --clip 3e-4 --clip-high 4e-4
+    CISPO     (MiniMax 2025, 2506.13585)  --pg-loss cispo --clip 1 --clip-high E (a clipped, detached weight)
+    REINFORCE++ (Hu 2025, 2501.03262)  --baseline reinforce++ (or reinforce++-baseline): per-token returns of the
+              KL-shaped reward, normalised over the whole batch
+    truncated IS (Yao et al. 2025)  --tis-cap 2: each token's loss times min(pi_old / pi_sampler, 2)
 Each iteration:
   rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, the same code as PPO's): old and
                      reference log-probs, the RM score at EOS (-penalty without EOS), gold logged only
@@ -34,9 +40,10 @@ from minirlhf.evaluation.metrics import compare_on_test_prompts
 from minirlhf.harness import dist
 from minirlhf.harness.cli import arg, parse_args, run
 from minirlhf.harness.stage import Stage, Stats
-from minirlhf.losses import group_advantages, grpo_policy_loss, masked_mean, zero_advantage_share
+from minirlhf.losses import (group_advantages, grpo_policy_loss, masked_mean, overlong_penalty,
+                             reinforce_pp_advantages, truncated_is_weights, zero_advantage_share)
 from minirlhf.model import compile_model
-from minirlhf.rollout import collect_rollout, training_prompts
+from minirlhf.rollout import collect_rollout, dynamic_rollout, training_prompts
 from minirlhf.scoring import response_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.utils import autocast, check, linear_lr
@@ -66,21 +73,32 @@ class Args:
     temperature: float = arg(1.0, "rollout sampling temperature; log-probs use the same one", "> 0")
     missing_eos_penalty: float = arg(2.0, "score of a response without EOS: -penalty (normalised RM units)", ">= 0")
     # advantages
-    baseline: str = arg("rloo", "grpo: A = r - group mean; rloo: A = r - mean of the other k-1 samples",
-                        choices=("grpo", "rloo"))
+    baseline: str = arg("rloo", "grpo: A = r - group mean; rloo: A = r - mean of the other k-1 samples; reinforce++"
+                        "(-baseline): per-token returns z-scored over the batch (the group mean subtracted first)",
+                        choices=("grpo", "rloo", "reinforce++", "reinforce++-baseline"))
     scale_by_std: bool = arg(False, "divide A by the group's sample std + 1e-4, as GRPO does")
     loss_agg: str = arg("token", "token mean, sequence (GRPO's 1/|o_i|) or constant (Dr. GRPO) aggregation",
                         choices=("token", "sequence", "constant"))
     # KL to the reference
     kl_in: str = arg("reward", "reward: -beta * sum_t k1 in the sequence reward (PPO, RLOO); loss: beta * k per "
                      "token in the loss (GRPO)", choices=("reward", "loss"))
-    kl_estimator: str = arg("k3", "KL estimator of --kl-in loss (losses.kl_estimator)", choices=("k1", "k2", "k3"))
+    kl_estimator: str = arg("k3", "KL estimator of --kl-in loss (losses.kl_estimator; unbiased: DeepSeek-V3.2's)",
+                            choices=("k1", "k2", "k3", "k3+", "unbiased"))
     kl_coef: float = arg(0.07, "beta, the KL weight (in reward or loss)", ">= 0")
     # optimisation
     epochs: int = arg(2, "passes over each rollout batch", "> 0")
     minibatches: int = arg(2, "minibatches per pass", "> 0")
     lr: float = arg(5e-4, "learning rate (linearly annealed to 0)", "> 0")
-    clip: float = arg(0.2, "ratio clip epsilon", "> 0")
+    clip: float = arg(0.2, "ratio clip epsilon (the lower one with --clip-high)", "> 0")
+    clip_high: float = arg(0.0, "upper ratio clip epsilon (0 = --clip); DAPO's clip-higher is 0.28", ">= 0")
+    pg_loss: str = arg("clip", "policy term: clip (PPO's), gspo (one clipped ratio per response) or cispo (clipped, "
+                       "detached importance weights)", choices=("clip", "gspo", "cispo"))
+    tis_cap: float = arg(0.0, "truncated importance sampling: weight token losses by min(pi_old / pi_sampler, C); "
+                         "0 = off", ">= 0")
+    overlong_buffer: int = arg(0, "DAPO's overlong penalty: from max_new_tokens - N tokens on, linearly down to -1 at "
+                               "the budget (0 = off)", ">= 0")
+    dynamic_sampling: bool = arg(False, "DAPO: replace groups whose scores are all equal by fresh prompts' groups")
+    max_draws: int = arg(3, "--dynamic-sampling: rollouts drawn at most per iteration", "> 0")
     grad_clip: float = arg(1.0, "gradient norm clip (0 = off)", ">= 0")
     log_interval: int = arg(10, "iterations between console lines (metrics.jsonl gets every iteration)", "> 0")
     # final evaluation
@@ -93,6 +111,13 @@ def main(argv=None):
     check(args.prompts_per_iter % W == 0 and (args.prompts_per_iter // W * args.group_size) % args.minibatches == 0,
           f"--prompts-per-iter x --group-size = {args.prompts_per_iter * args.group_size} samples must be divisible by "
           f"--minibatches {args.minibatches}" + (f" (and the prompts by the {W} processes)" if W > 1 else ""))
+    reinforce = args.baseline.startswith("reinforce++")  # per-token advantages (B, R), not one per sample
+    check(args.pg_loss != "gspo" or (args.loss_agg == "sequence" and not reinforce),
+          "--pg-loss gspo: one ratio and advantage per response; use --loss-agg sequence and a group baseline")
+    check(not reinforce or args.kl_in == "reward", "--baseline reinforce++: the KL is in its reward (--kl-in reward)")
+    check(args.overlong_buffer < args.max_new_tokens, "--overlong-buffer must be below --max-new-tokens")
+    check(not args.dynamic_sampling or W == 1, "--dynamic-sampling is not supported under torchrun (run one process)")
+    draws = args.max_draws if args.dynamic_sampling else 1  # rollouts (of fresh prompts) an iteration may draw
     st = Stage("train_grpo.py", args, unit="iteration",
                inputs={"--policy": args.policy, "--reward": args.reward, "--prompts": args.prompts})
     device, dtype = st.device, st.dtype
@@ -103,8 +128,8 @@ def main(argv=None):
           f"{' (' + args.kl_estimator + ')' if args.kl_in == 'loss' else ''}")
     # each train prompt is repeated group_size times in a row: group g = samples g*k .. g*k + k - 1
     task = None if args.prompts else get_task(args.task)
-    texts, prompt_ids = training_prompts(args.prompts, task, args.iterations * args.prompts_per_iter, args.seed, tok,
-                                         policy.config.block_size)
+    texts, prompt_ids = training_prompts(args.prompts, task, args.iterations * draws * args.prompts_per_iter, args.seed,
+                                         tok, policy.config.block_size)
     group_ids = torch.arange(args.prompts_per_iter // W, device=device).repeat_interleave(args.group_size)  # (B,)
     all_group_ids = torch.arange(args.prompts_per_iter, device=device).repeat_interleave(args.group_size)  # all ranks
 
@@ -130,23 +155,36 @@ def main(argv=None):
         # ================================================================ rollout (no gradients)
         t_roll = time.time()
         mine = dist.shard_range(args.prompts_per_iter)  # this rank's groups
-        sl = slice(it * args.prompts_per_iter + mine.start, it * args.prompts_per_iter + mine.stop)
-        ids = [p for p in prompt_ids[sl] for _ in range(args.group_size)]
-        strs = [p for p in texts[sl] for _ in range(args.group_size)]
-        ro = collect_rollout(*scorers, tok, ids, strs, args.max_new_tokens, args.temperature,
-                             args.missing_eos_penalty, gen, device, dtype, task=task, compile=args.compile)
+
+        def draw(r):  # rollout r of this iteration: the next prompts_per_iter prompts, each group_size times
+            sl = slice((it * draws + r) * args.prompts_per_iter + mine.start,
+                       (it * draws + r) * args.prompts_per_iter + mine.stop)
+            return collect_rollout(*scorers, tok, [p for p in prompt_ids[sl] for _ in range(args.group_size)],
+                                   [p for p in texts[sl] for _ in range(args.group_size)], args.max_new_tokens,
+                                   args.temperature, args.missing_eos_penalty, gen, device, dtype, task=task,
+                                   compile=args.compile)
+        ro, drawn, varied = dynamic_rollout(draw, args.group_size, draws, tok.pad_id) if draws > 1 else (draw(0), 1, 0)
         mask = ro.mask  # (B, R)
 
         # ================================================================ group advantages
+        score = ro.score + overlong_penalty(ro.lengths, args.max_new_tokens, args.overlong_buffer) \
+            if args.overlong_buffer else ro.score  # (B,)
         seq_kl = ((ro.old_logp - ro.ref_logp) * mask).sum(1)  # (B,) k1 estimate of KL(pi_old || pi_ref)
-        reward = ro.score - args.kl_coef * seq_kl if args.kl_in == "reward" else ro.score  # (B,) sequence reward
-        adv = group_advantages(reward, group_ids, args.baseline, args.scale_by_std)  # (B,), one value per sample
+        reward = score - args.kl_coef * seq_kl if args.kl_in == "reward" else score  # (B,) sequence reward
+        if reinforce:  # (B, R): per-token returns of the KL-shaped reward, z-scored over the whole batch
+            adv = reinforce_pp_advantages(score, ro.old_logp, ro.ref_logp, mask, args.kl_coef, group_ids
+                                          if args.baseline.endswith("baseline") else None, dist.all_reduce_sum)
+        else:
+            adv = group_advantages(reward, group_ids, args.baseline, args.scale_by_std)  # (B,), one value per sample
+        is_w, is_stats = truncated_is_weights(ro.old_logp, ro.sample_logp, mask, args.tis_cap) if args.tis_cap \
+            else (None, {})  # (B, R): the sampler's log-probs against the trainer's
         all_reward = dist.all_gather_cat(reward)  # the whole batch's (the identity in one process)
         row = {"iter": it, "episodes": (it + 1) * args.prompts_per_iter * args.group_size, "beta": args.kl_coef,
-               **rl.rollout_stats(ro, seq_kl, reward_mean=all_reward.mean(),
+               **rl.rollout_stats(ro, seq_kl, reward_mean=all_reward.mean(), **is_stats,
                                   zero_adv_groups=zero_advantage_share(all_reward, all_group_ids),
-                                  adv_abs_mean=dist.all_gather_cat(adv).abs().mean()),
-               "rollout_s": time.time() - t_roll}
+                                  adv_abs_mean=dist.all_gather_cat(adv.abs() if adv.dim() == 1 else
+                                                                   masked_mean(adv.abs(), mask, dim=1)).mean()),
+               **({"draws": drawn, "varied_groups": varied} if draws > 1 else {}), "rollout_s": time.time() - t_roll}
 
         # ================================================================ update
         stats, lengths = Stats(maxima=rl.MAXIMA), ro.lengths.tolist()
@@ -158,9 +196,11 @@ def main(argv=None):
                     logp, entropy = response_logprobs(train_policy, ro.prompt_ids[idx], ro.prompt_mask[idx],
                                                       ro.resp[idx, :R], ro.resp_mask[idx, :R], args.temperature,
                                                       with_entropy=True, banned=banned)  # (mb, R) each
-                loss, pg = grpo_policy_loss(logp, ro.old_logp[idx, :R], adv[idx], mb_mask, args.clip, args.loss_agg,
+                mb_adv = adv[idx] if adv.dim() == 1 else adv[idx, :R]  # (mb,) or (mb, R)
+                loss, pg = grpo_policy_loss(logp, ro.old_logp[idx, :R], mb_adv, mb_mask, args.clip, args.loss_agg,
                                             None if kl_ref is None else kl_ref[idx, :R], args.kl_coef,
-                                            args.kl_estimator, constant)
+                                            args.kl_estimator, constant, args.clip_high or None, args.pg_loss,
+                                            None if is_w is None else is_w[idx, :R])
                 if args.loss_agg == "token":  # a per-token mean: of the global batch's tokens under torchrun
                     loss = dist.global_mean(loss, mb_mask.sum())  # (the other two divide by equal numbers already)
                 norm, = st.optimize(opt, loss, policy, step=it)

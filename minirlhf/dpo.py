@@ -195,7 +195,7 @@ def kto_z0(model, ref_model, pairs, pad_id: int, device, dtype, banned=None):
     pi, _ = pair_logps(model, batch, device, dtype, banned)
     ref, _ = pair_logps(ref_model, batch, device, dtype, banned)
     model.train(was_training)
-    return kto_reference_point(pi, ref, all_reduce=dist.all_reduce_sum if dist.enabled() else None)
+    return kto_reference_point(pi, ref, all_reduce=dist.all_reduce_sum)
 
 
 def stats_to_host(stats: dict) -> dict:

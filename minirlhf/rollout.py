@@ -10,10 +10,12 @@ Both train_ppo.py and train_grpo.py call collect_rollout, so what "a rollout" me
     -penalty instead (losses.score_with_eos_penalty);
   * for the built-in task, the gold reward of every sample: logged to expose reward hacking, never trained on.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from minirlhf.data import encode_prompt, left_pad, read_jsonl
 from minirlhf.generation import generate
@@ -107,3 +109,40 @@ def collect_rollout(policy, ref, reward_model, tok, prompt_ids: list, prompts: l
         gold = [task.gold_reward(prompts[j], responses[j], eos[j]) for j in range(B)]
     return Rollout(p_ids, p_mask, resp, resp_mask, resp_mask.float(), sample_logp, old_logp, ref_logp, values,
                    rm_score, score, has_eos, list(prompts), responses, gold)
+
+
+def cat_rows(rollouts: list, rows: list, pad_id: int) -> Rollout:
+    """One Rollout from rows of several: rows = [(which rollout, which row)], in order. Prompt columns are
+    left-padded and response columns right-padded to the widest of them (padding is masked everywhere)."""
+    P, R = max(r.prompt_ids.size(1) for r in rollouts), max(r.resp.size(1) for r in rollouts)
+    out = {}
+    for f in dataclasses.fields(Rollout):
+        vals = [getattr(r, f.name) for r in rollouts]
+        if vals[0] is None or isinstance(vals[0], list):
+            out[f.name] = None if vals[0] is None else [vals[k][i] for k, i in rows]
+            continue
+        if vals[0].dim() == 2:
+            left = f.name.startswith("prompt")
+            fill = pad_id if f.name in ("prompt_ids", "resp") else 0
+            vals = [F.pad(v, ((P - v.size(1), 0) if left else (0, R - v.size(1))), value=fill) for v in vals]
+        out[f.name] = torch.stack([vals[k][i] for k, i in rows])
+    return Rollout(**out)
+
+
+def dynamic_rollout(draw, group_size: int, max_draws: int, pad_id: int, tol: float = 1e-6):
+    """DAPO's dynamic sampling (Yu et al. 2025, 2503.14476): a group whose scores are all equal has advantage 0 on
+    every token and only dilutes the batch. draw(r) returns rollout r (G groups of group_size consecutive samples,
+    fresh prompts each time); groups whose scores differ are kept until G are kept or max_draws rollouts are drawn,
+    and groups of equal scores fill what is still missing, so the batch always has G groups. Returns (the Rollout,
+    rollouts drawn, groups kept of all drawn)."""
+    rollouts, varied, equal = [], [], []
+    for r in range(max_draws):
+        rollouts.append(draw(r))
+        s = rollouts[-1].score.view(-1, group_size)  # (G, k)
+        for g, differs in enumerate(((s.max(1).values - s.min(1).values) > tol).tolist()):
+            (varied if differs else equal).append((r, g))
+        if len(varied) >= s.size(0):
+            break
+    picked = (varied + equal)[:s.size(0)]
+    rows = [(r, g * group_size + j) for r, g in picked for j in range(group_size)]
+    return cat_rows(rollouts, rows, pad_id), len(rollouts), len(varied)

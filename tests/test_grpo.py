@@ -334,6 +334,35 @@ def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     assert cfg["stage"] == "grpo" and cfg["args"]["group_size"] == 3
 
 
+@pytest.mark.parametrize("flags", [
+    ["--clip-high", "0.28", "--dynamic-sampling", "--overlong-buffer", "4"],  # DAPO
+    ["--pg-loss", "gspo", "--loss-agg", "sequence", "--clip", "3e-4", "--clip-high", "4e-4"],
+    ["--pg-loss", "cispo", "--clip", "1", "--clip-high", "0.28"],
+    ["--baseline", "reinforce++"],
+    ["--baseline", "reinforce++-baseline", "--tis-cap", "2", "--dtype", "bfloat16"],
+    ["--kl-in", "loss", "--kl-estimator", "k3+"],
+    ["--kl-in", "loss", "--kl-estimator", "unbiased"]])
+def test_rl_menu_flags_run(tiny_runs, tmp_path, flags):
+    out = tmp_path / "grpo"
+    cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
+           "--out-dir", str(out), "--iterations", "3", "--prompts-per-iter", "4", "--group-size", "3",
+           "--minibatches", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--lr", "1e-2", *flags]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["first_ratio_dev"] <= r["first_ratio_tol"]
+                                  for r in rows)
+    assert rows[-1]["kl"] != pytest.approx(0.0, abs=1e-4)  # the policy moved
+    if "--dynamic-sampling" in flags:  # groups without signal were redrawn: more than one rollout some iteration
+        assert all(1 <= r["draws"] <= 3 for r in rows) and max(r["draws"] for r in rows) > 1
+        assert all(r["zero_adv_groups"] <= 0.5 for r in rows if r["draws"] < 3)
+    if "--tis-cap" in flags:  # on the CPU the KV-cache sampler and the full forward agree to ~1e-3 under bf16
+        assert all(r["is_weight_max"] <= 2 and abs(r["is_weight_mean"] - 1) < 1e-2 and r["is_truncated"] == 0
+                   for r in rows)
+    if "unbiased" in flags or "k3+" in flags:
+        assert rows[-1]["kl_loss"] > 0
+
+
 def test_group_size_one_is_a_clear_error(tiny_runs, tmp_path):
     cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
            "--out-dir", str(tmp_path / "o"), "--group-size", "1", "--device", "cpu"]

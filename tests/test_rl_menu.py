@@ -192,6 +192,7 @@ def test_kto_by_hand_and_its_reference_point():
     assert z0.item() == pytest.approx(0.3, rel=1e-6)
     assert kto_reference_point(torch.tensor([-7.0]), torch.tensor([-6.0])).item() == 0.0  # clamped at 0
     des, und = kto_loss(pi_c, pi_r, ref_c, ref_r, z0, beta=0.5, w_desirable=1.0, w_undesirable=1.5)
+
     def sig(x):
         return 1 / (1 + math.exp(-x))
     # r_c = [0.5, 0], r_r = [-1, 0.5]
@@ -220,3 +221,34 @@ def test_dpo_step_loss_routes_simpo_and_kto():
     des, und = kto_loss(logps[:2], logps[2:], ref[:, 0], ref[:, 1], 0.2, 2.0)
     assert loss.item() == pytest.approx(((des + und) / 2).mean().item())
     assert stats["kto_z0"].item() == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------------------------------------ dynamic sampling
+def fake_rollout(scores, P, R, tag):
+    """A Rollout of len(scores) rows with prompt width P and response width R; every tensor holds `tag` so that
+    where a row came from is visible after the merge."""
+    from minirlhf.rollout import Rollout
+    B = len(scores)
+
+    def full(w, v=float(tag)):
+        return torch.full((B, w), v)
+    return Rollout(full(P, tag).long(), torch.ones(B, P, dtype=torch.long), full(R, tag).long(),
+                   torch.ones(B, R, dtype=torch.long), full(R), full(R), full(R), full(R), None,
+                   torch.tensor(scores, dtype=torch.float32), torch.tensor(scores, dtype=torch.float32),
+                   torch.ones(B, dtype=torch.bool), [f"p{tag}"] * B, [f"r{tag}"] * B, None)
+
+
+def test_dynamic_sampling_keeps_groups_with_signal_and_pads_the_merge():
+    from minirlhf.rollout import dynamic_rollout
+    # 3 groups of 2 per rollout; rollout 0: group 1 all equal; rollout 1: groups 0 and 2 all equal
+    draws = [fake_rollout([1, 2, 5, 5, 0, 3], P=3, R=4, tag=1), fake_rollout([7, 7, 1, 4, 2, 2], P=5, R=2, tag=2),
+             fake_rollout([0, 9, 0, 8, 0, 7], P=2, R=6, tag=3)]
+    ro, drawn, varied = dynamic_rollout(lambda r: draws[r], group_size=2, max_draws=3, pad_id=-1)
+    assert (drawn, varied) == (2, 3)  # enough varied groups after two rollouts: the third is never drawn
+    assert ro.score.tolist() == [1, 2, 0, 3, 1, 4] and ro.prompts == ["p1"] * 4 + ["p2"] * 2
+    assert ro.prompt_ids.shape == (6, 5) and ro.resp.shape == (6, 4)
+    assert ro.prompt_ids[0].tolist() == [-1, -1, 1, 1, 1] and ro.prompt_mask[0].tolist() == [0, 0, 1, 1, 1]  # left
+    assert ro.resp[4].tolist() == [2, 2, -1, -1] and ro.mask[4].tolist() == [2, 2, 0, 0]  # right-padded
+    # not enough groups with signal within max_draws: equal-score groups fill the batch, in order
+    ro, drawn, varied = dynamic_rollout(lambda r: draws[1], group_size=2, max_draws=2, pad_id=-1)
+    assert (drawn, varied) == (2, 2) and ro.score.tolist() == [1, 4, 1, 4, 7, 7]
