@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # the stage scripts and the experiments
 
@@ -77,3 +79,33 @@ def test_summary_rows_and_best_share(tmp_path):
     assert "| ppo-kl0.1 | ppo | kl-coef 0.1 | +0.700 ± 0.040 | 2.00 ± 0.10 | 0.800 | 90% |" in md
     assert "| bon-4 | bon | n 4 | +0.300 ± 0.040 | ≤0.60 ± 0.10 |" in md
     assert "| run | sentiment | repeated_words |" in md and "| dpo-b0.1 | 0.61 | 0.25 |" in md
+
+
+def test_menu_over_seeds_plan_and_ranking(tmp_path):
+    plan, policies = sweep.plan_runs(tmp_path, [], [], [], [4], NONE, methods=["rloo", "kto"], seeds=[0, 3])
+    assert [p[0] for p in plan] == ["sft", "rm", "rloo", "kto", "rloo-s3", "kto-s3", "eval"]
+    argv = {p[0]: [str(x) for x in p[2]] for p in plan}
+    assert "--seed" not in argv["rloo"] and argv["rloo-s3"][-2:] == ["--seed", "3"]  # seed 0 = the scripts' default
+    assert argv["kto-s3"][argv["kto-s3"].index("--loss") + 1] == "kto" and policies["kto-s3"] == ("kto", None)
+    assert sweep.split_seed("reinforce++-s12") == ("reinforce++", 12) and sweep.split_seed("dpo-online") == (
+        "dpo-online", 0)
+
+    def run(name, frac, kl=3.0):
+        return {"name": name, "algo": sweep.split_seed(name)[0], "knob": None, "method": sweep.split_seed(name)[0],
+                "seed": sweep.split_seed(name)[1], "gold": frac, "gold_sem": 0.03, "kl": kl, "kl_sem": 0.1,
+                "kl_is_bound": False, "win_rate": 0.8, "frac_optimal": frac, "frac_optimal_sem": 0.05,
+                "frontier_extrapolated": False}
+    rows = [run("a", 0.80), run("a-s1", 0.82), run("a-s2", 0.84),  # mean 0.82, s.e. 0.0115
+            run("b", 0.70), run("b-s1", 0.55), run("b-s2", 0.85),  # mean 0.70, s.e. 0.087: a - b within the noise
+            run("c", 0.50), run("c-s1", 0.51), run("c-s2", 0.49)]  # mean 0.50, s.e. 0.0058
+    got = {m["method"]: m for m in sweep.over_seeds(rows)}
+    assert [m["method"] for m in sweep.over_seeds(rows)] == ["a", "b", "c"]
+    assert got["a"]["frac_optimal"] == pytest.approx(0.82) and got["a"]["frac_optimal_se"] == pytest.approx(
+        0.02 / 3 ** 0.5) and got["a"]["n_seeds"] == 3
+    # a - b = 0.12 < 2 * sqrt(0.012^2 + 0.087^2) = 0.175: not beyond the noise; b - c = 0.20 > 2 * 0.087 = 0.174
+    assert got["a"]["ahead_of"] == ["c"] and got["b"]["ahead_of"] == ["c"] and got["c"]["ahead_of"] == []
+    rep = {"runs": rows, "methods": sweep.over_seeds(rows), "best_share": {}, "frontier": [], "n_prompts": 8,
+           "plot": None}
+    sweep.write_markdown(rep, tmp_path / "report.md")
+    md = (tmp_path / "report.md").read_text()
+    assert "| a | 3 | +0.820 ± 0.012 | 3.00 ± 0.00 | 0.800 | 82% ± 1 |" in md and "| c | 3 |" in md
