@@ -4,13 +4,17 @@
     python train_dpo.py --prefs my_prefs.jsonl --task none   # your {"prompt", "chosen", "rejected"} records
     python train_dpo.py --loss ipo --beta 0.5             # IPO; also --loss hinge, --label-smoothing 0.1, --nll-coef
     python train_dpo.py --rounds 3 --reward out/rm        # online DPO: rounds 2-3 on fresh pairs ranked by the RM
+    python train_dpo.py --loss simpo --beta 2 --simpo-gamma 1   # SimPO: no reference, length-normalised rewards
+    python train_dpo.py --loss kto                        # KTO: chosen = desirable, rejected = undesirable examples
 
 The policy's implicit reward beta * log(pi / ref) is fitted to the labels by a classification loss on the margin
 delta = log-ratio(chosen) - log-ratio(rejected) (Rafailov et al. 2023; minirlhf/dpo.py, losses.py). Each step:
   reference log-probs   computed once with the starting policy before training, cached in ref_logps.pt
   pairs                 a shuffled batch of pairs, chosen and rejected in one forward (summed response log-probs)
   loss                  DPO / IPO / hinge on delta, + --nll-coef x the chosen responses' per-token NLL (RPO style:
-                        plain DPO pushes the probability of unused tokens up; docs/results.md has the numbers)
+                        plain DPO pushes the probability of unused tokens up; docs/results.md has the numbers);
+                        SimPO on the length-normalised log-probs; KTO on each half against its reference point z0
+                        (the batch's prompts with mismatched responses, scored by the policy and a frozen reference)
 --rounds N: each later round samples --round-k responses per fresh train prompt from the current policy, lets the
 reward model --reward (never the gold reward) rank them into pairs (round<N>_prefs.jsonl), and trains on those
 against the same reference.
