@@ -299,18 +299,23 @@ def test_first_ratio_check_tolerances():
             check_first_ratio(dev, dtype, 3)
 
 
+def tiny_grpo_run(tiny_runs, out, flags) -> list:
+    """Three iterations of train_grpo.py on the tiny fixture in a subprocess; its metrics.jsonl rows."""
+    cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
+           "--out-dir", str(out), "--iterations", "3", "--prompts-per-iter", "4", "--group-size", "3",
+           "--minibatches", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--lr", "1e-2", *flags]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("flags", [["--baseline", "rloo", "--kl-in", "reward", "--epochs", "2"],
                                    ["--baseline", "grpo", "--scale-by-std", "--loss-agg", "sequence", "--kl-in",
                                     "loss", "--kl-estimator", "k3"],
                                    ["--dtype", "bfloat16"]])
 def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     out = tmp_path / "grpo"
-    cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
-           "--out-dir", str(out), "--iterations", "3", "--prompts-per-iter", "4", "--group-size", "3",
-           "--minibatches", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--lr", "1e-2", *flags]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = tiny_grpo_run(tiny_runs, out, flags)
     assert len(rows) == 3
     need = ["rm_score_mean", "kl", "loss", "kl_loss", "approx_kl", "clipfrac", "entropy", "ratio_mean", "ratio_max",
             "resp_len", "eos_rate", "gold_mean", "zero_adv_groups", "first_ratio_dev", "first_ratio_tol"]
@@ -344,12 +349,7 @@ def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     ["--kl-in", "loss", "--kl-estimator", "unbiased"]])
 def test_rl_menu_flags_run(tiny_runs, tmp_path, flags):
     out = tmp_path / "grpo"
-    cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
-           "--out-dir", str(out), "--iterations", "3", "--prompts-per-iter", "4", "--group-size", "3",
-           "--minibatches", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--lr", "1e-2", *flags]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = tiny_grpo_run(tiny_runs, out, flags)
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["first_ratio_dev"] <= r["first_ratio_tol"]
                                   for r in rows)
     assert rows[-1]["kl"] != pytest.approx(0.0, abs=1e-4)  # the policy moved
