@@ -253,18 +253,28 @@ def main():
     resp_mask[:, Td // 4:] = 1  # the first quarter is the prompt
     ref_lp = torch.randn(Bd, 2, device=device)
 
-    def dpo_step():
+    def dpo_step(compiled=a.compile):
         with autocast(device, dtype):
-            h = train_policy(seqs[:, :-1], hidden=True)
-            lp = token_logprobs(h, policy.lm_head.weight, seqs[:, 1:], compile=a.compile)
+            h = (train_policy if compiled else policy)(seqs[:, :-1], hidden=True)
+            lp = token_logprobs(h, policy.lm_head.weight, seqs[:, 1:], compile=compiled)
             lp = lp.masked_fill(resp_mask == 0, 0.0).sum(1)
         loss = preference_loss("sigmoid", lp[:Bd], lp[Bd:], ref_lp[:, 0], ref_lp[:, 1], 0.1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    sec, mem = timed(dpo_step, it, device)
-    results["dpo"] = {"pairs": Bd, "seq": Td, "step_s": sec, "pairs_per_s": Bd / sec, "peak_gb": mem}
-    rows.append((f"DPO step ({Bd} pairs x {Td})", f"{Bd / sec:,.1f} pairs/s", sec, mem))
+    # --compile: the eager step too, side by side (alternating, the best of 3 each): a ratio from one run
+    for compiled in ([False, True] if a.compile else [False]):
+        timed(lambda: dpo_step(compiled), 1, device)  # warm-up (compilation)
+    best = {}
+    for _ in range(3 if a.compile else 1):
+        for compiled in ([False, True] if a.compile else [False]):
+            sec, mem = timed(lambda: dpo_step(compiled), it, device)
+            best[compiled] = min(best.get(compiled, (sec, mem)), (sec, mem), key=lambda x: x[0])
+    for compiled, (sec, mem) in best.items():
+        results["dpo" + ("_compiled" if compiled else "")] = {"pairs": Bd, "seq": Td, "step_s": sec,
+                                                              "pairs_per_s": Bd / sec, "peak_gb": mem}
+        rows.append((f"DPO step {'compiled' if compiled else 'eager'} ({Bd} pairs x {Td})", f"{Bd / sec:,.1f} pairs/s",
+                     sec, mem))
 
     # ---- table and bench.json
     results["config"] = {"device": name, "dtype": dtype, "compile": a.compile, "head_precision": head_precision,
