@@ -335,8 +335,9 @@ def test_tied_but_different_and_missing_weights_are_refused(tmp_path):
         load_hf_dir(d, "--init-from", "policy")
 
 
-def test_a_family_reward_model_exports_with_its_offset_and_reads_back(tmp_path):
-    model, d = family_source(tmp_path, "qwen2")
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3"])  # tied; untied (the classifier has no lm_head)
+def test_a_family_reward_model_exports_with_its_offset_and_reads_back(tmp_path, variant):
+    model, d = family_source(tmp_path, variant)
     naive_hf_dir(d, model)
     state, cfg, tok, _ = load_hf_dir(d, "--init-from", "policy")
     rm = ScalarModel(cfg).eval()
@@ -349,7 +350,7 @@ def test_a_family_reward_model_exports_with_its_offset_and_reads_back(tmp_path):
     proc = subprocess.run([sys.executable, "export_hf.py", tmp_path / "rm", tmp_path / "hf_rm"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "Qwen2ForSequenceClassification" in proc.stdout and "minirlhf_score_offset" in proc.stdout
+    assert f"{variant.title()}ForSequenceClassification" in proc.stdout and "minirlhf_score_offset" in proc.stdout
     written = json.loads((tmp_path / "hf_rm" / "config.json").read_text())
     assert written["minirlhf_score_offset"] == pytest.approx(0.3 * 1.7 - 0.2)
     back, _, _ = load_scalar(tmp_path / "hf_rm")

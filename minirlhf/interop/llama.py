@@ -147,11 +147,12 @@ def unprefixed(tensors: dict, prefix: str) -> dict:
 def tensors_from_hf(tensors: dict, cfg: GPTConfig) -> tuple:
     """HF tensors (with or without the `model.` prefix) -> (our GPT's state dict, score weight (1, C) or None).
     With tied embeddings a stored lm_head.weight must equal embed_tokens and the state has none; untied, it must
-    be there."""
+    be there, except in a sequence classifier (score.weight), which has none."""
     by_name = unprefixed(tensors, "model.")
     expected = {"embed_tokens.weight": (cfg.vocab_size, cfg.n_embd), "norm.weight": (cfg.n_embd,)}
     expected.update({f"layers.{i}.{p}": s for i in range(cfg.n_layer) for p, s in _layer_shapes(cfg).items()})
-    if not cfg.tie_embeddings:
+    classifier = "score.weight" in by_name  # *ForSequenceClassification: no LM head of its own
+    if not cfg.tie_embeddings and not classifier:
         expected["lm_head.weight"] = (cfg.vocab_size, cfg.n_embd)
     extra = sorted(k for k in by_name if k not in expected and k not in ("lm_head.weight", "score.weight")
                    and not IGNORED.fullmatch(k))
@@ -188,8 +189,8 @@ def tensors_from_hf(tensors: dict, cfg: GPTConfig) -> tuple:
         if "lm_head.weight" in w and not torch.equal(w["lm_head.weight"], state["transformer.wte.weight"]):
             raise ValueError("lm_head.weight differs from embed_tokens.weight although config.json has "
                              "tie_word_embeddings true")
-    else:
-        state["lm_head.weight"] = w["lm_head.weight"]
+    else:  # a reward model never uses its trunk's lm_head: a classifier's is filled with the embedding
+        state["lm_head.weight"] = w["lm_head.weight"] if "lm_head.weight" in w else w["embed_tokens.weight"].clone()
     score = w.get("score.weight")
     if score is not None and tuple(score.shape) != (1, cfg.n_embd):
         raise ValueError(f"score.weight has shape {tuple(score.shape)}; only one label (1, {cfg.n_embd}) is supported")
