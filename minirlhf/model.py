@@ -163,6 +163,9 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # its enable_gqa (torch 2.5 on)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -187,11 +190,15 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, write_at)  # (B, n_kv, max_len, hd): the cache holds n_kv heads only
             q = q.to(k.dtype)
+        gqa = {}
         if self.n_kv != self.n_head:  # grouped-query attention: query heads i*g .. i*g+g-1 share key/value head i
-            k, v = k.repeat_interleave(self.n_head // self.n_kv, 1), v.repeat_interleave(self.n_head // self.n_kv, 1)
+            if SDPA_GQA:  # SDPA reads the shared heads itself: no repeated copy of the whole cache per token
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv, 1) for t in (k, v))
         # attn_mask: (B, 1, T, S) bool, True = may attend; None = plain causal (no padding, no cache).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, **gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hd)
         return self.resid_dropout(self.c_proj(y))
 

@@ -123,7 +123,10 @@ def test_rmsnorm_and_swiglu_against_naive():
     torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=0)
 
 
-def test_grouped_query_attention_equals_full_attention_with_shared_kv_heads():
+@pytest.mark.parametrize("in_sdpa", [True, False])  # SDPA's enable_gqa, and the repeat_interleave of torch < 2.5
+def test_grouped_query_attention_equals_full_attention_with_shared_kv_heads(monkeypatch, in_sdpa):
+    import minirlhf.model
+    monkeypatch.setattr(minirlhf.model, "SDPA_GQA", in_sdpa)
     gqa = tiny("llama")
     mha = GPT(dataclasses.replace(gqa.config, n_kv_head=4)).eval()
     state = dict(gqa.state_dict())
