@@ -151,10 +151,9 @@ def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None, z0=0.0):
     B = ref.size(0)
     pi_c, pi_r = logps[:B], logps[B:]
     ref_c, ref_r = ref[:, 0], ref[:, 1]
+    n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)  # response lengths (B,) each
     if args.loss == "ipo" and args.ipo_length_average:  # per-token log-ratios: the margin no longer grows with length
-        n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
         pi_c, pi_r, ref_c, ref_r = pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r
-    n_c, n_r = lens[:B].clamp(min=1), lens[B:].clamp(min=1)
     if args.loss == "simpo":
         losses = simpo_loss(pi_c, pi_r, n_c, n_r, args.beta, args.simpo_gamma)  # (B,)
     elif args.loss == "kto":
