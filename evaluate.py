@@ -11,22 +11,8 @@ mean +- standard error, KL(pi || pi_ref) (sequence level, on the policy's own sa
 pi_ref exp(g/beta)/Z, Ziegler et al. 2019) and the share of that optimum each policy reaches at its own KL.
 --best-of 4 16 64 adds rows bon-4, bon-16, bon-64: the reference's best of n samples under the RM (--reward), at
 the closed-form KL log n - (n - 1)/n, an upper bound on the true KL (Beirami et al. 2024).
-Writes report.json, report.md and (when matplotlib is installed) report.png into --out-dir; see
-minirlhf/evaluation/metrics.py for the estimators.
-
-report.json keys:
-    policies.<name>.{run_dir, gold_mean, gold_sem, kl_mean, kl_sem, win_rate, win_rate_sem, gold_gain,
-                     gold_gain_sem, ref_gold_mean, ref_gold_sem, eos_rate, mean_len,
-                     distinct_2, n_prompts, samples[{prompt, response, eos, length, kl, gold, rm}]}
-                    (win_rate_sem: s.e. of the mean per-prompt outcome 1 / 0.5 / 0; gold_gain = gold_mean -
-                    ref_gold_mean with the paired s.e. of the per-prompt differences)
-                    + {rm_mean, rm_sem, rm_win_rate, rm_win_rate_sem} with --reward
-                    + {frontier_gold, frontier_extrapolated, frac_optimal, frac_optimal_sem} with --frontier
-    policies.bon-<n>  the same keys (run_dir null) + {best_of, kl_is_bound: true}   with --best-of
-    (no gold_* / win_rate / frontier keys on user prompts, which have no gold reward)
-    frontier [{beta, kl, gold, value, ess, ess_min}], frontier_dropped [same], frontier_info {ref_gold, kl_cap,
-    n_prompts, samples_per_prompt, min_ess, n_bootstrap}     with --frontier
-    ref, task, gold (bool), plot (file name or null), args, seconds
+Writes report.json (its keys: docs/runs.md), report.md and report.png into --out-dir; the estimators are in
+minirlhf/evaluation/metrics.py.
 """
 import json
 import os

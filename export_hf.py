@@ -4,19 +4,9 @@ that family (train_sft.py --arch, or one imported with --init-from).
     python export_hf.py out/ppo hf/ppo     # policy  -> GPT2LMHeadModel (LlamaForCausalLM, Qwen2ForCausalLM, ...)
     python export_hf.py out/rm  hf/rm      # reward  -> GPT2ForSequenceClassification (one label; Llama..., ...)
 
-Then, in the transformers world (weights as safetensors; no minirlhf needed):
-
-    model = AutoModelForCausalLM.from_pretrained("hf/ppo"); tok = AutoTokenizer.from_pretrained("hf/ppo")
-    ids = [tok.bos_token_id] + tok(prompt)["input_ids"]    # minirlhf sequences start with BOS; add it yourself
-
-OUT_DIR holds config.json (vocab_size = the model's padded vocabulary, n_positions = its block_size),
-model.safetensors, tokenizer.json, tokenizer_config.json + special_tokens_map.json (BOS/EOS/PAD) and, for a
-policy, generation_config.json (eos/pad ids). A reward model's head bias and normalisation (gain, bias) are folded
-into score.weight and, for GPT-2, ln_f.bias (see minirlhf/interop/hf.py: fold_score), so transformers' score at the
-last non-PAD token of a right-padded row is minirlhf's reward at EOS; the Llama/Qwen family's final RMSNorm has no
-bias, so there the constant is in config.json as minirlhf_score_offset (transformers' score + offset = reward).
-After writing, the export is read back with minirlhf's importer and its logits (scores) are compared with the
-run's on random tokens; the largest difference is printed.
+A reward model's head bias and normalisation are folded into score.weight (and GPT-2's ln_f.bias; the Llama/Qwen
+family records the constant as minirlhf_score_offset in config.json). The export is read back with minirlhf's
+importer and its logits (scores) compared with the run's on random tokens. Files and use: docs/huggingface.md.
 """
 import argparse
 

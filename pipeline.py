@@ -16,14 +16,8 @@
     out/eval  evaluate.py   --policies out/sft out/ppo out/grpo out/dpo --ref out/sft --reward out/rm --frontier
                             --best-of 4 16 64
 
-A stage is skipped (with a message) when it finished before (its metrics.json / report.json exists), the args in
-its config.json equal the ones this command would give it (paths compared resolved, so the same run started from
-another folder or with absolute paths is still up to date), and it is newer than every stage it reads from; so a
-rerun after a crash or after changing one stage's flags redoes only what changed. A stage that was interrupted
-(<out>/<stage>.partial holds an unfinished run with the same args) is continued with --resume instead of
-restarted. Because the extra flags go to every stage, they must be flags that every stage accepts; anything else is
-refused before a stage runs (also with --dry-run). Stopping the pipeline (Ctrl-C, SIGTERM, or its death: Linux
-PR_SET_PDEATHSIG) stops the running stage too.
+A stage that finished with the same args, newer than its inputs, is skipped; an interrupted one is resumed; a flag
+some stage does not accept is refused before anything runs (docs/runs.md has the rules).
 """
 import argparse
 import contextlib

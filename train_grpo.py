@@ -1,27 +1,15 @@
-"""Stage 3 without a critic: GRPO, RLOO and Dr. GRPO against the learned reward model.
+"""Stage 3 without a critic: GRPO, RLOO, Dr. GRPO and today's menu against the learned reward model.
 
     python train_grpo.py                  # RLOO, the default: --policy out/sft --reward out/rm -> out/grpo
     # GRPO as published, then Dr. GRPO (GRPO without the std division and without the 1/|o_i|):
     python train_grpo.py --baseline grpo --scale-by-std --loss-agg sequence --kl-in loss --kl-coef 0.04
     python train_grpo.py --baseline grpo --no-scale-by-std --loss-agg constant --kl-in loss --kl-coef 0.04
+    python train_grpo.py --clip-high 0.28 --loss-agg token --dynamic-sampling --overlong-buffer 8   # DAPO
 
-PPO learns a value model to tell a good token from a bad one. The group methods drop it: each prompt gets k
-samples ("a group"), and a sample's advantage is its sequence reward compared with the rest of its group; every
-token of the sample gets that one number. Which flags are which paper's:
-    GRPO      (Shao et al. 2024, 2402.03300)  --baseline grpo (scale by the group std) --loss-agg sequence
-              --kl-in loss --kl-estimator k3 (beta 0.04 in the paper)
-    Dr. GRPO  (Liu et al. 2025, 2503.20783)   GRPO with --no-scale-by-std and --loss-agg constant: no std division
-              (it over-weights groups whose scores barely differ) and no 1/|o_i| (it favours long bad answers)
-    RLOO      (Ahmadian et al. 2024, 2402.14740)  --baseline rloo --kl-in reward (the KL penalty summed into the
-              sequence reward, as PPO does); the default here, with 2 epochs x 2 minibatches (see docs/grpo.md for
-              the measurements behind the defaults)
-    DAPO      (Yu et al. 2025, 2503.14476)  --clip-high 0.28 --loss-agg token --dynamic-sampling --overlong-buffer N
-    GSPO      (Zheng et al. 2025, 2507.18071)  --pg-loss gspo --loss-agg sequence --clip 3e-4 --clip-high 4e-4
-    CISPO     (MiniMax 2025, 2506.13585)  --pg-loss cispo --clip 1 --clip-high E (a clipped, detached weight)
-    REINFORCE++ (Hu 2025, 2501.03262)  --baseline reinforce++ (or reinforce++-baseline): per-token returns of the
-              KL-shaped reward, normalised over the whole batch
-    truncated IS (Yao et al. 2025)  --tis-cap 2: each token's loss times min(pi_old / pi_sampler, 2)
-Each iteration:
+The group methods drop PPO's value model: each prompt gets k samples ("a group"), and a sample's advantage is its
+sequence reward compared with the rest of its group; every token of the sample gets that one number. Which flags
+are which paper's (also GSPO, CISPO, REINFORCE++, k3+ / unbiased KL, truncated IS), and the measurements behind
+the defaults: docs/grpo.md. Each iteration:
   rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, the same code as PPO's): old and
                      reference log-probs, the RM score at EOS (-penalty without EOS), gold logged only
   advantages         r_i = score_i [- beta * sum_t (log pi_old - log pi_ref)]  (--kl-in reward)

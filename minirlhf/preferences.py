@@ -1,24 +1,17 @@
 """Preference data for the reward model: collect comparisons from the simulated human, batch and score them.
 
-Collection (InstructGPT, Ouyang et al. 2022, 2203.02155, sec. 3.5): for each prompt sample k responses from the
-SFT policy at temperature 1 (no top-k/top-p), and let the annotator label all k-choose-2 pairs. The pairs of one
-prompt stay together (consecutive records, one "group"), so training can put them in the same batch: scoring the k
-responses once serves all k(k-1)/2 comparisons, and the pairs of one prompt, which are strongly correlated, are
-not spread over many steps (InstructGPT found that shuffling them in as independent pairs over-fits).
-
-Truncated samples: a response that did not emit EOS within the budget is left out before pairing: the gold reward
-depends on EOS (a penalty when missing), and the RM would be trained on unfinished answers that PPO replaces by a
-fixed penalty anyway (its "EOS trick"). The count is reported as n_dropped_no_eos.
-
-Token ids: each record keeps the sampled response ids (chosen_ids / rejected_ids, EOS included) and the fingerprint
-of their tokenizer; the RM and DPO train on those ids (response_ids), since decode -> re-encode is not the identity
-under BPE. Users' own files have text only, which is then encoded.
+Collection (InstructGPT, Ouyang et al. 2022, 2203.02155, sec. 3.5): k responses per prompt from the SFT policy at
+temperature 1, and the annotator labels all k-choose-2 pairs. The pairs of one prompt stay together (one "group"),
+so one batch scores the k responses once for all k(k-1)/2 comparisons, and strongly correlated pairs are not
+spread over many steps (InstructGPT found that shuffling them in as independent pairs over-fits). A response
+without EOS within the budget is left out (n_dropped_no_eos): PPO replaces its score by a fixed penalty anyway.
+Records keep the sampled ids (chosen_ids / rejected_ids, EOS included, with the tokenizer's fingerprint), and the
+RM and DPO train on those ids, since decode -> re-encode is not the identity under BPE.
 
 Record written to prefs.jsonl (one per pair):
     {"prompt", "chosen", "rejected", "split": "train" | "test", "chosen_gold", "rejected_gold", "label_prob",
      "chosen_eos", "rejected_eos", "group", "chosen_ids", "rejected_ids", "tokenizer_fingerprint"}
-chosen/rejected are decoded response texts without EOS (starting with the space the model produced);
-label_prob = P(annotator prefers chosen) = task.preference_prob(chosen_gold, rejected_gold).
+chosen/rejected are decoded response texts without EOS; label_prob = P(annotator prefers chosen).
 """
 import itertools
 import json
@@ -36,6 +29,20 @@ from minirlhf.scoring import last_index
 from minirlhf.utils import UserError, autocast
 
 
+def distinct_ended(samples) -> tuple:
+    """(indices of the EOS-ended samples, each distinct response once -- by its token ids, else its text --, the
+    number without EOS, the number of duplicates): a pair of a response with itself carries no preference."""
+    keep, seen, n_no_eos = [], set(), 0
+    for i, s in enumerate(samples):
+        key = tuple(s["tokens"]) if "tokens" in s else s["response"]
+        if not s["eos"]:
+            n_no_eos += 1
+        elif key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep, n_no_eos, len(samples) - n_no_eos - len(keep)
+
+
 def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, tokenizer_fingerprint: str = None):
     """The annotator's labels for all pairs of the distinct, EOS-ended responses of each prompt.
 
@@ -51,16 +58,9 @@ def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, token
     rng = random.Random(f"annotate-{split}-{seed}")
     records, n_no_eos, n_dup, n_same_text = [], 0, 0, 0
     for g, prompt in enumerate(prompts):
-        responses, seen = [], set()
-        for s in samples[g * k:(g + 1) * k]:
-            key = tuple(s["tokens"]) if "tokens" in s else s["response"]
-            if not s["eos"]:
-                n_no_eos += 1
-            elif key in seen:  # the same response twice: a pair of it carries no preference
-                n_dup += 1
-            else:
-                seen.add(key)
-                responses.append(s)
+        group = samples[g * k:(g + 1) * k]
+        keep, no_eos, dup = distinct_ended(group)
+        n_no_eos, n_dup, responses = n_no_eos + no_eos, n_dup + dup, [group[i] for i in keep]
         gold = [task.gold_reward(prompt, s["response"], True) for s in responses]
         for i, j in itertools.combinations(range(len(responses)), 2):
             if responses[i]["response"] == responses[j]["response"]:
@@ -93,16 +93,9 @@ def rank_pairs(prompts, samples, scores, k: int, pairs: str = "all", tokenizer_f
     assert len(samples) == len(scores) == k * len(prompts) and pairs in ("all", "best-worst")
     records, n_no_eos, n_dup = [], 0, 0
     for g, prompt in enumerate(prompts):
-        responses, seen = [], set()
-        for s, r in zip(samples[g * k:(g + 1) * k], scores[g * k:(g + 1) * k]):
-            key = tuple(s["tokens"])
-            if not s["eos"]:
-                n_no_eos += 1
-            elif key in seen:
-                n_dup += 1
-            else:
-                seen.add(key)
-                responses.append((s, float(r)))
+        keep, no_eos, dup = distinct_ended(samples[g * k:(g + 1) * k])
+        n_no_eos, n_dup = n_no_eos + no_eos, n_dup + dup
+        responses = [(samples[g * k + i], float(scores[g * k + i])) for i in keep]
         if pairs == "best-worst":
             ranked = sorted(responses, key=lambda x: x[1])
             candidates = [(ranked[-1], ranked[0])] if len(ranked) >= 2 else []

@@ -17,7 +17,7 @@ import evaluate
 from minirlhf.harness.checkpoint import save_run
 from minirlhf.evaluation.metrics import (bootstrap_frontiers, distinct_n, estimate_frontier, fraction_of_optimal,
                                          fraction_of_optimal_sem, frontier_gold_at, paired_gain, paired_win_rate_sem,
-                                         frontier_points, mean_sem, optimal_policy_estimate, paired_win_rate,
+                                         frontier_points, mean_sem, optimal_policy_estimate,
                                          policy_metrics, reward_weights)
 from minirlhf.sampling import reward_model_scores, sample_policy
 from minirlhf.model import GPT, GPTConfig, ScalarModel
@@ -292,11 +292,11 @@ def test_frontier_interpolation_and_duality_bound_bracket_the_exact_frontier():
 
 # ----------------------------------------------------------------------------------------------- small statistics
 def test_paired_win_rate_counts_ties_half():
-    assert paired_win_rate([1, 2, 3, 3], [0, 2, 4, 1]) == pytest.approx(2.5 / 4)
-    assert paired_win_rate([1.0] * 5, [1.0] * 5) == 0.5
-    assert paired_win_rate([0, 0], [1, 1]) == 0.0
+    assert paired_win_rate_sem([1, 2, 3, 3], [0, 2, 4, 1])[0] == pytest.approx(2.5 / 4)
+    assert paired_win_rate_sem([1.0] * 5, [1.0] * 5)[0] == 0.5
+    assert paired_win_rate_sem([0, 0], [1, 1])[0] == 0.0
     with pytest.raises(AssertionError):
-        paired_win_rate([1, 2], [1])
+        paired_win_rate_sem([1, 2], [1])
 
 
 def test_win_rate_sem_is_the_sem_of_per_prompt_outcomes():
@@ -305,7 +305,7 @@ def test_win_rate_sem_is_the_sem_of_per_prompt_outcomes():
     n, p = len(outcomes), sum(outcomes) / len(outcomes)
     var = sum((o - p) ** 2 for o in outcomes) / (n - 1)
     rate, sem = paired_win_rate_sem(a, b)
-    assert rate == pytest.approx(p) and rate == pytest.approx(paired_win_rate(a, b))
+    assert rate == pytest.approx(p)
     assert sem == pytest.approx(math.sqrt(var / n))
     # without ties it is the binomial s.e. sqrt(p (1 - p) / n), with the n - 1 variance
     a, b = [1, 0, 1, 1, 0, 1, 1, 1], [0.5] * 8

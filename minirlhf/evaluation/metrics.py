@@ -14,9 +14,7 @@ maximises E[g] - beta * KL(pi || pi_ref) is pi*(y|x) = pi_ref(y|x) exp(g(y)/beta
 follow from reference samples by self-normalised importance weighting (see optimal_policy_estimate), which traces
 the best gold reward any policy can reach at each KL -- the yardstick for PPO and DPO.
 
-The pure estimators (mean_sem, paired_win_rate, paired_win_rate_sem, paired_gain, distinct_n,
-optimal_policy_estimate, frontier_points, frontier_gold_at) take lists/tensors and are unit-tested against exact
-enumeration or naive computations in tests/test_evaluate.py.
+The estimators take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
 """
 import math
 
@@ -37,16 +35,6 @@ def mean_sem(xs):
     assert n > 0
     sem = float(xs.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     return float(xs.mean()), sem
-
-
-_mean_sem = mean_sem  # the name earlier stages imported
-
-
-def paired_win_rate(scores_a, scores_b) -> float:
-    """Fraction of paired comparisons (same prompt, one sample each) that a wins; ties count half."""
-    assert len(scores_a) == len(scores_b) and len(scores_a) > 0
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b))
-    return wins / len(scores_a)
 
 
 def win_outcomes(scores_a, scores_b) -> list:
@@ -87,12 +75,9 @@ def optimal_policy_estimate(gold, beta: float) -> dict:
         KL(pi* || pi_ref) = E*[log pi*/pi_ref] = E*[g]/beta - log Z
         ESS = 1 / sum_k w_k^2   (Kish's effective sample size: how many samples carry the weight)
     then averaged over prompts (the optimum is per prompt; the frontier is its average over the prompt set).
-    The KL estimate equals log K - H(w), so it can never exceed log K: as beta -> 0 it saturates into best-of-K
-    and the ESS -> 1. For finite K both estimates are biased low: E*[g] towards the reference's (the best outcomes
-    are under-sampled) and the KL too (it saturates at log K while the true KL grows without bound). With Gaussian
-    gold (exact V(c) = sqrt(2c)) and 1,024 samples per prompt the estimated points lie slightly below the true
-    curve, so a policy's "fraction of the optimum" is, if anything, flattered; frontier_points keeps only points
-    whose worst prompt has enough effective samples, where that bias is small.
+    The KL estimate equals log K - H(w), so it can never exceed log K (as beta -> 0 it saturates into best-of-K,
+    ESS -> 1), and for finite K both estimates are biased low; frontier_points keeps only points whose worst
+    prompt has enough effective samples, where that bias is small (docs/results.md: how good the estimate is).
     "value" = an upper estimate of the optimum of E[g] - beta * KL, beta log Z, for frontier_gold_at's bound past
     the measured range: log Z of the sample mean is biased low by Jensen's inequality, by about half its
     delta-method variance v = Var(Z_hat) / Z^2 ~= 1/ESS - 1/K per prompt, which is added back, and two standard
@@ -149,11 +134,7 @@ def frontier_gold_at(frontier, kl: float, ref_gold: float):
     bound). Beyond the largest estimated KL: the duality bound. For every beta, max_pi E[g] - beta * KL = beta log Z,
     so no policy with KL c can beat beta log Z + beta c ("value" + beta c, with log Z's Jensen bias added back);
     the smallest of these over the points is an upper bound on V(c) up to estimation noise (whose size
-    bootstrap_frontiers measures), and a fraction of the optimum computed from it is a lower bound. Measured on
-    Gaussian gold (exact V(c) = sqrt(2c), 32 prompts x 1,024 samples, points kept on the worst prompt's ESS >= 10,
-    20 seeds): from 1.5x the measured KL on, the bound is above V(c) in every seed (by 0.7% at the least, 14% on
-    average at c = 3.84); just past the range (1.1x) it can fall 0.4% short. Kept on the mean ESS and without the
-    correction it gave 2.71 at c = 3.84 against the true 2.77: not a bound.
+    bootstrap_frontiers measures), and a fraction of the optimum computed from it is a lower bound.
     Returns (gold, extrapolated: bool)."""
     if kl <= 0 or not frontier:
         return ref_gold, False
@@ -264,11 +245,27 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
     kl = [a - b for a, b in zip(pol_logp, ref_logp)]
     for s, k in zip(samples, kl):
         s["kl"] = k
-    n = len(samples)
-    m = {"n_prompts": n}
+    m = {"n_prompts": len(samples)}
     m["kl_mean"], m["kl_sem"] = mean_sem(kl)
+    rm = ref_rm = None
+    if reward_model is not None:
+        rm, ref_rm = [reward_model_scores(reward_model, tok, ss, **kw) for ss in (samples, ref_samples)]
+    paired_metrics(m, samples, task, gold_scores(task, ref_samples) if task is not None else None, rm,
+                   ref_rm)
+    if reward_model is not None and missing_eos_penalty is not None:
+        for key, ss, rr in (("score_mean", samples, rm), ("ref_score_mean", ref_samples, ref_rm)):
+            eos = torch.tensor([s["eos"] for s in ss])
+            m[key] = score_with_eos_penalty(torch.tensor(rr), eos, missing_eos_penalty).mean().item()
+    m["scoring_padding_share"] = pad.get("scoring_padding_share", 0.0)
+    return m
+
+
+def paired_metrics(m: dict, samples, task, ref_gold, rm, ref_rm):
+    """Into m: the gold keys (with a task; ref_gold = the paired reference samples' gold), the RM keys (with rm and
+    ref_rm, the two sides' RM scores), then eos_rate, mean_len, distinct_2. Each sample gets its "gold" / "rm"."""
+    n = len(samples)
     if task is not None:
-        gold, ref_gold = gold_scores(task, samples), gold_scores(task, ref_samples)
+        gold = gold_scores(task, samples)
         for s, g in zip(samples, gold):
             s["gold"] = g
         m["gold_mean"], m["gold_sem"] = mean_sem(gold)
@@ -278,23 +275,15 @@ def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_mod
         parts = gold_parts(task, samples)
         if parts:  # which parts of the gold reward the policy moved (sentiment up, repeats up, ...)
             m["gold_parts"] = mean_parts(parts)
-    if reward_model is not None:
-        rm, ref_rm = reward_model_scores(reward_model, tok, samples, **kw), \
-            reward_model_scores(reward_model, tok, ref_samples, **kw)
+    if rm is not None:
         for s, r in zip(samples, rm):
             s["rm"] = r
         m["rm_mean"], m["rm_sem"] = mean_sem(rm)
         m["ref_rm_mean"] = sum(ref_rm) / n
         m["rm_win_rate"], m["rm_win_rate_sem"] = paired_win_rate_sem(rm, ref_rm)
-        if missing_eos_penalty is not None:
-            for key, ss, rr in (("score_mean", samples, rm), ("ref_score_mean", ref_samples, ref_rm)):
-                eos = torch.tensor([s["eos"] for s in ss])
-                m[key] = score_with_eos_penalty(torch.tensor(rr), eos, missing_eos_penalty).mean().item()
     m["eos_rate"] = sum(s["eos"] for s in samples) / n
     m["mean_len"] = sum(s["length"] for s in samples) / n
     m["distinct_2"] = distinct_n([s["response"] for s in samples], 2)
-    m["scoring_padding_share"] = pad.get("scoring_padding_share", 0.0)
-    return m
 
 
 @torch.no_grad()
@@ -395,22 +384,7 @@ def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_
         pick = best_of_n_select(score, n).tolist()
         chosen = [dict(samples[i * N + j], rm=float(rm[i * N + j]), kl=best_of_n_kl(n)) for i, j in enumerate(pick)]
         m = {"n_prompts": P, "best_of": n, "kl_mean": best_of_n_kl(n), "kl_sem": 0.0, "kl_is_bound": True}
-        if task is not None:
-            gold = gold_scores(task, chosen)
-            for s, g in zip(chosen, gold):
-                s["gold"] = g
-            m["gold_mean"], m["gold_sem"] = mean_sem(gold)
-            m["ref_gold_mean"], m["ref_gold_sem"] = mean_sem(ref_gold)
-            m["win_rate_vs_ref"], m["win_rate_vs_ref_sem"] = paired_win_rate_sem(gold, ref_gold)
-            m["gold_gain"], m["gold_gain_sem"] = paired_gain(gold, ref_gold)  # paired by prompt, as policy_metrics
-            parts = gold_parts(task, chosen)
-            if parts:
-                m["gold_parts"] = mean_parts(parts)
-        m["rm_mean"], m["rm_sem"] = mean_sem([s["rm"] for s in chosen])
-        m["rm_win_rate"], m["rm_win_rate_sem"] = paired_win_rate_sem([s["rm"] for s in chosen], ref_rm)
-        m["eos_rate"] = sum(s["eos"] for s in chosen) / P
-        m["mean_len"] = sum(s["length"] for s in chosen) / P
-        m["distinct_2"] = distinct_n([s["response"] for s in chosen], 2)
+        paired_metrics(m, chosen, task, ref_gold, [s["rm"] for s in chosen], ref_rm)
         m["samples"] = chosen
         out[n] = m
     return out

@@ -1,23 +1,13 @@
 """Data parallelism under torchrun: the process group, one device per rank, collectives, "rank 0 only".
 
     torchrun --standalone --nproc_per_node 2 train_sft.py ...        # one node, 2 processes (GPUs or CPU)
-    torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 --nproc_per_node 8 ...
 
-torchrun starts one process per rank and sets RANK, LOCAL_RANK, WORLD_SIZE (and MASTER_ADDR/PORT); setup() finds
-them, joins the process group (NCCL on CUDA, gloo on the CPU) and returns this rank's device (`--device cuda` ->
-cuda:LOCAL_RANK). Without them (a plain `python train_x.py`) nothing changes: world size 1, no process group, every
-helper below is the identity, so a one-process run computes exactly what it would without this module.
-
-How the scripts use it (data parallelism, DistributedDataParallel):
-  * every rank draws the same global batch (same seed), takes its shard (shard()), and DDP averages the gradients.
-    A loss that is a mean per rank is then not the global mean when shards differ in size (tokens, pairs), so the
-    scripts normalise by the global count (global_mean).
-  * statistics that define the update (PPO's advantage whitening, the KL fed to the adaptive beta) are all-reduced
-    (losses.masked_* with all_reduce=dist.all_reduce_sum).
-  * sampling is sharded by batch index (each batch keeps its own seed), results are gathered in order.
-  * only rank 0 prints, shows progress, writes metrics, checkpoints and the run directory (runs.Run).
-A failing rank raises as usual (utils.run: one line, exit 2); torchrun then stops the other ranks, and the
-process group's timeout ends a collective that waits for a rank that is gone.
+setup() reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE, joins the process group (NCCL on CUDA, gloo on the CPU)
+and returns this rank's device (cuda:LOCAL_RANK). Without them (a plain `python train_x.py`) world size is 1, there
+is no process group and every helper below is the identity, so a one-process run computes exactly what it would
+without this module. Every rank draws the same global batch and trains on its shard(); losses are normalised by
+the global count (global_mean) because DDP averages gradients; statistics that define the update are all-reduced;
+sampling is sharded by batch and gathered in order; only rank 0 writes. What is guaranteed: docs/multi-gpu.md.
 """
 import atexit
 import builtins

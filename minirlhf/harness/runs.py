@@ -1,30 +1,10 @@
 """Run directories that are finished in one atomic step, resumable after a crash, and never hold NaN weights.
 
-A stage builds its run in a staging folder beside the target, `<out_dir>.partial/`: metrics.jsonl, the resume
-checkpoint (resume.pt) and every final file go there. Run.finish() writes metrics.json last and then swaps the
-staging folder into place:
-
-    out_dir -> out_dir.replaced     (only if an earlier run is there)
-    out_dir.partial -> out_dir
-    delete out_dir.replaced
-
-so a reader sees the complete old run or the complete new one, never a mix. A crash between the
-two renames leaves out_dir missing beside a complete out_dir.partial and out_dir.replaced; recover() finishes the
-swap (every Run and every load_run calls it) -- only with a staging folder whose finish() had begun (run.json
-gone, metrics.json or report.json written); otherwise it puts the old run back. A run killed before finish() leaves
-the earlier run untouched.
-
-Safety of the output location: it may not equal, contain or lie inside any input of the run (a run directory, a data
-or prefs file); an existing folder there is replaced only when it is a finished minirlhf run (or an evaluation
-report) or empty, never a folder of the user's own files; and one run at a time holds it (an exclusive lock on
-.<name>.lock beside it, for the run's lifetime). A fresh run that stops with an error before its first resume
-checkpoint removes its staging folder (there is nothing in it to resume).
-
-Resume: every --save-interval steps a stage saves resume.pt (models, optimizer, step, RNG states, its own extras)
-into the staging folder; --resume continues from it and refuses when the saved args differ from the new ones in
-anything but --resume / --save-interval (a run killed before its first checkpoint starts over but keeps its staging
-files: the RM's collected preferences, DPO's reference log-probs). run.json in the staging folder holds those args (pipeline.py reads it to
-decide whether to pass --resume).
+A stage writes into a staging folder `<out_dir>.partial/` (metrics.jsonl, resume.pt, every final file);
+Run.finish() writes metrics.json last and swaps the folder into place (out_dir -> out_dir.replaced, .partial ->
+out_dir, delete .replaced), and recover() completes a swap a crash interrupted. The output location is checked
+against the run's inputs, locked for the run's lifetime, and replaced only when it holds a finished run. resume.pt
+(saved every --save-interval steps) continues a run with the same args. The protocol in full: docs/runs.md.
 """
 import atexit
 import dataclasses

@@ -1,22 +1,14 @@
 """Hugging Face checkpoints in and out: safetensors read and written by hand, GPT-2's names and layouts here and
 the Llama/Qwen family's in llama.py, directories (config.json, weights, tokenizer) for both.
 
-safetensors (the format of `model.safetensors`): 8 bytes little-endian header length N, N bytes of JSON
-{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then one byte buffer holding
-every tensor row-major, little-endian, back to back (offsets relative to the buffer). Nothing in it is executed;
-pickled `.bin` / `.pt` files are refused for that reason (unpickling runs code chosen by the file's author).
+safetensors: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype", "shape", "data_offsets":
+[begin, end]}, "__metadata__": {str: str}}, then one buffer of every tensor, row-major, little-endian, back to
+back. Nothing in it is executed; pickled `.bin` / `.pt` files are refused for that reason.
 
-GPT-2 in Hugging Face's layout (GPT2LMHeadModel / GPT2Model / GPT2ForSequenceClassification):
-  * names: [transformer.]wte, wpe, h.{i}.ln_1, h.{i}.attn.c_attn, h.{i}.attn.c_proj, h.{i}.ln_2, h.{i}.mlp.c_fc,
-    h.{i}.mlp.c_proj, ln_f, optional lm_head (tied to wte), score (sequence classification). Our GPT uses the same
-    names under `transformer.`; the gpt2 checkpoint on the Hub is a GPT2Model, stored without that prefix.
-  * c_attn, c_proj and c_fc are `Conv1D` modules: weight (in, out), the transpose of nn.Linear's (out, in).
-    attn.c_proj is square, so forgetting to transpose it raises no shape error; the model is just wrong.
-  * attn.bias / attn.masked_bias are causal-mask buffers, not weights: ignored.
-
-The tokenizer follows GPT-2's convention (tokenizer.py): <|endoftext|> is BOS and EOS, a <|pad|> is added, and the
-embedding grows to cover it (new rows = the mean embedding, so the new token starts as an "average" token rather
-than a random direction; Hewitt 2021, "Initializing new word embeddings for pretrained language models").
+GPT-2 (GPT2LMHeadModel / GPT2Model / GPT2ForSequenceClassification) uses our names, under `transformer.` (the Hub's
+gpt2 is a GPT2Model, stored without the prefix), with lm_head tied to wte and `score` for a reward model. Its c_attn,
+c_proj and c_fc are `Conv1D`: weight (in, out), the transpose of nn.Linear's. attn.c_proj is square, so forgetting
+to transpose it raises no shape error; the model is just wrong. attn.bias / masked_bias are mask buffers: ignored.
 """
 import dataclasses
 import json
@@ -152,16 +144,19 @@ def write_safetensors(path, tensors: dict, metadata: dict = None):
 
 # ------------------------------------------------------------------------------------------------ GPT-2 layout
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
-BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                "mlp.c_proj.weight", "mlp.c_proj.bias")
 IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers some files carry
 
 
-def trunk_names(n_layer: int) -> list:
-    """GPT-2 trunk parameter names without the `transformer.` prefix."""
-    return (["wte.weight", "wpe.weight"] + [f"h.{i}.{p}" for i in range(n_layer) for p in BLOCK_PARAMS]
-            + ["ln_f.weight", "ln_f.bias"])
+def gpt2_shapes(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> dict:
+    """{name without `transformer.`: shape} of a GPT-2 trunk in HF's (Conv1D) layout, in the checkpoint's order."""
+    C = n_embd
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C),
+             "mlp.c_proj.bias": (C,)}
+    return {"wte.weight": (vocab_size, C), "wpe.weight": (n_positions, C),
+            **{f"h.{i}.{p}": s for i in range(n_layer) for p, s in block.items()},
+            "ln_f.weight": (C,), "ln_f.bias": (C,)}
 
 
 def check_gpt2_config(hf: dict, where: str) -> dict:
@@ -197,13 +192,8 @@ def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
         by_name = llama.unprefixed(tensors, "transformer.")
     except ValueError as e:
         raise HFError(f"{where}: {e}") from None
-    n_layer, C, V = hf["n_layer"], hf["n_embd"], hf["vocab_size"]
-    expected = {"wte.weight": (V, C), "wpe.weight": (hf["n_positions"], C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-             "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C),
-             "mlp.c_proj.bias": (C,)}
-    expected.update({f"h.{i}.{p}": s for i in range(n_layer) for p, s in block.items()})
+    n_layer, C = hf["n_layer"], hf["n_embd"]
+    expected = gpt2_shapes(n_layer, C, hf["vocab_size"], hf["n_positions"])
     extra = sorted(k for k in by_name if k not in expected and k not in ("lm_head.weight", "score.weight")
                    and not IGNORED.fullmatch(k))
     if extra:
@@ -241,11 +231,10 @@ def gpt2_to_hf(state: dict, cfg: GPTConfig) -> dict:
     layout), float32. lm_head is left out (tied; transformers re-ties it). A model without biases (bias=False)
     gets zero biases: exactly the same function."""
     out = {}
-    for name in trunk_names(cfg.n_layer):
+    for name, shape in gpt2_shapes(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.block_size).items():
         t = state.get("transformer." + name)
         if t is None:  # bias=False: LayerNorm / Linear without a bias == with a zero bias
-            shape = {"attn.c_attn.bias": 3 * cfg.n_embd, "mlp.c_fc.bias": 4 * cfg.n_embd}
-            t = torch.zeros(next((v for k, v in shape.items() if name.endswith(k)), cfg.n_embd))
+            t = torch.zeros(shape)
         t = t.detach().float().cpu()
         out["transformer." + name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
     return out
@@ -253,8 +242,8 @@ def gpt2_to_hf(state: dict, cfg: GPTConfig) -> dict:
 
 def grow_vocab(state: dict, n_tokens: int) -> int:
     """Make room for n_tokens (the tokenizer's vocabulary, PAD included) in wte and an untied lm_head: round up to
-    a multiple of 64 as train_sft.py does (tensor-core friendly) and fill new rows with the mean row. Returns the
-    size."""
+    a multiple of 64 as train_sft.py does (tensor-core friendly) and fill new rows with the mean row, so a new token
+    starts as an "average" token, not a random direction (Hewitt 2021). Returns the size."""
     wte = state["transformer.wte.weight"]
     if n_tokens <= wte.size(0):
         return wte.size(0)
@@ -442,16 +431,14 @@ def hf_config(cfg: GPTConfig, tok: Tokenizer, reward: bool) -> dict:
     if export_layout(cfg) != "gpt2":
         c = llama.config_to_hf(cfg, reward)
         c.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        if reward:
-            c.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-        return c
-    c = {"architectures": ["GPT2ForSequenceClassification" if reward else "GPT2LMHeadModel"], "model_type": "gpt2",
-         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-         "attn_pdrop": 0.0, "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
-         "use_cache": True, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
-         "torch_dtype": "float32"}
+    else:
+        c = {"architectures": ["GPT2ForSequenceClassification" if reward else "GPT2LMHeadModel"],
+             "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+             "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+             "attn_pdrop": 0.0, "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
+             "use_cache": True, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+             "torch_dtype": "float32"}
     if reward:
         c.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return c
