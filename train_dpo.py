@@ -31,7 +31,7 @@ from minirlhf.evaluation.metrics import compare_on_test_prompts
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar
 from minirlhf.harness.cli import arg, parse_args, run
-from minirlhf.harness.stage import Stage
+from minirlhf.harness.stage import Stage, Stats
 from minirlhf.model import compile_model
 from minirlhf.preferences import (bayes_accuracy, encode_splits, has_gold_columns, split_prefs, subsample,
                                   token_id_counts)
@@ -185,8 +185,9 @@ def main(argv=None):
                 extra["test_stats"] = dpo.test_pair_stats(model, test_pairs, ref_test, args, tok, device, dtype)
             if step % args.log_interval == 0 or last:
                 st.check({}, step0 + step)  # a NaN stops the run here, before anything is logged or saved
-                stats = dpo.stats_to_host({**{k: dist.mean_over_ranks(v) for k, v in stats.items()},
-                                           "grad_norm": grad_norm})  # each rank's part -> the global batch's
+                host = Stats()  # each rank's part -> the global batch's, in one transfer
+                host.add(**stats, grad_norm=grad_norm)
+                stats = host.host()
                 row = {"step": step0 + step, "epoch": (step + 1) / steps_per_epoch, **stats, **extra["test_stats"],
                        "lr": lr, "elapsed_s": st.elapsed(), **({"round": rnd + 1} if args.rounds > 1 else {})}
                 st.log(row, step0 + step)

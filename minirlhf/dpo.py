@@ -22,6 +22,7 @@ import torch
 from minirlhf.data import collate_sft, in_input_order, length_batches
 from minirlhf.harness import dist
 from minirlhf.harness.files import torch_save
+from minirlhf.harness.stage import Stats
 from minirlhf.losses import kto_loss, kto_reference_point, preference_loss, simpo_loss
 from minirlhf.preferences import encode_pairs, rank_pairs
 from minirlhf.sampling import reward_model_scores, sample_many
@@ -132,16 +133,11 @@ def global_divisors(chosen_mask, n_pairs: int) -> dict:
 def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None, z0=0.0):
     """The training objective and the usual DPO diagnostics for one batch.
 
-    n_pairs, n_tokens: the divisors of the pair means and of the chosen responses' per-token NLL, by default this
-    batch's counts. Under torchrun each rank passes (global count) / world size: DDP averages the gradients over
-    ranks, so the ranks together then follow the gradient of the whole global batch's loss, also when their
-    shards hold different numbers of tokens; loss and stats are this rank's part (their sum over ranks divided
-    by the world size is the global batch's value).
-
     logps, lens (2B,) = policy log-probs and lengths of [chosen; rejected]; ref (B, 2) reference log-probs.
-    Returns (loss, stats), stats as 0-d tensors (stats_to_host turns them into floats): rewards/* = beta *
-    log-ratio (the implicit reward of Rafailov et al., eq. 5, up to beta log Z(x)); accuracy = share of pairs whose
-    implicit reward ranks chosen first (ties half).
+    n_pairs, n_tokens: the divisors of the pair means and of the NLL, by default this batch's counts; under
+    torchrun global_divisors', so loss and stats are this rank's part of the global batch's (DDP averages).
+    Returns (loss, stats), stats as 0-d tensors: rewards/* = beta * log-ratio (the implicit reward of Rafailov et
+    al., eq. 5, up to beta log Z(x)); accuracy = share of pairs whose implicit reward ranks chosen first (ties half).
     The NLL term (args.nll_coef; RPO, Pang et al. 2024, pooled per token over the batch): plain DPO constrains only
     the difference of two log-ratios, and pushing a rejected response down raises every other token's probability
     (the "squeezing" of Ren & Sutherland 2024, 2407.10490), most of all the tokens the data never uses; the NLL of
@@ -167,7 +163,7 @@ def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None, z0=0.0):
     nll = -logps[:B].sum() / (lens[:B].sum().clamp(min=1) if n_tokens is None else n_tokens)
     if args.nll_coef:
         loss = loss + args.nll_coef * nll
-    with torch.no_grad():  # tensors, not floats: no host sync per step (stats_to_host once per log step)
+    with torch.no_grad():  # tensors, not floats: no host sync per step (Stats.host once per log step)
         if args.loss == "simpo":  # SimPO's implicit reward: no reference
             r_c, r_r = args.beta * pi_c / n_c, args.beta * pi_r / n_r
         else:
@@ -197,11 +193,6 @@ def kto_z0(model, ref_model, pairs, pad_id: int, device, dtype, banned=None):
     return kto_reference_point(pi, ref, all_reduce=dist.all_reduce_sum)
 
 
-def stats_to_host(stats: dict) -> dict:
-    """{name: 0-d tensor} -> {name: float} in one device-to-host transfer."""
-    return dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
-
-
 @torch.no_grad()
 def test_pair_stats(model, pairs, ref, args, tok, device, dtype):
     """The same diagnostics on the test pairs (pair-weighted means over all of them), prefixed 'test/'."""
@@ -209,7 +200,9 @@ def test_pair_stats(model, pairs, ref, args, tok, device, dtype):
     logps, lens = all_pair_logps(model, pairs, tok.pad_id, device, dtype, args.eval_batch_size,
                                  tok.unsampleable_ids(model.config.vocab_size), stats=pad)
     _, stats = dpo_step_loss(torch.cat([logps[:, 0], logps[:, 1]]), torch.cat([lens[:, 0], lens[:, 1]]), ref, args)
-    return {f"test/{k}": v for k, v in {**stats_to_host(stats), **pad}.items()}
+    host = Stats()
+    host.add(**stats)
+    return {f"test/{k}": v for k, v in {**host.host(), **pad}.items()}
 
 
 def online_pairs(model, ref_model, reward_model, tok, task, args, rnd: int, device, dtype, out: Path = None):

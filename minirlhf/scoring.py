@@ -27,16 +27,10 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 
 
 # How far the first PPO ratio pi_new / pi_old (and exp of the gap between the KV-cache sampling log-probs and the
-# full-forward scoring pass) may stray from 1 before it means a bug rather than rounding, per autocast dtype: the
-# largest |ratio - 1| over the valid tokens of the first minibatch (same weights, nothing updated yet).
-# float32: both passes are exact up to summation order (~1e-6).
-# bfloat16: the lm_head is float32 (GPT.logits) but the trunk's activations are rounded to bf16 (relative step
-# 2^-8) in matmuls whose shapes and reduction order differ between the one-token cached step and the full forward.
-# Measured on the CPU (tests/test_gpu_paths.py and models up to 4 x 128 wide, vocab 512, 40 tokens): largest gap
-# 0.004-0.008 nats, mean 1e-4 (with a bf16 lm_head the mean is 30x larger, 3e-3); trimmed minibatch vs full
-# batch: 0 on the CPU. 0.05 leaves 6x headroom for GPU kernels choosing other reduction orders per shape, and still
-# catches real mismatches: a wrong temperature, an off-by-one column or shifted positions move log-probs by tenths
-# to whole nats.
+# full-forward scoring pass) may stray from 1 before it means a bug rather than rounding (largest |ratio - 1| over
+# the first minibatch's tokens). float32: exact up to summation order (~1e-6). bfloat16: measured 0.004-0.008
+# nats on the CPU; 0.05 leaves room for GPU kernels' other reduction orders and still catches real mismatches (a
+# wrong temperature or an off-by-one column moves log-probs by tenths of a nat). Measurements: docs/performance.md.
 RATIO_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.05}
 
 # Float32 logits held at once by the chunked log-prob path: 2^24 values = 64 MB, 333 rows at vocab 50,304

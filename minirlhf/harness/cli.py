@@ -137,11 +137,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-# What TF32 costs in the float32 heads (lm_head, the scalar heads): inputs rounded to 10 mantissa bits, products
-# summed in float32. Emulated on the CPU at GPT-2's width (tests/test_gpu_paths.py), sampled tokens' log-probs move
-# by 7e-4 nats on average (IEEE float32: 1e-6; bf16 inputs: 6e-3; a bf16 head: 2e-2), 70x below the first-ratio
-# tolerance under bf16 (scoring.RATIO_TOLERANCE, 0.05) and 25x below what a bf16 head costs; TF32 runs at about
-# half of bf16's tensor-core rate, IEEE float32 at ~1/15 on an H100/H200. Hence tf32 by default under bf16 on CUDA.
+# TF32 in the float32 heads moves sampled tokens' log-probs by 7e-4 nats (emulated on the CPU at GPT-2's width),
+# 70x below the bf16 first-ratio tolerance, at about half of bf16's rate (docs/performance.md has the table).
 def set_head_precision(choice: str, device: str, dtype: str) -> str:
     """--head-precision: 'auto' -> tf32 under bfloat16 on CUDA, ieee otherwise (the CPU has no TF32; under float32
     the run asked for exact float32). Sets torch's CUDA TF32 switch accordingly; returns the choice."""
