@@ -60,11 +60,12 @@ class Args:
     frontier_prompts: int = arg(32, "prompts for the frontier (the first of the evaluation prompts)", "> 0")
     frontier_samples: int = arg(1024, "reference samples per frontier prompt (the frontier reaches KL < log of it)",
                                 ">= 2 (the frontier reweights several samples)")
-    betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)")
+    betas: list[float] = arg([], "beta sweep for the frontier (empty = 24 values from 5 down to 0.02)", "> 0")
     min_ess: float = arg(10.0, "drop frontier points whose effective sample size per prompt is below this",
                          ">= 1 (an effective sample size)")
     # best-of-n
-    best_of: list[int] = arg([], "best-of-n rows (e.g. 4 16 64): the reference's best of n samples under --reward")
+    best_of: list[int] = arg([], "best-of-n rows (e.g. 4 16 64): the reference's best of n samples under --reward",
+                             ">= 1")
     missing_eos_penalty: float = arg(2.0, "best-of-n: a sample without EOS scores -penalty under the RM (as in RL)")
 
 
@@ -273,19 +274,12 @@ def report_row(m: dict, samples: list, n_show: int) -> dict:
     return {**m, "samples": [{k: s[k] for k in keep if k in s} for s in samples[:n_show]]}
 
 
-def validate(args: Args):
-    """Every flag's range, before any work (one line naming the flag, exit 2)."""
+def main(argv=None):
+    args = parse_args(Args, argv)
     check(bool(args.policies), "--policies: name at least one policy run directory")
-    check(all(b > 0 for b in args.betas), f"--betas {' '.join(map(str, args.betas))}: must all be > 0")
     check(not (args.frontier and args.prompts), "--frontier needs the gold reward of a built-in task; it cannot run on "
           "--prompts data")
     check(not (args.best_of and not args.reward), "--best-of needs --reward (the RM picks the best of n samples)")
-    check(all(n >= 1 for n in args.best_of), "--best-of: every n must be >= 1")
-
-
-def main(argv=None):
-    args = parse_args(Args, argv)
-    validate(args)
     device = dist.setup(resolve_device(args.device))  # under torchrun: joins the process group, cuda:LOCAL_RANK
     dtype = resolve_dtype(args.dtype, device)
     set_head_precision(args.head_precision, device, dtype)

@@ -11,13 +11,10 @@ The policy's implicit reward beta * log(pi / ref) is fitted to the labels by a c
 delta = log-ratio(chosen) - log-ratio(rejected) (Rafailov et al. 2023; minirlhf/dpo.py, losses.py). Each step:
   reference log-probs   computed once with the starting policy before training, cached in ref_logps.pt
   pairs                 a shuffled batch of pairs, chosen and rejected in one forward (summed response log-probs)
-  loss                  DPO / IPO / hinge on delta, + --nll-coef x the chosen responses' per-token NLL (RPO style:
-                        plain DPO pushes the probability of unused tokens up; docs/results.md has the numbers);
-                        SimPO on the length-normalised log-probs; KTO on each half against its reference point z0
-                        (the batch's prompts with mismatched responses, scored by the policy and a frozen reference)
---rounds N: each later round samples --round-k responses per fresh train prompt from the current policy, lets the
-reward model --reward (never the gold reward) rank them into pairs (round<N>_prefs.jsonl), and trains on those
-against the same reference.
+  loss                  DPO / IPO / hinge on delta (+ --nll-coef x the chosen responses' per-token NLL, RPO);
+                        SimPO on length-normalised log-probs; KTO on each half against its reference point z0
+--rounds N: later rounds train on --round-k fresh samples per prompt of the current policy, ranked into pairs by
+the reward model --reward (never the gold reward), against the same reference.
 """
 import copy
 import math

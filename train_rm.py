@@ -5,9 +5,8 @@
     python train_rm.py --device cuda --n-prompts 20000 --batch-size 256   # same script, bigger
     torchrun --standalone --nproc_per_node 2 train_rm.py ...   # sampling and training sharded across 2 processes
 
-Writes out/rm: model.pt + config.json + tokenizer.json (load with checkpoint.load_scalar; the gain/bias buffers
-normalise rewards of fresh SFT samples to mean 0, std 1), prefs.jsonl (train and test pairs), metrics.jsonl and
-metrics.json. The reward of a sequence is the scalar head read at its EOS token (scoring.reward_at_eos).
+Writes out/rm: model.pt (a ScalarModel whose gain/bias normalise fresh SFT samples' rewards to mean 0, std 1, read
+at the EOS token: scoring.reward_at_eos), config.json, tokenizer.json, prefs.jsonl, metrics.jsonl, metrics.json.
 """
 import math
 import time

@@ -1,16 +1,12 @@
 """DPO's pieces around its loss: the pairs as batches, their log-probs under a policy, the reference log-probs computed
 once and cached, the per-batch objective with the usual diagnostics, and the fresh pairs of online rounds.
 
-Rafailov et al. 2023 (2305.18290) show that the KL-regularised RLHF objective max E[r] - beta KL(pi || ref) has the
-optimum pi*(y|x) = ref(y|x) exp(r(x, y) / beta) / Z(x), so r = beta log(pi / ref) + beta log Z(x). Put this
-"implicit reward" into the Bradley-Terry likelihood of the labels and Z cancels: the policy is fitted to the
-preferences directly, by a classification loss on delta = log-ratio(chosen) - log-ratio(rejected) (losses.py).
-
-The reference is the starting policy. Its log-probs of every chosen/rejected response are computed once before
-training and cached in the run directory (ref_logps.pt), so no second model sits in memory while training.
-Online / iterative DPO (Xu et al. 2024, 2404.10719; Xiong et al. 2024, 2312.11456): each round after the first
-samples fresh responses from the *current* policy, lets the learned reward model (never the gold reward) rank
-them, and trains on those pairs against the same fixed reference.
+Rafailov et al. 2023 (2305.18290): the optimum of max E[r] - beta KL(pi || ref) is pi* = ref exp(r / beta) / Z(x),
+so r = beta log(pi / ref) + beta log Z(x); in the Bradley-Terry likelihood of the labels Z cancels, and the policy
+is fitted by a classification loss on delta = log-ratio(chosen) - log-ratio(rejected) (losses.py). The reference
+log-probs are computed once before training and cached (ref_logps.pt): no second model in memory. Online DPO (Xu et
+al. 2024, 2404.10719; Xiong et al. 2024, 2312.11456): later rounds sample the *current* policy, let the learned RM
+(never the gold reward) rank the samples into pairs, and train on them against the same reference.
 """
 import hashlib
 import json

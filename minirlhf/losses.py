@@ -183,12 +183,9 @@ class AdaptiveKLController:
 
 def default_kl_horizon(batch_size: int) -> int:
     """The adaptive controller's default horizon: one rollout batch, so K = n / horizon = 1 and each update may move
-    beta by up to 20% (it stays > 0). Measured with train_ppo.py on the default SFT/RM (50 iterations of 64,
-    --target-kl 2): starting beta 0.01 / 0.03 / 0.07 / 0.2 ended at a training KL of 2.20 / 2.24 / 2.18 / 2.28. A
-    horizon of 10% of the run (5 batches, at most 4% per update) ended at 2.75 from the default 0.07 and at 5.7 from
-    0.02: too slow to undo a start an order of magnitude off. lm-human-preferences' 10,000 episodes was sized for
-    runs of millions of episodes. The price of the fast horizon is that beta follows the noise of each batch's KL by up to 20%, and
-    from a far-off start the KL overshoots mid-run before it settles."""
+    beta by up to 20% (it stays > 0). lm-human-preferences' 10,000 episodes was sized for runs of millions of
+    episodes; at 10% of a short run the controller is too slow to undo a start an order of magnitude off. The price:
+    beta follows each batch's KL noise by up to 20% (docs/results.md: "The adaptive KL horizon")."""
     return batch_size
 
 

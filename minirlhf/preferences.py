@@ -46,14 +46,11 @@ def distinct_ended(samples) -> tuple:
 def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, tokenizer_fingerprint: str = None):
     """The annotator's labels for all pairs of the distinct, EOS-ended responses of each prompt.
 
-    samples: k consecutive samples per prompt (dicts with "response" text, "eos" and, from sample_policy, "tokens":
-    the sampled response ids, EOS included), i.e. samples[g*k:(g+1)*k] answer prompts[g]. With tokens, the records
-    keep them as chosen_ids / rejected_ids (the exact sequences the RM and DPO then train on) and distinctness is
-    judged on the ids; tokenizer_fingerprint names the tokenizer they belong to. Without tokens (text only),
-    distinctness is judged on the text. Two distinct id sequences can still decode to the same text (BPE has
-    several spellings of a word): they have the same gold reward, so their label would be a coin flip and the pair
-    is not formed (counted as n_same_text_pairs). Returns (records, stats) with stats = {"n_samples",
-    "n_dropped_no_eos", "n_duplicates", "n_same_text_pairs"}."""
+    samples[g*k:(g+1)*k] answer prompts[g] (dicts with "response", "eos" and, from sample_policy, "tokens": the sampled
+    ids, EOS included, kept as chosen_ids / rejected_ids of the tokenizer `tokenizer_fingerprint`). Two distinct id
+    sequences that decode to the same text (BPE has several spellings of a word) have the same gold reward, so their
+    label would be a coin flip: that pair is not formed (n_same_text_pairs). Returns (records, stats) with stats =
+    {"n_samples", "n_dropped_no_eos", "n_duplicates", "n_same_text_pairs"}."""
     assert len(samples) == k * len(prompts)
     rng = random.Random(f"annotate-{split}-{seed}")
     records, n_no_eos, n_dup, n_same_text = [], 0, 0, 0
@@ -82,14 +79,10 @@ def label_pairs(task, prompts, samples, k: int, split: str, seed: int = 0, token
 def rank_pairs(prompts, samples, scores, k: int, pairs: str = "all", tokenizer_fingerprint: str = None):
     """Pairs labelled by a learned reward model instead of the annotator (online / iterative DPO, Xu et al. 2024,
     2404.10719; Xiong et al. 2024, 2312.11456): for each prompt, the distinct EOS-ended responses among its k
-    samples, the higher RM score chosen. The gold reward never enters: this is all a deployed system would have.
-
-    samples[g*k:(g+1)*k] answer prompts[g] (dicts from sample_policy: response, eos, tokens, logprobs);
-    scores: the RM score of each sample. pairs: "all" (every pair of distinct responses with different scores, as
-    the annotator's k-choose-2) or "best-worst" (one pair per prompt: highest vs lowest score, the rejection-
-    sampling pairs of iterative DPO). Equal scores carry no preference and form no pair. Each record keeps the
-    sampled ids and the sampling log-prob of each response (chosen_logp / rejected_logp: the log-prob under the
-    policy that sampled it). Returns (records, stats)."""
+    samples, the higher RM score chosen; the gold reward never enters. scores: the RM score of each sample.
+    pairs: "all" (every pair with different scores) or "best-worst" (highest vs lowest per prompt, the rejection-
+    sampling pairs of iterative DPO). Records keep the sampled ids and each response's sampling log-prob
+    (chosen_logp / rejected_logp). Returns (records, stats)."""
     assert len(samples) == len(scores) == k * len(prompts) and pairs in ("all", "best-worst")
     records, n_no_eos, n_dup = [], 0, 0
     for g, prompt in enumerate(prompts):

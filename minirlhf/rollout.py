@@ -1,14 +1,10 @@
 """One rollout batch for on-policy RL (PPO, GRPO/RLOO): sample, score, and the log-probs the update needs.
 
-Both train_ppo.py and train_grpo.py call collect_rollout, so what "a rollout" means is written once:
-  * responses sampled from the policy at the rollout temperature (KV cache, per-row stop at EOS);
-  * old log-probs from a fresh full-sequence forward at the same temperature -- exactly the computation the update
-    repeats, so the first ratio is 1 up to float noise (the KV-cache log-probs are kept only to check that);
-  * reference log-probs the same way (per-token k1 = old - ref is the KL shaping / KL diagnostic);
-  * values, when a value model is given (PPO's critic; critic-free methods pass none);
-  * the RM score read at the EOS token, and the "EOS trick": a response cut off by the budget gets a fixed
-    -penalty instead (losses.score_with_eos_penalty);
-  * for the built-in task, the gold reward of every sample: logged to expose reward hacking, never trained on.
+Both train_ppo.py and train_grpo.py call collect_rollout: responses sampled at the rollout temperature (KV cache,
+per-row stop at EOS); old and reference log-probs from fresh full-sequence forwards at the same temperature --
+exactly what the update repeats, so the first ratio is 1 up to float noise (the sampler's log-probs are kept to
+check that); values when a value model is given; the RM score at EOS, or a fixed -penalty for a response cut off
+by the budget (the "EOS trick", losses.score_with_eos_penalty); and the gold reward, logged, never trained on.
 """
 import dataclasses
 from dataclasses import dataclass

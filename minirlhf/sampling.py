@@ -37,15 +37,10 @@ def sample_policy(model, tok, prompts, max_new_tokens: int, temperature: float =
                   top_p: float = 1.0, batch_size: int = 64, seed: int = 0, device="cpu", dtype="float32",
                   compile: bool = False, stats: dict = None, distributed: bool = False):
     """One sample per prompt (repeat a prompt in the list for several). Returns a list of dicts, in the order of
-    `prompts`: prompt, response (text, no EOS), eos (bool: the response ended with EOS within the budget), length
-    (response tokens, EOS included), tokens, logprobs (sampling).
-
-    Prompts are batched by length (data.length_batches, seeded), PAD, BOS and unused ids are never sampled
-    (Tokenizer.unsampleable_ids), so tok.decode(tokens) is exactly the response. compile: the compiled decode
-    step (generation.generate). stats: a dict that receives "sampling_padding_share" (padding / all positions
-    the model computed).
-    distributed: under torchrun the batches are shared out across the ranks as sample_many does (every rank gets
-    all samples); without torchrun the flag changes nothing."""
+    `prompts`: prompt, response (text, no EOS), eos (bool: ended with EOS within the budget), length (response tokens,
+    EOS included), tokens, logprobs (sampling). Prompts are batched by length (data.length_batches, seeded).
+    compile: the compiled decode step (generation.generate). stats: receives "sampling_padding_share". distributed:
+    under torchrun the batches are shared out as sample_many does (every rank gets all samples)."""
     if distributed and dist.enabled():
         return sample_many(model, tok, prompts, max_new_tokens, seed, batch_size, device, dtype, compile=compile,
                            stats=stats, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -2,16 +2,12 @@
 
 PAD != EOS on purpose: when they are the same token, masking padding out of the SFT loss also masks EOS and the
 model never learns to stop (TRL #976). Every sequence is BOS + prompt + response + EOS; prompt and response are
-encoded separately and concatenated, so no BPE merge crosses the prompt/response boundary.
-
-The conventions, chosen from the tokenizer.json itself (so a saved tokenizer always reloads the same way), the
-first that applies:
-  * ours: three distinct special tokens <|pad|>, <|bos|>, <|eos|> (a file with <|bos|> or <|eos|>);
-  * Llama 3's: <|begin_of_text|> is BOS, <|end_of_text|> is EOS, and <|finetune_right_pad_id|> is PAD where the
-    file has it (Llama 3.1 on), a <|pad|> otherwise;
-  * GPT-2's, also Qwen's and SmolLM2's (<|endoftext|>): <|endoftext|> is BOS and EOS, as the models were pretrained
-    with it between documents, and a distinct <|pad|> is added after it. Qwen adds no BOS of its own; minirlhf's
-    sequences start with one, and <|endoftext|> is the token Qwen's configs name as bos_token_id;
+encoded separately, so no BPE merge crosses the prompt/response boundary. The convention is read from the
+tokenizer.json itself (a saved tokenizer always reloads the same way), the first that applies:
+  * ours: <|pad|>, <|bos|>, <|eos|> (a file with <|bos|> or <|eos|>);
+  * Llama 3's: <|begin_of_text|> / <|end_of_text|>, PAD <|finetune_right_pad_id|> where present, else a <|pad|>;
+  * GPT-2's, also Qwen's and SmolLM2's: <|endoftext|> is BOS and EOS (the token the models saw between documents,
+    and the one Qwen's configs name as bos_token_id), a distinct <|pad|> added after it;
   * otherwise ours, the three tokens added at the end of the user's file.
 """
 import hashlib

@@ -58,7 +58,8 @@ BAD_FLAGS = [
     (evaluate, ["--batch-size", "0"], "--batch-size 0: must be > 0"),
     (evaluate, ["--n-prompts", "1"], "--n-prompts 1: must be >= 2"),
     (evaluate, ["--frontier", "--frontier-samples", "1"], "--frontier-samples 1: must be >= 2"),
-    (evaluate, ["--betas", "1", "-2"], "--betas 1.0 -2.0: must all be > 0"),
+    (evaluate, ["--betas", "1", "-2"], "--betas 1.0 -2.0: must be > 0"),
+    (evaluate, ["--best-of", "4", "0"], "--best-of 4 0: must be >= 1"),
 ]
 
 

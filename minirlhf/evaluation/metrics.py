@@ -2,19 +2,14 @@
 
 Everything a policy is judged by is estimated from its own samples on held-out prompts at temperature 1 (the
 distribution the KL is defined on; sampling with top-k/top-p or another temperature than the one scored gives a
-biased, even negative, KL: TRL #925, #1857):
-  * gold reward (the simulated human's hidden taste) mean and standard error;
-  * KL(pi || pi_ref) = E_pi[log pi(y|x) - log pi_ref(y|x)], sequence level, estimated by the mean over the
-    policy's samples of the summed per-token log-ratios (k1; unbiased, though one sample can be negative);
-  * win rate vs the reference: same prompt, one sample each, judged by the gold reward, ties count half;
-  * EOS rate, mean length, distinct-2 (Li et al. 2016): collapse onto one answer (reward hacking) shows there.
+biased, even negative, KL: TRL #925, #1857): gold reward; KL(pi || pi_ref), the mean over samples of the summed
+per-token log-ratios (k1, unbiased); win rate vs the reference (same prompt, one sample each, ties half); EOS
+rate, mean length, distinct-2 (collapse onto one answer shows there).
 
-The optimal frontier (Ziegler et al. 2019, 1909.08593, who draw it the same way): for a reward g the policy that
-maximises E[g] - beta * KL(pi || pi_ref) is pi*(y|x) = pi_ref(y|x) exp(g(y)/beta) / Z(x). Its gold reward and KL
-follow from reference samples by self-normalised importance weighting (see optimal_policy_estimate), which traces
-the best gold reward any policy can reach at each KL -- the yardstick for PPO and DPO.
-
-The estimators take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
+The optimal frontier (Ziegler et al. 2019, 1909.08593): the policy that maximises E[g] - beta * KL(pi || pi_ref) is
+pi* = pi_ref exp(g/beta) / Z; its gold reward and KL follow from reference samples by self-normalised importance
+weighting (optimal_policy_estimate), tracing the best gold reward any policy can reach at each KL. The estimators
+take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
 """
 import math
 
@@ -289,14 +284,9 @@ def paired_metrics(m: dict, samples, task, ref_gold, rm, ref_rm):
 @torch.no_grad()
 def compare_to_reference(policy, ref, tok, task, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 64,
                          device="cpu", dtype="float32", reward_model=None):
-    """The numbers every policy-training stage reports on held-out prompts, against the reference (SFT) policy.
-
-    One sample per prompt from each policy at temperature 1 (paired by prompt). KL(policy || ref) is estimated per
-    sequence as sum_t log pi(y_t) - log pi_ref(y_t) on the policy's own samples (unbiased for the sequence KL).
-    win_rate_vs_ref compares the two samples of each prompt under the task's gold reward (ties count half).
-    Returns (metrics dict, policy samples); metrics has win_rate_vs_ref (+ _sem), kl_mean, kl_sem, gold_mean,
-    gold_sem, ref_gold_mean, gold_gain and gold_gain_sem (policy - reference gold, paired s.e.), eos_rate, mean_len, distinct_2, n_prompts (+ rm_* with a reward model; no gold keys when
-    task is None)."""
+    """The numbers every policy-training stage reports on held-out prompts, against the reference (SFT) policy: one
+    sample per prompt from each at temperature 1 (different seeds), scored by policy_metrics. Returns (metrics dict,
+    policy samples); the metrics also carry sampling_padding_share."""
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
     pad = {}
     samples = sample_policy(policy, tok, prompts, max_new_tokens, 1.0, seed=seed, **kw, stats=pad)
@@ -361,15 +351,11 @@ def best_of_n_select(scores, n: int):
 def best_of_n_metrics(ref, reward_model, tok, prompts, ns, ref_samples, max_new_tokens: int, task=None,
                       missing_eos_penalty: float = 2.0, seed: int = 0, batch_size: int = 512, device="cpu",
                       dtype="float32", distributed: bool = False) -> dict:
-    """Best-of-n of the reference policy under the reward model, for each n in ns: draw max(ns) reference samples
-    per prompt once (temperature 1), score them with the RM (a sample without EOS counts -missing_eos_penalty,
-    the rule PPO and GRPO train with), and keep the best of the first n.
-
-    ref_samples: the reference's paired samples (one per prompt) that every policy's win rate is measured against.
-    Returns {n: metrics} with the keys of policy_metrics: gold_mean/sem, ref_gold_mean/sem, gold_gain/sem and
-    win_rate_vs_ref/sem (with a task), rm_mean/sem and rm_win_rate/sem, kl_mean = the closed-form bound best_of_n_kl(n) (kl_sem 0,
-    kl_is_bound True), eos_rate, mean_len, distinct_2, n_prompts; plus "samples" (the chosen ones).
-    distributed: sample_policy's sharded sampling under torchrun."""
+    """Best-of-n of the reference policy under the reward model, for each n in ns: max(ns) reference samples per
+    prompt drawn once (temperature 1), scored by the RM (-missing_eos_penalty without EOS, as PPO and GRPO train),
+    the best of the first n kept. ref_samples: the reference's paired samples every win rate is measured against.
+    Returns {n: metrics} with policy_metrics' keys, kl_mean = the bound best_of_n_kl(n) (kl_sem 0, kl_is_bound True),
+    and "samples" (the chosen ones). distributed: sample_policy's sharded sampling under torchrun."""
     N, P = max(ns), len(prompts)
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
     samples = sample_policy(ref, tok, [p for p in prompts for _ in range(N)], max_new_tokens, 1.0, seed=seed, **kw,

@@ -1,19 +1,13 @@
 """Reward over-optimisation: the functional forms of Gao, Schulman & Hilton 2022 ("Scaling Laws for Reward Model
 Overoptimization", 2210.10760), fitted by least squares.
 
-Gao et al. measure a policy's distance from the initial policy by d = sqrt(KL(pi || pi_init)) and find that the gold
-reward gain over the initial policy follows, for the two ways of optimising a learned (proxy) reward,
-
+With d = sqrt(KL(pi || pi_init)), the gold reward gain over the initial policy follows, for best-of-n and for RL
+against a learned (proxy) reward,
     best-of-n:  R_bon(d) = d * (alpha - beta * d)          (eq. 1)
     RL:         R_rl(d)  = d * (alpha - beta * log d)      (eq. 2)
-
-alpha is the initial slope (how fast gold rises while the proxy is still right), beta how fast the proxy's errors
-take over. Both forms are linear in (alpha, beta), so ordinary least squares on the measured points fits them
-exactly, with no optimiser: R = alpha * f1(d) - beta * f2(d) with f1 = d and f2 = d^2 or d * log d.
-The gold gain peaks where dR/dd = 0:
-    best-of-n:  d* = alpha / (2 beta)
-    RL:         alpha - beta * (log d + 1) = 0   ->   d* = exp(alpha / beta - 1)
-and the KL at the peak is d*^2 (reported when beta > 0, i.e. when the fit does turn over).
+alpha is the initial slope (gold rises while the proxy is still right), beta how fast the proxy's errors take over.
+Both are linear in (alpha, beta), so ordinary least squares fits them exactly. The gain peaks at dR/dd = 0:
+d* = alpha / (2 beta) (best-of-n), d* = exp(alpha / beta - 1) (RL), at KL d*^2 (when beta > 0: a turnover).
 """
 import math
 

@@ -31,10 +31,8 @@ def atomic_write(path, write):
     """Create `path` atomically: write(tmp) fills a file that already has the final name, in a fresh temporary
     folder beside `path`, which is then renamed into place. The final name matters: torch.save names the archive's
     inner folder after the file, so a random temp name would make identical tensors give different bytes. The file
-    gets the usual mode (0666 minus umask, i.e. 0644), not mkstemp's 0600. The temp folder never outlives the
-    call, also when write() fails (e.g. disk full). An OSError becomes a UserError naming the path.
-    (torch_save serialises in memory first, so for it the name matters less; JSON and tokenizer files use this
-    directly.)"""
+    gets the usual mode (0666 minus umask), not mkstemp's 0600; the temp folder never outlives the call, also when
+    write() fails (e.g. disk full). An OSError becomes a UserError naming the path."""
     path = Path(path)
     tmp_dir = None
     try:

@@ -1,16 +1,11 @@
 """The Llama/Qwen family in Hugging Face's layout: config.json fields and tensor names to and from our GPT's.
 
-model_type llama, qwen2, qwen3 (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and their
-*ForSequenceClassification). Tensor names, under `model.` (a bare *Model file has no prefix):
-  embed_tokens, layers.{i}.input_layernorm, layers.{i}.self_attn.{q,k,v,o}_proj (biases on q/k/v: Qwen2),
-  layers.{i}.self_attn.{q,k}_norm (Qwen3), layers.{i}.post_attention_layernorm, layers.{i}.mlp.{gate,up,down}_proj,
-  norm; then lm_head (untied only) or score (sequence classification).
-Every weight is in nn.Linear's (out, in) layout, as ours: q/k/v are stacked into our c_attn, gate/up into our
-mlp.c_fc, nothing is transposed. HF's q/k weights already pair RoPE's dimensions half-split (their conversion from
-Meta's checkpoints permuted the rows), which is what model.rotate does.
-
-Pure functions on dicts and tensors; a field or tensor that does not fit raises ValueError naming it (hf.py adds
-the directory).
+model_type llama, qwen2, qwen3 (*ForCausalLM and *ForSequenceClassification). Tensor names, under `model.`:
+embed_tokens, layers.{i}.input_layernorm, layers.{i}.self_attn.{q,k,v,o}_proj (q/k/v biases: Qwen2),
+layers.{i}.self_attn.{q,k}_norm (Qwen3), layers.{i}.post_attention_layernorm, layers.{i}.mlp.{gate,up,down}_proj,
+norm; then lm_head (untied only) or score. Every weight is in nn.Linear's layout, as ours: q/k/v are stacked into
+our c_attn, gate/up into mlp.c_fc. HF's q/k rows already pair RoPE's dimensions half-split, as model.rotate does.
+Pure functions on dicts and tensors; what does not fit raises ValueError naming the field (hf.py adds the folder).
 """
 import re
 
