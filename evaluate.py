@@ -28,7 +28,8 @@ from minirlhf.evaluation.metrics import (best_of_n_metrics, estimate_frontier, f
                                          fraction_of_optimal_sem, policy_metrics)
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import CheckpointError, load_policy, load_scalar
-from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run, set_head_precision, set_seed
+from minirlhf.harness.cli import (RunArgs, arg, parse_args, resolve_device, resolve_dtype, run, set_head_precision,
+                                  set_seed)
 from minirlhf.harness.files import pyplot, save_figure, write_json
 from minirlhf.harness.runs import Run
 from minirlhf.sampling import sample_policy
@@ -37,7 +38,7 @@ from minirlhf.utils import UserError, check
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     """Evaluate policies against a reference and the gold reward; optionally the optimal reward-KL frontier."""
     policies: list[str] = arg(["out/sft", "out/ppo", "out/dpo"], "policy run directories to evaluate")
     ref: str = arg("out/sft", "reference policy run directory (KL and win rates are measured against it)")
@@ -49,10 +50,6 @@ class Args:
     max_new_tokens: int = arg(48, "response budget in tokens", "> 0")
     batch_size: int = arg(256, "sequences per forward pass", "> 0")
     n_show: int = arg(3, "sample responses per policy in the report", ">= 0")
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
-                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     seed: int = arg(0, "sampling seed (every policy draws from the same random stream)")
     compile: bool = arg(False, "torch.compile the scoring forward passes (sampling stays eager)")
     # the optimal frontier

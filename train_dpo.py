@@ -27,7 +27,7 @@ from minirlhf.data import DataError, load_pref_jsonl
 from minirlhf.evaluation.metrics import compare_on_test_prompts
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar
-from minirlhf.harness.cli import arg, parse_args, run
+from minirlhf.harness.cli import RunArgs, arg, parse_args, run
 from minirlhf.harness.stage import Stage, Stats
 from minirlhf.model import compile_model
 from minirlhf.preferences import (bayes_accuracy, encode_splits, has_gold_columns, split_prefs, subsample,
@@ -37,7 +37,7 @@ from minirlhf.utils import adamw, check, cosine_lr
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     """Direct Preference Optimization (DPO, IPO, hinge, SimPO, KTO) on preference pairs."""
     out_dir: str = arg("out/dpo", "run directory to write")
     prefs: str = arg("out/rm/prefs.jsonl", "JSONL of {prompt, chosen, rejected} records, as train_rm.py writes them")
@@ -45,11 +45,6 @@ class Args:
     task: str = arg("reviews", "built-in task whose gold reward scores the final policy; 'none' to skip (own data)")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
     save_interval: int = arg(25, "steps between resume checkpoints (0 = none)", ">= 0")
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
-                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
-    seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
     # loss
     loss: str = arg("sigmoid", "sigmoid (DPO), ipo, hinge, simpo (no reference; the paper's beta is 2-2.5) or kto "

@@ -26,7 +26,7 @@ import torch
 from minirlhf import rl
 from minirlhf.evaluation.metrics import compare_on_test_prompts
 from minirlhf.harness import dist
-from minirlhf.harness.cli import arg, parse_args, run
+from minirlhf.harness.cli import RunArgs, arg, parse_args, run
 from minirlhf.harness.stage import Stage, Stats
 from minirlhf.losses import (group_advantages, grpo_policy_loss, masked_mean, overlong_penalty,
                              reinforce_pp_advantages, truncated_is_weights, zero_advantage_share)
@@ -38,18 +38,13 @@ from minirlhf.utils import autocast, check, linear_lr
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     """Critic-free RL (GRPO / RLOO / Dr. GRPO) with group baselines (stage 3 of RLHF)."""
     policy: str = arg("out/sft", "SFT run directory: the initial policy and the frozen reference")
     reward: str = arg("out/rm", "reward-model run directory")
     out_dir: str = arg("out/grpo", "run directory to write")
     task: str = arg("reviews", "built-in task for prompts and the (logging/evaluation only) gold reward")
     prompts: Optional[str] = arg(None, "JSONL of {prompt} records to train on instead of the built-in task")
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
-                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
-    seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile every model: the update, the rollouts' decode step and scoring")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial from its last resume checkpoint")
     save_interval: int = arg(10, "iterations between resume checkpoints (0 = none)", ">= 0")

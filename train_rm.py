@@ -18,7 +18,7 @@ import torch
 from minirlhf.evaluation.metrics import reward_model_vs_gold
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import load_policy
-from minirlhf.harness.cli import arg, parse_args, run
+from minirlhf.harness.cli import RunArgs, arg, parse_args, run
 from minirlhf.harness.stage import Stage
 from minirlhf.losses import bradley_terry_loss
 from minirlhf.model import ScalarModel, compile_model
@@ -30,17 +30,12 @@ from minirlhf.utils import adamw, autocast, cosine_lr
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     """Preference collection and Bradley-Terry reward model (stage 2 of RLHF)."""
     out_dir: str = arg("out/rm", "run directory to write")
     policy: str = arg("out/sft", "SFT run directory: the policy that is sampled, and the trunk the RM starts from")
     task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py): prompts, annotator and gold reward")
     prefs: Optional[str] = arg(None, "JSONL of {prompt, chosen, rejected} records instead of collecting them")
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
-                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
-    seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the reward model")
     resume: bool = arg(False, "continue the unfinished run in <out-dir>.partial (its collected preferences too)")
     save_interval: int = arg(50, "steps between resume checkpoints (0 = none)", ">= 0")

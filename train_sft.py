@@ -19,7 +19,7 @@ from minirlhf.data import collate_sft, encode_sft, load_sft_jsonl
 from minirlhf.evaluation.metrics import print_samples
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import load_run, load_state
-from minirlhf.harness.cli import arg, parse_args, run
+from minirlhf.harness.cli import RunArgs, arg, parse_args, run
 from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.harness.stage import Stage
 from minirlhf.interop.hf import load_hf_dir, resolve_source
@@ -32,7 +32,7 @@ from minirlhf.utils import UserError, adamw, autocast, check, cosine_lr
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     """Supervised fine-tuning (stage 1 of RLHF)."""
     out_dir: str = arg("out/sft", "run directory to write")
     task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py) for data, prompts and evaluation")
@@ -41,11 +41,6 @@ class Args:
     init_from: Optional[str] = arg(None, "start from a pretrained Hugging Face GPT-2, Llama, Qwen2 or Qwen3: a "
                                    "directory or a Hub id")
     tokenizer: Optional[str] = arg(None, "use this tokenizer.json instead of training one")
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
-                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
-    seed: int = arg(0, "random seed")
     compile: bool = arg(False, "torch.compile the model")
     peak_tflops: float = arg(0.0, "the card's dense bf16 peak for the MFU (0 = look the card up in harness/perf.py)",
                              ">= 0")

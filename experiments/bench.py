@@ -31,7 +31,7 @@ from minirlhf.model import GPT, GPTConfig, ScalarModel, compile_model
 from minirlhf.harness.perf import device_peak_flops, mfu
 from minirlhf.scoring import response_logprobs, response_values, reward_at_eos, token_logprobs
 from minirlhf.utils import UserError, adamw, autocast
-from minirlhf.harness.cli import arg, parse_args, resolve_device, resolve_dtype, run, set_head_precision
+from minirlhf.harness.cli import RunArgs, arg, parse_args, resolve_device, resolve_dtype, run, set_head_precision
 from train_sft import sft_loss
 
 # shapes per device kind: (GPT-2 small on CUDA, the pipeline's tiny CPU model scaled to finish in ~1 minute)
@@ -46,12 +46,8 @@ SHAPES = {
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     """Benchmark SFT, sampling, a PPO iteration and DPO on random weights and tokens; writes bench.json."""
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
-    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
-                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
     compile: bool = arg(False, "torch.compile what the scripts compile; time the compiled decode step beside eager")
     peak_tflops: float = arg(0.0, "dense bf16 peak of the card for MFU (0 = harness/perf.py's table)")
     n_layer: int = arg(0, "transformer blocks (0 = 12 on CUDA, 4 on CPU)")
@@ -64,7 +60,6 @@ class Args:
     minibatches: int = arg(4, "PPO minibatches per pass")
     threads: int = arg(1, "CPU threads for torch (0 = torch's default; docs/performance.md says why 1)")
     out: str = arg("bench.json", "where to write the numbers")
-    seed: int = arg(0, "random seed")
 
 
 class Timer:

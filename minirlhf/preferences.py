@@ -187,7 +187,8 @@ def split_prefs(records, test_frac: float, seed: int):
     train = [r for r in records if r["split"] == "train"]
     test = [r for r in records if r["split"] == "test"]
     if not train:
-        raise DataError(f"{records[0]['_where'].rsplit(':', 1)[0]}: no training pairs (every pair is in the test split)")
+        where = records[0]['_where'].rsplit(':', 1)[0]
+        raise DataError(f"{where}: no training pairs (every pair is in the test split)")
     return train, test
 
 

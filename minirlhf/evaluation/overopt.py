@@ -70,4 +70,3 @@ def fit_gao(kl, gain, form: str) -> dict:
             "rmse": float(np.sqrt(np.mean(resid ** 2))), "n": int(len(d)),
             "peak_d": peak_d, "peak_kl": None if peak_d is None else peak_d ** 2,
             "peak_gain": None if peak_d is None else float(gao_curve([peak_d], alpha, beta, form)[0])}
-

@@ -38,6 +38,16 @@ def satisfies(value, must: str) -> bool:
     return (value > lo if lo_open == "(" else value >= lo) and (value < hi if hi_open == ")" else value <= hi)
 
 
+@dataclasses.dataclass
+class RunArgs:
+    """The flags every script shares, one spelling everywhere: a script's Args dataclass extends it."""
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    dtype: str = arg("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU")
+    head_precision: str = arg("auto", "float32 heads' matmuls on CUDA: ieee (exact) or tf32 (tensor cores); auto = "
+                              "tf32 under bfloat16", choices=("auto", "ieee", "tf32"))
+    seed: int = arg(0, "random seed")
+
+
 MAX_SEED = 2 ** 32  # numpy's seeds are 32-bit
 MAX_INT_FLAG = 2 ** 40  # larger counts are typos (and overflow torch's index arithmetic)
 

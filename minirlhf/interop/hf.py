@@ -500,14 +500,13 @@ def export_hf(state: dict, cfg: GPTConfig, tok: Tokenizer, config: dict, out_dir
         # PreTrainedTokenizerFast reads tokenizer.json as is; it does not add BOS: prepend it yourself (minirlhf
         # sequences are BOS + prompt + response + EOS). split_special_tokens: text that spells a special token
         # ("<|eos|>") is encoded as text, as minirlhf encodes it (tokenizer.json does not store that setting)
-        _write_json(stage / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
-                                                     "model_max_length": cfg.block_size, "padding_side": "right",
-                                                     "clean_up_tokenization_spaces": False,
-                                                     "split_special_tokens": True})
+        _write_json(stage / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", **specials, "model_max_length": cfg.block_size,
+            "padding_side": "right", "clean_up_tokenization_spaces": False, "split_special_tokens": True})
         _write_json(stage / "special_tokens_map.json", specials)
         if not reward:
-            _write_json(stage / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                                                          "pad_token_id": tok.pad_id})
+            _write_json(stage / "generation_config.json",
+                        {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
         umask = os.umask(0)
         os.umask(umask)
         for f in stage.iterdir():  # temp files are created 0600; an export is meant to be shared
