@@ -135,8 +135,7 @@ def main(argv=None):
         reward_model.eval().requires_grad_(False)
 
     opt = adamw(model, args.lr, args.weight_decay, device)
-    train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = compile_model(train_model, args.compile)
+    train_model = compile_model(dist.wrap(model, device), args.compile)  # DDP under torchrun, else the model itself
     banned = tok.unsampleable_ids(model.config.vocab_size)  # log-probs of the distribution the policy samples
 
     # ---- training: shuffled passes over the pairs

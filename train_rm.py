@@ -92,8 +92,7 @@ def main(argv=None):
     rm.gpt.load_state_dict(policy.state_dict())
     rm.to(device)
     opt = adamw(rm, args.lr, args.weight_decay, device)
-    train_rm = dist.wrap(rm, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_rm = compile_model(train_rm, args.compile)
+    train_rm = compile_model(dist.wrap(rm, device), args.compile)  # DDP under torchrun, else the model itself
     eval_pad = {}  # padding share of the length-batched evaluation passes (all_pair_rewards)
 
     def evaluate(pairs):

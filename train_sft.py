@@ -164,8 +164,7 @@ def main(argv=None):
           f"{model.num_params() / 1e6:.2f}M parameters, device {device} ({dtype})")
 
     opt = adamw(model, args.lr, args.weight_decay, device)
-    train_model = dist.wrap(model, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_model = compile_model(train_model, args.compile)
+    train_model = compile_model(dist.wrap(model, device), args.compile)  # DDP under torchrun, else the model itself
 
     @torch.no_grad()
     def held_out_loss():

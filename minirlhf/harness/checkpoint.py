@@ -64,20 +64,12 @@ def check_model_config(cfg: GPTConfig, where: str):
         v, want = getattr(cfg, f.name), type(f.default)  # the type of the field's default
         if want not in (int, float, bool, str):  # a field without a plain default: nothing to check here
             continue
-        if want is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        elif want in (int, str):
-            ok = isinstance(v, want) and not isinstance(v, bool)
-        else:
-            ok = isinstance(v, want)
-        if not ok:
+        if not isinstance(v, (int, float) if want is float else want) or (want is not bool and isinstance(v, bool)):
             raise CheckpointError(f"{where}: model field {f.name!r} must be {want.__name__}, got {v!r}")
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(cfg, name) < 1:
-            raise CheckpointError(f"{where}: model field {name!r} must be >= 1, got {getattr(cfg, name)}")
-        if getattr(cfg, name) > MODEL_LIMITS[name]:
-            raise CheckpointError(f"{where}: model field {name!r} = {getattr(cfg, name)} is absurd (at most "
-                                  f"{MODEL_LIMITS[name]})")
+        if not 1 <= getattr(cfg, name) <= MODEL_LIMITS[name]:
+            raise CheckpointError(f"{where}: model field {name!r} = {getattr(cfg, name)} must be in [1, "
+                                  f"{MODEL_LIMITS[name]}]")
     if cfg.n_embd % cfg.n_head and not cfg.head_dim:
         raise CheckpointError(f"{where}: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
     for name, choices in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")), ("mlp", ("gelu", "swiglu")),
@@ -93,10 +85,9 @@ def check_model_config(cfg: GPTConfig, where: str):
         raise CheckpointError(f"{where}: n_head {cfg.n_head} is not a multiple of n_kv_head {cfg.n_kv_head}")
     if cfg.pos == "rope" and cfg.head_size % 2:
         raise CheckpointError(f"{where}: RoPE needs an even head size, got {cfg.head_size}")
-    if not 0 < cfg.norm_eps < 1:
-        raise CheckpointError(f"{where}: norm_eps {cfg.norm_eps} must be in (0, 1)")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise CheckpointError(f"{where}: dropout {cfg.dropout} must be in [0, 1)")
+    if not 0 < cfg.norm_eps < 1 or not 0.0 <= cfg.dropout < 1.0:
+        raise CheckpointError(f"{where}: norm_eps {cfg.norm_eps} must be in (0, 1) and dropout {cfg.dropout} in "
+                              f"[0, 1)")
 
 
 def load_run(run_dir, flag: str, kind: str = None):
