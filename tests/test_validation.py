@@ -103,7 +103,7 @@ def edited_copy(run, tmp_path, edit):
     ("n_embd", 16.0, "model field 'n_embd' must be int, got 16.0"),
     ("bias", "yes", "model field 'bias' must be bool"),
     ("n_head", 3, "n_embd 16 is not divisible by n_head 3"),
-    ("block_size", 0, "model field 'block_size' must be >= 1"),
+    ("block_size", 0, r"model field 'block_size' = 0 must be in \[1, 1048576\]"),
 ])
 def test_config_json_field_types_are_checked(tiny_run, tmp_path, field, value, message):
     other = edited_copy(tiny_run, tmp_path, lambda c: c["model"].__setitem__(field, value))
