@@ -10,6 +10,7 @@ gpt2 is a GPT2Model, stored without the prefix), with lm_head tied to wte and `s
 c_proj and c_fc are `Conv1D`: weight (in, out), the transpose of nn.Linear's. attn.c_proj is square, so forgetting
 to transpose it raises no shape error; the model is just wrong. attn.bias / masked_bias are mask buffers: ignored.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,15 @@ class SafetensorsError(UserError):
 
 class HFError(UserError):
     pass
+
+
+@contextlib.contextmanager
+def as_hf_error(where: str):
+    """A ValueError of llama.py or the tokenizer (naming the field or tensor) as one HFError line after `where`."""
+    try:
+        yield
+    except ValueError as e:
+        raise HFError(f"{where}: {e}") from None
 
 
 # safetensors dtype -> (torch dtype, little-endian numpy dtype of the same width holding the raw bytes)
@@ -188,28 +198,16 @@ def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
     """HF GPT-2 tensors -> (trunk state dict in our names and nn.Linear layout, score weight or None).
 
     tensors may carry the `transformer.` prefix or not; lm_head.weight, when present, must equal wte."""
-    try:
+    with as_hf_error(where):
         by_name = llama.unprefixed(tensors, "transformer.")
-    except ValueError as e:
-        raise HFError(f"{where}: {e}") from None
     n_layer, C = hf["n_layer"], hf["n_embd"]
     expected = gpt2_shapes(n_layer, C, hf["vocab_size"], hf["n_positions"])
-    extra = sorted(k for k in by_name if k not in expected and k not in ("lm_head.weight", "score.weight")
-                   and not IGNORED.fullmatch(k))
-    if extra:
-        raise HFError(f"{where}: unexpected tensor {extra[0]!r} for a GPT-2 with n_layer {n_layer} "
-                      f"({len(extra)} such; is config.json the one of these weights?)")
+    with as_hf_error(where):
+        llama.check_tensors(by_name, expected, ("lm_head.weight", "score.weight"), IGNORED,
+                            f"a GPT-2 with n_layer {n_layer}")
     state = {}
-    for name, shape in expected.items():
-        if name not in by_name:
-            raise HFError(f"{where}: tensor {name!r} is missing from the checkpoint")
-        t = by_name[name]
-        if tuple(t.shape) != shape:
-            raise HFError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
-        if not t.is_floating_point():  # integer weights cast to float would train, on nonsense
-            raise HFError(f"{where}: tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}; weights "
-                          f"must be floating point (F32, F16, BF16 or F64)")
-        t = t.float()
+    for name in expected:
+        t = by_name[name].float()
         if name.endswith(CONV1D):
             t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
         state["transformer." + name] = t.contiguous()
@@ -219,10 +217,6 @@ def gpt2_from_hf(tensors: dict, hf: dict, where: str) -> tuple:
     score = by_name.get("score.weight")
     if score is not None and tuple(score.shape) != (1, C):
         raise HFError(f"{where}: score.weight has shape {tuple(score.shape)}; only one label (1, {C}) is supported")
-    for name in ("lm_head.weight", "score.weight"):
-        if name in by_name and not by_name[name].is_floating_point():
-            raise HFError(f"{where}: tensor {name!r} is stored as {str(by_name[name].dtype).removeprefix('torch.')}; "
-                          f"weights must be floating point")
     return state, (score.float() if score is not None else None)
 
 
@@ -298,10 +292,8 @@ def read_weights(d: Path, where: str) -> dict:
 def load_tokenizer(d: Path, where: str) -> Tokenizer:
     """tokenizer.json, or GPT-2's original pair vocab.json + merges.txt rebuilt as the same byte-level BPE."""
     if (d / "tokenizer.json").is_file():
-        try:
+        with as_hf_error(where):
             return Tokenizer.load(d / "tokenizer.json")
-        except ValueError as e:
-            raise HFError(f"{where}: {e}") from None
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
@@ -335,10 +327,8 @@ def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropo
         raise HFError(f"{where}: cannot read config.json ({str(e).splitlines()[0][:200]})") from None
     family = isinstance(hf, dict) and hf.get("model_type") in llama.FAMILY
     if family:
-        try:
+        with as_hf_error(where):
             cfg = llama.config_from_hf(hf)
-        except ValueError as e:
-            raise HFError(f"{where}: {e}") from None
     else:
         check_gpt2_config(hf, where)
     offset = hf.get("minirlhf_score_offset", 0.0)
@@ -346,10 +336,8 @@ def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropo
         raise HFError(f"{where}: config.json minirlhf_score_offset = {offset!r} must be a finite number")
     tokenizer = load_tokenizer(d, where)
     if family:
-        try:
+        with as_hf_error(where):
             state, score = llama.tensors_from_hf(read_weights(d, where), cfg)
-        except ValueError as e:
-            raise HFError(f"{where}: {e}") from None
     else:
         state, score = gpt2_from_hf(read_weights(d, where), hf, where)
         cfg = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
@@ -414,10 +402,8 @@ def export_layout(cfg: GPTConfig) -> str:
     """The model_type a model exports as: gpt2 (learned positions, LayerNorm, GELU) or llama.family's. A mix that
     neither implements is refused naming the field."""
     if (cfg.pos, cfg.norm, cfg.mlp) != ("learned", "layernorm", "gelu"):
-        try:
+        with as_hf_error("cannot export"):
             return llama.family(cfg)
-        except ValueError as e:
-            raise HFError(f"cannot export: {e}") from None
     for field, ok in (("mlp_hidden", cfg.mlp_size == 4 * cfg.n_embd), ("n_kv_head", cfg.kv_heads == cfg.n_head),
                       ("head_dim", cfg.head_size * cfg.n_head == cfg.n_embd), ("qk_norm", not cfg.qk_norm),
                       ("tie_embeddings", cfg.tie_embeddings), ("norm_eps", cfg.norm_eps == 1e-5)):

@@ -139,6 +139,27 @@ def unprefixed(tensors: dict, prefix: str) -> dict:
     return by_name
 
 
+def check_tensors(by_name: dict, expected: dict, optional: tuple, ignored, what: str = "this config"):
+    """Every tensor of `expected` ({name: shape}) there with its shape, nothing beyond them, `optional` and names
+    the `ignored` pattern matches; all of them floating point (integer weights cast to float would train, on
+    nonsense). ValueError naming the first tensor that breaks a rule."""
+    extra = sorted(k for k in by_name if k not in expected and k not in optional and not ignored.fullmatch(k))
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]!r} for {what} ({len(extra)} such; is config.json the one of "
+                         f"these weights?)")
+    for name in [*expected, *optional]:
+        if name not in by_name:
+            if name in expected:
+                raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+            continue
+        t = by_name[name]
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {expected[name]}")
+        if not t.is_floating_point():
+            raise ValueError(f"tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}; weights must be "
+                             f"floating point (F32, F16, BF16 or F64)")
+
+
 def tensors_from_hf(tensors: dict, cfg: GPTConfig) -> tuple:
     """HF tensors (with or without the `model.` prefix) -> (our GPT's state dict, score weight (1, C) or None).
     With tied embeddings a stored lm_head.weight must equal embed_tokens and the state has none; untied, it must
@@ -149,22 +170,7 @@ def tensors_from_hf(tensors: dict, cfg: GPTConfig) -> tuple:
     classifier = "score.weight" in by_name  # *ForSequenceClassification: no LM head of its own
     if not cfg.tie_embeddings and not classifier:
         expected["lm_head.weight"] = (cfg.vocab_size, cfg.n_embd)
-    extra = sorted(k for k in by_name if k not in expected and k not in ("lm_head.weight", "score.weight")
-                   and not IGNORED.fullmatch(k))
-    if extra:
-        raise ValueError(f"unexpected tensor {extra[0]!r} for this config ({len(extra)} such; is config.json the "
-                         f"one of these weights?)")
-    for name in [*expected, "score.weight"]:
-        if name not in by_name:
-            if name != "score.weight":
-                raise ValueError(f"tensor {name!r} is missing from the checkpoint")
-            continue
-        t = by_name[name]
-        if name in expected and tuple(t.shape) != expected[name]:
-            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {expected[name]}")
-        if not t.is_floating_point():
-            raise ValueError(f"tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}; weights must be "
-                             f"floating point (F32, F16, BF16 or F64)")
+    check_tensors(by_name, expected, ("lm_head.weight", "score.weight"), IGNORED)
     w = {k: v.float() for k, v in by_name.items()}
     state = {"transformer.wte.weight": w["embed_tokens.weight"], "transformer.ln_f.weight": w["norm.weight"]}
     for i in range(cfg.n_layer):
