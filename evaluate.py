@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from minirlhf.data import encode_prompt, read_jsonl
 from minirlhf.evaluation.metrics import (best_of_n_metrics, estimate_frontier, fraction_of_optimal,
                                          fraction_of_optimal_sem, policy_metrics)
@@ -32,6 +30,7 @@ from minirlhf.harness.cli import (RunArgs, arg, parse_args, resolve_device, reso
                                   set_seed)
 from minirlhf.harness.files import pyplot, save_figure, write_json
 from minirlhf.harness.runs import Run
+from minirlhf.model import compile_model
 from minirlhf.sampling import sample_policy
 from minirlhf.tasks import get_task
 from minirlhf.utils import UserError, check
@@ -174,9 +173,9 @@ def training_path(run_dir, smooth: int = 10):
     rows = [r for r in rows if "kl" in r and "gold_mean" in r]
     if len(rows) < 2:
         return None
-    kl, gold = [r["kl"] for r in rows], [r["gold_mean"] for r in rows]
-    avg = lambda xs, i: sum(xs[max(0, i - smooth + 1):i + 1]) / len(xs[max(0, i - smooth + 1):i + 1])  # noqa: E731
-    return [avg(kl, i) for i in range(len(kl))], [avg(gold, i) for i in range(len(gold))]
+    def avg(xs):  # the mean of the last `smooth` values at each point
+        return [sum(xs[max(0, i - smooth + 1):i + 1]) / min(i + 1, smooth) for i in range(len(xs))]
+    return avg([r["kl"] for r in rows]), avg([r["gold_mean"] for r in rows])
 
 
 def write_plot(report, path):
@@ -306,15 +305,12 @@ def main(argv=None):
     ref_samples = sample_policy(ref, tok, prompts, args.max_new_tokens, 1.0, seed=args.seed + 1, **kw, **shard)
     report = {"ref": args.ref, "task": None if task is None else args.task, "gold": task is not None,
               "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "policies": {}}
-    compiled = {}
+    # --compile: the scoring passes only (one wrapper per model: a policy given as the reference is the ref object)
+    scorer = {id(m): compile_model(m, args.compile) for m in [ref, *(m for _, m in policies.values())]}
     for name, (run_dir, model) in policies.items():
         t = time.time()
         samples = sample_policy(model, tok, prompts, args.max_new_tokens, 1.0, seed=args.seed, **kw, **shard)
-        if args.compile:  # scoring only; the KV-cache sampling loop would recompile at every length
-            compiled.setdefault(id(model), torch.compile(model))
-        scorer = compiled.get(id(model), model)
-        ref_scorer = compiled.setdefault(id(ref), torch.compile(ref)) if args.compile else ref
-        m = policy_metrics(scorer, ref_scorer, tok, samples, ref_samples, task, rm, **kw)
+        m = policy_metrics(scorer[id(model)], scorer[id(ref)], tok, samples, ref_samples, task, rm, **kw)
         report["policies"][name] = {"run_dir": run_dir, **report_row(m, samples, args.n_show)}
         print(f"  {name}: {time.time() - t:.1f}s")
 

@@ -4,9 +4,8 @@ that family (train_sft.py --arch, or one imported with --init-from).
     python export_hf.py out/ppo hf/ppo     # policy  -> GPT2LMHeadModel (LlamaForCausalLM, Qwen2ForCausalLM, ...)
     python export_hf.py out/rm  hf/rm      # reward  -> GPT2ForSequenceClassification (one label; Llama..., ...)
 
-A reward model's head bias and normalisation are folded into score.weight (and GPT-2's ln_f.bias; the Llama/Qwen
-family records the constant as minirlhf_score_offset in config.json). The export is read back with minirlhf's
-importer and its logits (scores) compared with the run's on random tokens. Files and use: docs/huggingface.md.
+The export is read back with minirlhf's importer and its logits (scores) compared with the run's on random
+tokens. What the directory holds, how a reward model's constants are folded, and how to use it: docs/huggingface.md.
 """
 import argparse
 

@@ -8,16 +8,9 @@
     bash pipeline.sh --arch llama --out out_llama   # the Llama family from scratch (--arch: train_sft.py only)
     bash pipeline.sh --nproc 8 --device cuda   # every stage under torchrun --standalone --nproc_per_node 8
 
-    out/sft   train_sft.py  --out-dir out/sft
-    out/rm    train_rm.py   --policy out/sft --out-dir out/rm              (also writes out/rm/prefs.jsonl)
-    out/ppo   train_ppo.py  --policy out/sft --reward out/rm --out-dir out/ppo
-    out/grpo  train_grpo.py --policy out/sft --reward out/rm --out-dir out/grpo
-    out/dpo   train_dpo.py  --policy out/sft --prefs out/rm/prefs.jsonl --out-dir out/dpo
-    out/eval  evaluate.py   --policies out/sft out/ppo out/grpo out/dpo --ref out/sft --reward out/rm --frontier
-                            --best-of 4 16 64
-
-A stage that finished with the same args, newer than its inputs, is skipped; an interrupted one is resumed; a flag
-some stage does not accept is refused before anything runs (docs/runs.md has the rules).
+The stages and what each reads are in stages() below. A stage that finished with the same args, newer than its
+inputs, is skipped; an interrupted one is resumed; a flag some stage does not accept is refused before anything
+runs (docs/runs.md has the rules).
 """
 import argparse
 import contextlib
