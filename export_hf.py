@@ -25,11 +25,11 @@ def load_model(run_dir, flag):
     return model.eval(), tok
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a policy or reward run directory (or an HF directory)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (must not exist or be empty)")
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     info = export_hf(*load_run(a.run_dir, "RUN_DIR"), a.out_dir)
     # read both back and compare on random tokens: the export must be the same function
     before, tok = load_model(a.run_dir, "RUN_DIR")

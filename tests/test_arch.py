@@ -23,6 +23,7 @@ from minirlhf.model import GPT, KVCache, RMSNorm, ScalarModel, arch_config, rope
 from minirlhf.scoring import sampling_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import ENDOFTEXT, LLAMA3, Tokenizer
+from tests.inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, BOS, EOS = 0, 1, 2
@@ -397,9 +398,7 @@ def pretrained_like(d: Path) -> GPT:
 
 
 def run_script(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_main(*args)  # in this process (tests/inprocess.py); the refusals below run as subprocesses
 
 
 def test_sft_rm_ppo_grpo_dpo_evaluate_chain_from_an_imported_llama_directory(tmp_path):

@@ -23,6 +23,7 @@ from minirlhf import dpo  # noqa: E402
 from minirlhf.preferences import encode_pairs, split_prefs, subsample  # noqa: E402
 from minirlhf.scoring import response_logprobs, token_logprobs  # noqa: E402
 from minirlhf.tasks import get_task  # noqa: E402
+from tests.inprocess import run_main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the subprocess runs share a small CPU
 PAD, BOS, EOS = 0, 1, 2
@@ -213,6 +214,8 @@ def test_dpo_pairs_use_the_sampled_ids_when_the_tokenizer_matches():
 
 # ------------------------------------------------------------------------------------------------ end to end
 def run_script(*args, check=True, timeout=300):
+    if check:  # a run that must succeed: in this process (tests/inprocess.py)
+        return run_main(*args)
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV,
                           timeout=timeout)
     if check:

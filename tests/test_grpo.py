@@ -22,6 +22,7 @@ from minirlhf.scoring import RATIO_TOLERANCE as FIRST_RATIO_TOL
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.utils import UserError
+from tests.inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -299,13 +300,17 @@ def test_first_ratio_check_tolerances():
             check_first_ratio(dev, dtype, 3)
 
 
-def tiny_grpo_run(tiny_runs, out, flags) -> list:
-    """Three iterations of train_grpo.py on the tiny fixture in a subprocess; its metrics.jsonl rows."""
+def tiny_grpo_run(tiny_runs, out, flags, in_process: bool = False) -> list:
+    """Three iterations of train_grpo.py on the tiny fixture, in a subprocess or in this process
+    (tests/inprocess.py); its metrics.jsonl rows."""
     cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
            "--out-dir", str(out), "--iterations", "3", "--prompts-per-iter", "4", "--group-size", "3",
            "--minibatches", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--lr", "1e-2", *flags]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
+    if in_process:
+        run_main(*cmd[1:])
+    else:
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -349,7 +354,7 @@ def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
     ["--kl-in", "loss", "--kl-estimator", "unbiased"]])
 def test_rl_menu_flags_run(tiny_runs, tmp_path, flags):
     out = tmp_path / "grpo"
-    rows = tiny_grpo_run(tiny_runs, out, flags)
+    rows = tiny_grpo_run(tiny_runs, out, flags, in_process=True)
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and r["first_ratio_dev"] <= r["first_ratio_tol"]
                                   for r in rows)
     assert rows[-1]["kl"] != pytest.approx(0.0, abs=1e-4)  # the policy moved

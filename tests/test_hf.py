@@ -25,11 +25,14 @@ from minirlhf.scoring import reward_at_eos
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import ENDOFTEXT, PAD, Tokenizer
 from minirlhf.utils import UserError
+from tests.inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(*args, check=True, env=None):
+    if check and env is None:  # a run that must succeed: in this process (tests/inprocess.py)
+        return run_main(*args)
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env,
                           timeout=300)

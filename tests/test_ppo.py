@@ -20,6 +20,7 @@ from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.scoring import response_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
+from tests.inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the subprocess runs share a small CPU
@@ -299,18 +300,22 @@ def tiny_runs(tmp_path_factory):
     return d
 
 
-def run_ppo(tiny_runs, out, *flags):
+def run_ppo(tiny_runs, out, *flags, in_process: bool = True):
+    """train_ppo.py on the tiny fixture, in this process (tests/inprocess.py) or a subprocess; metrics.jsonl rows."""
     cmd = [sys.executable, "train_ppo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
            "--out-dir", str(out), "--iterations", "3", "--batch-size", "8", "--minibatches", "2",
            "--epochs", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", *flags]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-    assert res.returncode == 0, res.stderr[-3000:]
+    if in_process:
+        run_main(*cmd[1:])
+    else:
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tiny_subprocess_run_writes_outputs(tiny_runs):
     out = tiny_runs / "ppo"
-    run_ppo(tiny_runs, out, "--target-kl", "1")
+    run_ppo(tiny_runs, out, "--target-kl", "1", in_process=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     need = ["rm_score_mean", "rm_score_std", "kl", "non_score_reward", "beta", "pg_loss", "vf_loss", "approx_kl",

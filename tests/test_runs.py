@@ -17,6 +17,7 @@ from minirlhf.harness import runs
 from minirlhf.harness.checkpoint import CheckpointError, load_policy
 from minirlhf.utils import UserError
 from minirlhf.harness.files import torch_save
+from tests.inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--vocab-size", "300",
@@ -38,8 +39,8 @@ def run_script(*args, check=True, cwd=ROOT):
 def chain(tmp_path_factory):
     """A tiny SFT run that emits EOS often enough to give preference pairs, and an RM run on it."""
     d = tmp_path_factory.mktemp("chain")
-    run_script("train_sft.py", "--out-dir", d / "sft", *SFT, "--steps", "200")
-    run_script("train_rm.py", "--policy", d / "sft", "--out-dir", d / "rm", *RM)
+    run_main("train_sft.py", "--out-dir", d / "sft", *SFT, "--steps", "200")  # in this process: only inputs here
+    run_main("train_rm.py", "--policy", d / "sft", "--out-dir", d / "rm", *RM)
     return d
 
 

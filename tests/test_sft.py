@@ -11,6 +11,7 @@ import torch
 from minirlhf.harness.checkpoint import CheckpointError, check_compatible, load_policy, load_run
 from minirlhf.data import collate_sft, encode_sft
 from minirlhf.tasks import get_task
+from tests.inprocess import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "4", "--n-train", "64", "--n-val", "8", "--n-samples", "4", "--batch-size", "8",
@@ -21,6 +22,8 @@ LEARN = TINY + ["--steps", "12", "--warmup-steps", "1", "--lr", "1e-2"]
 
 
 def run_script(*args, check=True):
+    if check:  # a run that must succeed: in this process (tests/inprocess.py)
+        return run_main(*args)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check:
