@@ -282,29 +282,19 @@ def paired_metrics(m: dict, samples, task, ref_gold, rm, ref_rm):
 
 
 @torch.no_grad()
-def compare_to_reference(policy, ref, tok, task, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 64,
-                         device="cpu", dtype="float32", reward_model=None):
-    """The numbers every policy-training stage reports on held-out prompts, against the reference (SFT) policy: one
-    sample per prompt from each at temperature 1 (different seeds), scored by policy_metrics. Returns (metrics dict,
-    policy samples); the metrics also carry sampling_padding_share."""
+def compare_on_test_prompts(policy, ref, tok, task, n: int, max_new_tokens: int, seed: int, device, dtype,
+                            reward_model=None, batch_size: int = 64) -> dict:
+    """The numbers every policy-training stage reports: the trained policy against the reference (SFT) on n
+    held-out test prompts of the task, one sample per prompt from each at temperature 1 (different seeds), scored
+    by policy_metrics (+ sampling_padding_share); prints a few samples. {} without a task (no gold reward)."""
+    if task is None:
+        return {}
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
-    pad = {}
+    prompts, pad = task.sample_prompts("test", n, seed=seed), {}
     samples = sample_policy(policy, tok, prompts, max_new_tokens, 1.0, seed=seed, **kw, stats=pad)
     ref_samples = sample_policy(ref, tok, prompts, max_new_tokens, 1.0, seed=seed + 1, **kw)
     metrics = policy_metrics(policy, ref, tok, samples, ref_samples, task, reward_model, **kw)
     metrics["sampling_padding_share"] = pad.get("sampling_padding_share", 0.0)
-    return metrics, samples
-
-
-def compare_on_test_prompts(policy, ref, tok, task, n: int, max_new_tokens: int, seed: int, device, dtype,
-                            reward_model=None, batch_size: int = 64) -> dict:
-    """A trained policy against the reference on n held-out test prompts of the task (compare_to_reference:
-    paired by prompt, gold reward, temperature 1); prints a few samples. {} without a task (no gold reward)."""
-    if task is None:
-        return {}
-    metrics, samples = compare_to_reference(policy, ref, tok, task, task.sample_prompts("test", n, seed=seed),
-                                            max_new_tokens, seed=seed, batch_size=batch_size, device=device,
-                                            dtype=dtype, reward_model=reward_model)
     print_samples(samples)
     return metrics
 
