@@ -119,8 +119,7 @@ def main(argv=None):
     # no weight decay (it would pull the policy off the SFT weights the KL anchors it to); eps 1e-5 as for PPO
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, eps=1e-5,
                             fused=device.startswith("cuda"))
-    train_policy = dist.wrap(policy, device)  # DDP under torchrun (averages gradients), else the model itself
-    train_policy = compile_model(train_policy, args.compile)
+    train_policy = compile_model(dist.wrap(policy, device), args.compile)  # DDP under torchrun, else the model
     # --compile: the rollout's scoring passes run compiled too (generate compiles its own decode step)
     scorers = [compile_model(m, args.compile) for m in (policy, ref, reward_model)]
     B = args.prompts_per_iter * args.group_size // W  # samples per rollout (of this rank)
