@@ -173,6 +173,7 @@ def training_path(run_dir, smooth: int = 10):
     rows = [r for r in rows if "kl" in r and "gold_mean" in r]
     if len(rows) < 2:
         return None
+
     def avg(xs):  # the mean of the last `smooth` values at each point
         return [sum(xs[max(0, i - smooth + 1):i + 1]) / min(i + 1, smooth) for i in range(len(xs))]
     return avg([r["kl"] for r in rows]), avg([r["gold_mean"] for r in rows])
