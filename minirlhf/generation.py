@@ -32,13 +32,11 @@ def cache_columns(n: int) -> int:
 
 
 def next_token(logits, noise, temperature: float, top_k: int, top_p: float, ban):
-    """The next token of each row and its log-prob, both (B,), under sampling_logprobs(logits, ...).
-
-    noise (B, V) ~ Exp(1), or None for greedy. argmax_i p_i / q_i with q_i ~ Exp(1) picks i with probability p_i
-    (the exponential race: q_i / p_i ~ Exp(p_i), and the smallest of independent exponentials is i's with
-    probability p_i / sum p). torch.multinomial(p, 1) computes exactly this, drawing q from its generator the same
-    way, so a seed gives the same tokens either way; written out, it makes none of multinomial's host syncs (it
-    checks the probabilities on the host) and runs inside the compiled step."""
+    """The next token of each row and its log-prob, both (B,), under sampling_logprobs(logits, ...). noise (B, V) ~
+    Exp(1), or None for greedy: argmax_i p_i / q_i picks i with probability p_i (q_i / p_i ~ Exp(p_i), and the smallest
+    of independent exponentials is i's with probability p_i / sum p). torch.multinomial(p, 1) computes exactly this,
+    drawing q from its generator the same way, so a seed gives the same tokens; written out, it makes none of
+    multinomial's host syncs and runs inside the compiled step."""
     logp = sampling_logprobs(logits, temperature, top_k, top_p, ban)  # (B, V) float32
     tok = logp.argmax(-1) if noise is None else (logp.exp() / noise).argmax(-1)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
@@ -115,17 +113,12 @@ def reused_cache(model, B: int, L: int, dtype) -> KVCache:
 def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator = None,
              banned=None, compile: bool = False):
-    """Sample responses to left-padded prompts (B, P).
-
-    temperature 0 = greedy. Each row stops at its EOS; after that it holds PAD with mask 0. Each row has its own
-    budget, min(max_new_tokens, block_size - its prompt length), so whether a row is cut off never depends on the
-    other prompts in the batch. banned: ids or a (V,) bool mask never sampled (see scoring.sampling_logprobs;
-    pass Tokenizer.unsampleable_ids). compile: run the one-token step through torch.compile (same tokens and
-    log-probs as the eager step, which is the default).
-    Returns resp_ids (B, N) long, resp_mask (B, N) long (EOS included) and logprobs (B, N) float32: the
-    log-probabilities under the distribution actually sampled from (temperature, banned, top-k, top-p applied; 0
-    on padding), so a fresh forward pass with the same settings reproduces them. N = the longest response.
-    """
+    """Sample responses to left-padded prompts (B, P); temperature 0 = greedy. Each row stops at its EOS (then PAD,
+    mask 0) and has its own budget, min(max_new_tokens, block_size - its prompt length), so whether a row is cut off
+    never depends on the other prompts. banned: ids or a (V,) bool mask never sampled (Tokenizer.unsampleable_ids).
+    compile: the one-token step through torch.compile (same tokens and log-probs as the eager default).
+    Returns resp_ids (B, N) long, resp_mask (B, N) long (EOS included) and logprobs (B, N) float32 under the
+    distribution actually sampled from (0 on padding), so a fresh forward with the same settings reproduces them."""
     B, P = prompt_ids.shape
     dev = prompt_ids.device
     if max_new_tokens < 1:

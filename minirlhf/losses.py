@@ -362,27 +362,20 @@ def zero_advantage_share(scores, groups, tol: float = 1e-6):
 
 def kl_estimator(logprobs, ref_logprobs, kind: str = "k3", old_logprobs=None):
     """Per-token estimate of KL(pi || pi_ref) from a sample y ~ pi, as a loss term (B, R) (Schulman 2020), with
-    log_r = log pi_ref(y) - log pi(y):
+    log_r = log pi_ref(y) - log pi(y). The gradient meant is autograd's through log pi with the sample held fixed (no
+    score-function term), i.e. how a loss term behaves; tests/test_grpo.py checks each estimator by exact enumeration.
 
         k1 = -log_r                      value unbiased; expected gradient ZERO (E_pi[grad log pi] = 0): as a loss
                                          term it does nothing on average -- put k1 in the reward instead
         k2 = 1/2 log_r^2                 value biased (low variance); expected gradient = grad of the REVERSE
                                          KL(pi || pi_ref) on-policy (exactly so for one token)
-        k3 = exp(log_r) - log_r - 1      value unbiased and >= 0 (GRPO's choice, beta 0.04); but its expected
-                                         gradient is that of the FORWARD KL(pi_ref || pi), a different (mass-
-                                         covering) penalty
-
-    The gradient meant is the one autograd takes through log pi with the sample held fixed (no score-function
-    term), i.e. how a loss term behaves; tests/test_grpo.py checks every estimator by exact enumeration.
-    Two more, for the KL as a loss term:
-
-        k3+      = k2 - sg(k2) + sg(k3)   the value of k3 (unbiased, what gets logged) with the gradient of k2 (the
-                                         reverse KL's), by a straight-through construction (verl's "k3+")
-        unbiased = (pi / pi_old) * k3     DeepSeek-V3.2's correction when the samples come from pi_old != pi (later
-                                         epochs): E_{pi_old}[(pi / pi_old) k3] = KL(pi || pi_ref) again, and the
-                                         ratio's own gradient adds the score-function term, so its expected
-                                         gradient is the true gradient of KL(pi || pi_ref). Needs old_logprobs.
-    """
+        k3 = exp(log_r) - log_r - 1      value unbiased and >= 0 (GRPO's, beta 0.04); but its expected gradient is
+                                         that of the FORWARD KL(pi_ref || pi), a different (mass-covering) penalty
+        k3+ = k2 - sg(k2) + sg(k3)       k3's value (what gets logged) with k2's gradient, straight-through (verl)
+        unbiased = (pi / pi_old) * k3    DeepSeek-V3.2's correction when the samples come from pi_old != pi (later
+                                         epochs): unbiased in value, and the ratio's own gradient adds the score-
+                                         function term, so the expected gradient is that of KL(pi || pi_ref).
+                                         Needs old_logprobs."""
     log_r = ref_logprobs - logprobs
     if kind == "k1":
         return -log_r
@@ -495,13 +488,11 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2
 
         l_t = max(-A_i * ratio_t, -A_i * clip(ratio_t, 1 - eps, 1 + eps_high)) + kl_coef * k(log pi_t, log pi_ref_t)
 
-    (GRPO, Shao et al. 2024, eq. 3, with the KL inside the per-token sum). advantages (B,) or (B, R); logprobs,
-    old_logprobs, ref_logprobs, mask (B, R). With one epoch of one minibatch the ratio is 1 and its gradient is
-    the REINFORCE-with-baseline gradient A_i * grad log pi. pg_loss picks the policy term: clip (above), gspo
-    (gspo_surrogate's per-response loss on every token of the response; aggregate it by sequence) or cispo
-    (cispo_surrogate). is_weight (B, R): truncated_is_weights, multiplying the policy term. clip_high: the upper
-    bound's eps (default clip). Returns (loss, stats): ratio (B, R) and the scalars clipfrac, approx_kl
-    (KL(pi_old || pi), k3 on the old samples) and kl_loss (the aggregated KL term), detached."""
+    (GRPO, Shao et al. 2024, eq. 3). advantages (B,) or (B, R); the rest (B, R). With one epoch of one minibatch the
+    ratio is 1 and the gradient is REINFORCE with a baseline, A_i * grad log pi. pg_loss: clip (above), gspo
+    (gspo_surrogate's per-response loss on each of its tokens; aggregate by sequence) or cispo. is_weight (B, R):
+    truncated_is_weights, on the policy term. clip_high: the upper eps (default clip). Returns (loss, stats): ratio
+    (B, R), clipfrac, approx_kl (KL(pi_old || pi), k3) and kl_loss (the aggregated KL term), detached."""
     clip_high = clip if clip_high is None else clip_high
     if pg_loss == "clip":
         per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip, clip_high)

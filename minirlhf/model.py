@@ -133,14 +133,12 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """A static key/value cache for incremental decoding: each layer's keys and values live in a buffer of their own,
-    of fixed length max_len (prompt + budget), allocated on first use with the dtype the attention produces (bf16
-    under autocast). New k/v are written at column tensors (`index_copy_`), and attention always runs over all
-    max_len columns with a boolean mask hiding the columns not written yet, so one decode step has the same shapes
-    every time (what CUDA graphs and torch.compile need). k[layer], v[layer]: (B, n_head, max_len, head_dim).
-    One tensor per layer, not one (n_layer, ...) tensor: torch.compile turns a write into a view of a shared buffer
-    into a copy of the whole buffer, every layer, every token; into its own buffer it writes just the new column.
-    `length` counts the columns filled by GPT.hidden_states (the convenience path that appends after them)."""
+    """A static key/value cache for incremental decoding: each layer's keys and values in a buffer of their own, of
+    fixed length max_len (prompt + budget), allocated on first use in the attention's dtype. New k/v are written at
+    column tensors (`index_copy_`) and attention runs over all max_len columns with a mask hiding those not written
+    yet, so a decode step has the same shapes every time (what CUDA graphs and torch.compile need). One tensor per
+    layer, not one (n_layer, ...) tensor: torch.compile turns a write into a view of a shared buffer into a copy of
+    the whole buffer. k[layer], v[layer]: (B, n_kv_head, max_len, head_dim); `length`: columns hidden_states filled."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.n_layer, self.max_len = n_layer, max_len
@@ -232,14 +230,10 @@ class Block(nn.Module):
 
 
 def positions_and_mask(attention_mask, past: int, T: int, S: int = None):
-    """Position ids and the SDPA mask for T new tokens after `past` cached ones.
-
-    attention_mask: (B, past + T), 1 = real token, 0 = padding. Positions count real tokens only, so left
-    padding does not shift them. Every query may also attend to itself, so rows of pure padding stay finite
-    (their outputs are garbage, and masked out by every loss). S (default past + T) is the number of key columns
-    (a static cache's max_len); keys past past + T are hidden.
-    Returns pos (B, T) long, mask (B, 1, T, S) bool.
-    """
+    """Position ids and the SDPA mask for T new tokens after `past` cached ones. attention_mask (B, past + T): 1 = real
+    token. Positions count real tokens only, so left padding does not shift them; every query may attend to itself,
+    so rows of pure padding stay finite (garbage, masked out by every loss). S (default past + T) = key columns (a
+    static cache's max_len); keys past past + T are hidden. Returns pos (B, T) long, mask (B, 1, T, S) bool."""
     S = past + T if S is None else S
     keys = attention_mask.bool()
     if S > past + T:
@@ -291,14 +285,10 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_size * seq_len
 
     def hidden_states(self, idx, attention_mask=None, cache: KVCache = None):
-        """idx (B, T) -> final hidden states (B, T, n_embd), after ln_f.
-
-        attention_mask (B, past + T) is needed for padded batches and with a cache (it covers the cached tokens
-        too). Without a mask and without a cache the batch must be unpadded or right-padded (plain causal).
-        With a cache the T tokens are appended after the cache.length columns already stored.
-        A padded batch may be wider than block_size (a short prompt's row padded to a long one's width): what
-        must fit is every row's real tokens, i.e. the largest position id.
-        """
+        """idx (B, T) -> final hidden states (B, T, n_embd), after ln_f. attention_mask (B, past + T) is needed for
+        padded batches and with a cache (it covers the cached tokens too); without either the batch must be unpadded
+        or right-padded (plain causal). With a cache the T tokens are appended after its cache.length columns. A padded
+        batch may be wider than block_size: what must fit is every row's real tokens (the largest position id)."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None and cache is None:

@@ -222,14 +222,11 @@ def token_id_counts(records, tok) -> tuple:
 
 
 def response_ids(tok, rec, key: str, max_len: int, fingerprint: str = None, vocab_size: int = None) -> tuple:
-    """Response tokens of rec[key] ("chosen" or "rejected"), cut to max_len. Returns (ids, truncated).
-
-    The sampled ids rec[key + "_ids"] (EOS included) when the record carries them for this tokenizer
-    (rec["tokenizer_fingerprint"]): BPE re-encoding of decoded text is not the identity (sampled "Ġ g o o d" comes
-    back as "Ġ g oo d"), and the RM/DPO must learn on the sequences the policy produced and PPO scores. Otherwise
-    (text-only files, or ids of another tokenizer) the text is encoded + EOS. fingerprint: tok.fingerprint(),
-    computed once by the caller. vocab_size: the model's (rounded up past the tokenizer's, so the sampler may
-    have drawn ids the tokenizer does not use); ids must lie below it (else tok.vocab_size)."""
+    """Response tokens of rec[key] ("chosen" or "rejected"), cut to max_len. Returns (ids, truncated). The sampled ids
+    rec[key + "_ids"] (EOS included) when the record carries them for this tokenizer (rec["tokenizer_fingerprint"]):
+    re-encoding decoded text is not the identity under BPE (sampled "Ġ g o o d" comes back as "Ġ g oo d"), and the
+    RM/DPO must learn on the sequences the policy produced. Otherwise the text is encoded + EOS. fingerprint:
+    tok.fingerprint(), computed once by the caller; ids must lie below vocab_size (the model's, else tok's)."""
     ids = rec.get(f"{key}_ids")
     if ids is None or rec.get("tokenizer_fingerprint") != (fingerprint or tok.fingerprint()):
         return encode_response(tok, rec[key], max_len)

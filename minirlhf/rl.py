@@ -7,8 +7,8 @@ import torch
 from minirlhf.harness import dist
 from minirlhf.harness.checkpoint import check_compatible, load_policy, load_scalar
 from minirlhf.losses import masked_mean
-from minirlhf.rollout import check_first_ratio
 from minirlhf.scoring import RATIO_TOLERANCE
+from minirlhf.utils import UserError
 
 
 def load_models(args, device, value_model: bool = False):
@@ -52,6 +52,17 @@ def ratio_stats(ratio, mask, first: bool) -> dict:
 
 
 MAXIMA = ("ratio_max", "first_ratio_dev")  # Stats(maxima=MAXIMA): the rest are means over minibatches and ranks
+
+
+def check_first_ratio(dev: float, dtype: str, it: int) -> float:
+    """Abort (one line) when the first minibatch's max |ratio - 1| exceeds the dtype's tolerance (nothing is updated
+    yet, so it is rounding only: scoring.RATIO_TOLERANCE); returns the tolerance. It catches gross mismatches
+    (scoring at T 0.7 instead of 1: 0.37; dropout 0.1 left on: 0.17); float32's 1e-5 small ones too (T 0.9)."""
+    tol = RATIO_TOLERANCE[dtype]
+    if not dev <= tol:  # `not <=` so that NaN fails too
+        raise UserError(f"iteration {it}: the ratio at the first minibatch deviates from 1 by {dev:.2e} (tolerance "
+                        f"{tol:g} for {dtype}): rollout and training log-probs disagree")
+    return tol
 
 
 class FirstRatio:

@@ -16,23 +16,8 @@ import torch.nn.functional as F
 from minirlhf.data import encode_prompt, left_pad, read_jsonl
 from minirlhf.generation import generate
 from minirlhf.losses import score_with_eos_penalty
-from minirlhf.scoring import RATIO_TOLERANCE, last_index, response_logprobs, response_values, reward_at_eos
-from minirlhf.utils import UserError, autocast
-
-# The ratio at the first minibatch of an iteration must be 1 up to rounding (nothing is updated yet; only the batch
-# composition differs from the rollout's full forward): scoring.RATIO_TOLERANCE per dtype, measured and explained
-# there. The check catches gross mismatches (scoring at T 0.7 instead of 1: 0.37; dropout 0.1 left on: 0.17);
-# float32's 1e-5 catches small ones too (T 0.9), so debug in float32.
-
-
-def check_first_ratio(dev: float, dtype: str, it: int) -> float:
-    """Abort (one line) when the first minibatch's max |ratio - 1| exceeds the dtype's tolerance; returns the
-    tolerance (logged beside the deviation)."""
-    tol = RATIO_TOLERANCE[dtype]
-    if not dev <= tol:  # `not <=` so that NaN fails too
-        raise UserError(f"iteration {it}: the ratio at the first minibatch deviates from 1 by {dev:.2e} (tolerance "
-                        f"{tol:g} for {dtype}): rollout and training log-probs disagree")
-    return tol
+from minirlhf.scoring import last_index, response_logprobs, response_values, reward_at_eos
+from minirlhf.utils import autocast
 
 
 def training_prompts(prompts_file, task, n: int, seed: int, tok, block_size: int):

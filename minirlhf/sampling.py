@@ -120,12 +120,10 @@ def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dt
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
                 dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """sample_policy over a long prompt list, with a progress bar on a terminal, in the order of `prompts`. Prompts
-    are batched by length (data.length_batches, windows of 16 batches, seeded) and batch i is sampled with seed
-    (seed, i), so the result depends on the seed and batch size only. Under torchrun each rank samples a
-    contiguous share of the batches and every rank gets all samples: a batch keeps its prompts and its seed
-    whichever rank samples it, so the result is the one-process result (token for token on the same kind of
-    device; stats then count this rank's share)."""
+    """sample_policy over a long prompt list, with a progress bar, in the order of `prompts`: batched by length
+    (data.length_batches, windows of 16 batches, seeded), batch i sampled with seed (seed, i). Under torchrun each rank
+    samples a contiguous share of the batches and every rank gets all samples; a batch keeps its prompts and seed
+    whichever rank samples it, so the result is the one-process result (stats count this rank's share)."""
     lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
     out = [None] * len(prompts)
     batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)

@@ -95,15 +95,12 @@ def compiled_chunk_logprobs():
 
 def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, banned=None,
                    with_entropy: bool = False, chunk_rows: int = None, compile: bool = False):
-    """Log-probs (B, T) float32 of `targets` under sampling_logprobs(h @ weight.T), without ever holding the full
-    (B, T, V) float32 logits: the B*T positions go through lm_head (in float32) a chunk of rows at a time, each
-    chunk giving log pi(y) = logit[y] - logsumexp(logits) with temperature/banned/top-k/top-p applied.
-    With gradients on, each chunk runs under activation checkpointing (its logits are recomputed in the backward
-    instead of kept), so training memory is bounded the same way.
-    h (B, T, C) hidden states; weight (V, C) (lm_head); targets (B, T) long; chunk_rows default:
-    LOGIT_CHUNK_ELEMENTS // V. with_entropy also returns the per-position entropy (B, T) of the same distribution.
-    compile: each chunk through compiled_chunk_logprobs.
-    Targets that are banned or filtered get -inf: mask them with masked_fill (not `* mask`: -inf * 0 = nan)."""
+    """Log-probs (B, T) float32 of `targets` under sampling_logprobs(h @ weight.T) without ever holding the (B, T, V)
+    float32 logits: the B*T positions go through lm_head (in float32) a chunk of rows at a time, and with gradients on
+    each chunk runs under activation checkpointing (its logits recomputed in the backward, not kept). h (B, T, C);
+    weight (V, C) (lm_head); targets (B, T) long; chunk_rows default LOGIT_CHUNK_ELEMENTS // V. with_entropy also
+    returns the per-position entropy (B, T); compile: each chunk through compiled_chunk_logprobs. Banned or filtered
+    targets get -inf: mask them with masked_fill (not `* mask`: -inf * 0 = nan)."""
     B, T, C = h.shape
     V = weight.size(0)
     rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // V)
@@ -123,11 +120,10 @@ def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0,
 
 
 def concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """(B, P) + (B, R) -> ids, mask (B, P + R), checked to fit `model`'s context on the host, before its forward.
-    A batch may be wider than block_size (a short prompt's row padded to a long one's width); what must fit is each
-    row's real tokens. Reading them costs a host sync, so only a batch that wide pays it, here rather than inside
-    the model's forward, where under torch.compile it would break the graph (GPT.hidden_states skips its own check
-    while compiling)."""
+    """(B, P) + (B, R) -> ids, mask (B, P + R), checked on the host to fit `model`'s context. A batch may be wider than
+    block_size (a short prompt's row padded to a long one's width); what must fit is each row's real tokens. Only a
+    batch that wide pays the host sync, here rather than in the forward, where under torch.compile it would break the
+    graph (GPT.hidden_states skips its own check while compiling)."""
     ids, mask = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask, resp_mask], 1)
     block = model.config.block_size
     if mask.size(1) > block:

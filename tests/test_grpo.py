@@ -17,7 +17,8 @@ from minirlhf.evaluation.metrics import best_of_n_kl, best_of_n_select
 from minirlhf.losses import (aggregate_loss, group_advantages, group_ids_from_sizes, grpo_policy_loss, kl_estimator,
                              leave_one_out_mean, score_with_eos_penalty, zero_advantage_share)
 from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.rollout import check_first_ratio, collect_rollout
+from minirlhf.rl import check_first_ratio
+from minirlhf.rollout import collect_rollout
 from minirlhf.scoring import RATIO_TOLERANCE as FIRST_RATIO_TOL
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer

@@ -154,11 +154,9 @@ def fraction_of_optimal_sem(gold: float, ref_gold: float, kl: float, gain_sem: f
 
 def fraction_of_optimal(gold: float, ref_gold: float, kl: float, frontier, frontier_ref_gold: float,
                         noise: float = 0.0):
-    """(gold - ref_gold) / (V(kl) - V(0)): the share of the best possible gold gain at this KL that the policy got.
-    The gain is measured from each curve's own reference mean (the policy's paired reference samples; the
-    frontier's prompt subset), which cancels the difference between the two prompt sets.
-    noise: standard error of the policy's gain; when the optimal gain is below twice that, the ratio would be
-    noise over a small number (a policy that barely moved), and None is returned instead.
+    """(gold - ref_gold) / (V(kl) - V(0)): the share of the best possible gold gain at this KL that the policy got,
+    each gain from its own curve's reference mean (which cancels the difference between the two prompt sets).
+    noise: the s.e. of the policy's gain; an optimal gain below twice it gives None (noise over a small number).
     Returns (fraction or None, optimal gold at kl, extrapolated)."""
     opt, extrapolated = frontier_gold_at(frontier, kl, frontier_ref_gold)
     gain = opt - frontier_ref_gold
@@ -182,15 +180,12 @@ def mean_parts(parts) -> dict:
 
 
 def reward_weights(parts, scores, gold_weights: dict) -> dict:
-    """How a learned reward prices each part of the gold reward, in gold units.
-
-    The gold reward is exactly sum_k gold_weights[k] * part_k, so a perfect reward model (up to the scale and shift
-    that Bradley-Terry cannot identify) scores a * gold + b. Least squares of the RM's scores (N,) on the parts
-    (N, K) plus an intercept gives one coefficient per part; dividing by scale = (coefficient of the first part) /
-    (its gold weight) puts them in gold units, directly comparable with gold_weights. A part whose weight is near 0
-    here but not in gold_weights is one the RM does not see (and a policy can exploit).
-    Returns {"r2" (of that linear fit), "scale", "weights": {part: weight, or None when the part never varies
-    among the samples}, "gold_weights"}."""
+    """How a learned reward prices each part of the gold reward, in gold units. The gold reward is exactly
+    sum_k gold_weights[k] * part_k, so a perfect RM (up to the scale and shift Bradley-Terry cannot identify) scores
+    a * gold + b. Least squares of the RM's scores (N,) on the parts (N, K) plus an intercept, divided by scale =
+    (coefficient of the first part) / (its gold weight), gives weights comparable with gold_weights; a part near 0
+    here but not there is one the RM does not see (and a policy can exploit). Returns {"r2" (of that fit), "scale",
+    "weights": {part: weight, or None when the part never varies}, "gold_weights"}."""
     names = list(gold_weights)
     X = np.array([[float(p[k]) for k in names] for p in parts], dtype=np.float64)  # (N, K)
     y = np.asarray(scores, dtype=np.float64)
@@ -222,15 +217,11 @@ def reward_model_vs_gold(rm, tok, task, samples, batch_size: int, device, dtype)
 @torch.no_grad()
 def policy_metrics(policy, ref, tok, samples, ref_samples, task=None, reward_model=None, batch_size: int = 64,
                    device="cpu", dtype="float32", ref_logp=None, missing_eos_penalty: float = None):
-    """Metrics of one policy from its samples and, paired by prompt, the reference's samples (win rate).
-
-    Adds "kl" (and "gold", "rm" when available) to each sample dict. With task=None (user data) the gold keys are
-    absent; with a reward model, rm_mean/rm_sem and rm_win_rate (the same paired comparison under the RM) appear.
-    Error bars: win rates get the s.e. of the mean per-prompt outcome (win_rate_vs_ref_sem, rm_win_rate_sem); the
-    gain over the reference (gold_gain) gets the paired s.e. of the per-prompt differences (gold_gain_sem).
-    ref_logp: precomputed reference log-probs of `samples` (when policy is the reference itself, pass the
-    policy's own). missing_eos_penalty (with a reward model): also score_mean / ref_score_mean, the RM score as
-    RL trains on it (a response without EOS scores -penalty: losses.score_with_eos_penalty)."""
+    """Metrics of one policy from its samples and, paired by prompt, the reference's samples; adds "kl" (and "gold",
+    "rm" when available) to each sample dict. Without a task (user data) there are no gold keys; with a reward model,
+    rm_mean/rm_sem and rm_win_rate. Win rates get the s.e. of the mean per-prompt outcome, the gain over the
+    reference (gold_gain) the paired s.e. of the per-prompt differences. ref_logp: precomputed reference log-probs of
+    `samples`. missing_eos_penalty (with an RM): also score_mean / ref_score_mean, the RM score as RL trains on it."""
     kw = dict(batch_size=batch_size, device=device, dtype=dtype)
     assert [s["prompt"] for s in samples] == [s["prompt"] for s in ref_samples], "win rate needs paired prompts"
     pad = {}
@@ -310,11 +301,10 @@ def print_samples(samples, n: int = 5):
 @torch.no_grad()
 def estimate_frontier(ref, tok, task, prompts, k: int, max_new_tokens: int, betas=None, min_ess: float = 10.0,
                       seed: int = 0, batch_size: int = 512, device="cpu", dtype="float32", distributed: bool = False):
-    """Sample k responses per prompt from the reference at temperature 1, score them with the gold reward and sweep
-    beta (frontier_points). Returns a dict: frontier (kept points), dropped, ref_gold (the reference's mean on
-    these prompts: the frontier at KL 0), kl_cap (= log k, the largest KL this many samples can show), n_prompts,
-    samples_per_prompt, min_ess, bootstrap (bootstrap_frontiers: the frontier's noise over its prompts).
-    distributed: sample_policy's sharded sampling under torchrun."""
+    """k reference samples per prompt at temperature 1, scored by the gold reward, beta swept (frontier_points).
+    Returns {frontier (kept points), dropped, ref_gold (the frontier at KL 0), kl_cap (= log k, the largest KL k
+    samples can show), n_prompts, samples_per_prompt, min_ess, bootstrap (bootstrap_frontiers)}. distributed:
+    sample_policy's sharded sampling under torchrun."""
     samples = sample_policy(ref, tok, [p for p in prompts for _ in range(k)], max_new_tokens, 1.0,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype, distributed=distributed)
     gold = torch.tensor(gold_scores(task, samples), dtype=torch.float64).view(len(prompts), k)
