@@ -4,15 +4,12 @@
     python evaluate.py --reward out/rm --frontier          # + RM score, + the optimal reward-KL frontier
     python evaluate.py --policies out/sft out/ppo --prompts my_prompts.jsonl   # your prompts: no gold columns
 
-Per policy, on held-out prompts, one sample per prompt at temperature 1 (seeded, so reruns agree): gold reward
-mean +- standard error, KL(pi || pi_ref) (sequence level, on the policy's own samples), win rate vs the reference
-(paired by prompt under the gold reward, ties half), EOS rate, mean length, distinct-2, the RM score with
---reward, and a few samples. --frontier adds the best gold reward any policy can reach at each KL (pi* =
-pi_ref exp(g/beta)/Z, Ziegler et al. 2019) and the share of that optimum each policy reaches at its own KL.
---best-of 4 16 64 adds rows bon-4, bon-16, bon-64: the reference's best of n samples under the RM (--reward), at
-the closed-form KL log n - (n - 1)/n, an upper bound on the true KL (Beirami et al. 2024).
-Writes report.json (its keys: docs/runs.md), report.md and report.png into --out-dir; the estimators are in
-minirlhf/evaluation/metrics.py.
+Per policy, one sample per held-out prompt at temperature 1 (seeded): gold reward +- s.e., KL(pi || pi_ref) on
+the policy's own samples, win rate vs the reference (paired by prompt, ties half), EOS rate, length, distinct-2,
+the RM score with --reward. --frontier adds the best gold any policy can reach at each KL (pi* = pi_ref exp(g/beta)
+/ Z, Ziegler et al. 2019) and each policy's share of it; --best-of 4 16 64 adds the reference's best of n samples
+under the RM, at the closed-form KL bound log n - (n - 1)/n (Beirami et al. 2024). Writes report.json (its keys:
+docs/runs.md), report.md and report.png; the estimators are in minirlhf/evaluation/metrics.py.
 """
 import json
 import os

@@ -8,13 +8,11 @@
     python train_dpo.py --loss kto                        # KTO: chosen = desirable, rejected = undesirable examples
 
 The policy's implicit reward beta * log(pi / ref) is fitted to the labels by a classification loss on the margin
-delta = log-ratio(chosen) - log-ratio(rejected) (Rafailov et al. 2023; minirlhf/dpo.py, losses.py). Each step:
-  reference log-probs   computed once with the starting policy before training, cached in ref_logps.pt
-  pairs                 a shuffled batch of pairs, chosen and rejected in one forward (summed response log-probs)
-  loss                  DPO / IPO / hinge on delta (+ --nll-coef x the chosen responses' per-token NLL, RPO);
-                        SimPO on length-normalised log-probs; KTO on each half against its reference point z0
---rounds N: later rounds train on --round-k fresh samples per prompt of the current policy, ranked into pairs by
-the reward model --reward (never the gold reward), against the same reference.
+delta = log-ratio(chosen) - log-ratio(rejected) (Rafailov et al. 2023; minirlhf/dpo.py, losses.py): reference
+log-probs computed once before training (cached in ref_logps.pt); then each step a shuffled batch of pairs, chosen
+and rejected in one forward, and DPO / IPO / hinge on delta (+ --nll-coef x the chosen responses' per-token NLL),
+SimPO on length-normalised log-probs, or KTO on each half against its reference point z0. --rounds N: later rounds
+train on fresh samples of the current policy ranked into pairs by --reward (never the gold reward).
 """
 import copy
 import math

@@ -1,17 +1,15 @@
 """Stage 3 without a critic: GRPO, RLOO, Dr. GRPO and today's menu against the learned reward model.
 
     python train_grpo.py                  # RLOO, the default: --policy out/sft --reward out/rm -> out/grpo
-    # GRPO as published, then Dr. GRPO (GRPO without the std division and without the 1/|o_i|):
-    python train_grpo.py --baseline grpo --scale-by-std --loss-agg sequence --kl-in loss --kl-coef 0.04
-    python train_grpo.py --baseline grpo --no-scale-by-std --loss-agg constant --kl-in loss --kl-coef 0.04
+    python train_grpo.py --baseline grpo --scale-by-std --loss-agg sequence --kl-in loss --kl-coef 0.04  # GRPO
+    python train_grpo.py --baseline grpo --no-scale-by-std --loss-agg constant --kl-in loss --kl-coef 0.04  # Dr. GRPO
     python train_grpo.py --clip-high 0.28 --loss-agg token --dynamic-sampling --overlong-buffer 8   # DAPO
 
-The group methods drop PPO's value model: each prompt gets k samples ("a group"), and a sample's advantage is its
-sequence reward compared with the rest of its group; every token of the sample gets that one number. Which flags
-are which paper's (also GSPO, CISPO, REINFORCE++, k3+ / unbiased KL, truncated IS), and the measurements behind
-the defaults: docs/grpo.md. Each iteration:
-  rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, the same code as PPO's): old and
-                     reference log-probs, the RM score at EOS (-penalty without EOS), gold logged only
+No value model: each prompt gets k samples ("a group"), and a sample's advantage, given to every one of its
+tokens, is its sequence reward compared with the rest of its group. Each paper's flags (also GSPO, CISPO,
+REINFORCE++, k3+ / unbiased KL, truncated IS) and the measurements behind the defaults: docs/grpo.md. Each iteration:
+  rollout (no grad)  P prompts x k samples at temperature T (minirlhf/rollout.py, as PPO's): old and reference
+                     log-probs, the RM score at EOS (-penalty without EOS), gold logged only
   advantages         r_i = score_i [- beta * sum_t (log pi_old - log pi_ref)]  (--kl-in reward)
                      A_i = r_i - mean(group) [/ (std(group) + eps)]  or  r_i - mean(others)   (losses.py)
   update             --epochs x --minibatches passes of the clipped ratio objective (1 x 1 = on-policy REINFORCE

@@ -1,14 +1,11 @@
 """JSONL readers and hand-written batching.
 
-Record formats (one JSON object per line):
-  SFT:         {"prompt": str, "completion": str}   or   {"text": str}   (text = empty prompt, loss on all of it)
-  preferences: {"prompt": str, "chosen": str, "rejected": str}   (the field names TRL and most public sets use)
-The completion/response is appended to the prompt as is, so it usually starts with a space.
-
-Token layout of every sequence: BOS + prompt + response + EOS.
-  * training batches (SFT) are right-padded, with a loss mask on completion tokens and EOS only;
-  * generation and scoring batches are [prompt, left-padded | response, right-padded], so every row's response
-    starts at the same column P and the model sees positions computed from the attention mask.
+Records (one JSON object per line): SFT {"prompt", "completion"} or {"text"} (an empty prompt, loss on all of
+it); preferences {"prompt", "chosen", "rejected"} (the field names TRL and most public sets use). The completion
+is appended to the prompt as is, so it usually starts with a space. Every sequence is BOS + prompt + response +
+EOS: SFT batches are right-padded with a loss mask on completion tokens and EOS only; generation and scoring
+batches are [prompt, left-padded | response, right-padded], so every row's response starts at the same column P
+and the model computes positions from the attention mask.
 """
 import json
 import math
@@ -140,10 +137,8 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def collate_sft(batch, pad_id: int, device="cpu") -> dict:
-    """Right-padded SFT batch from [(prompt_ids, completion_ids)].
-
-    idx, targets: (B, T) with targets[t] = seq[t + 1]; loss_mask (B, T) is 1 exactly where the target is a
-    completion token or EOS (the prompt, BOS and padding are not trained on)."""
+    """Right-padded SFT batch from [(prompt_ids, completion_ids)]: idx, targets (B, T) with targets[t] = seq[t + 1];
+    loss_mask (B, T) is 1 exactly where the target is a completion token or EOS (not the prompt, BOS or padding)."""
     T = max(len(p) + len(c) for p, c in batch) - 1
     idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
     targets = torch.full((len(batch), T), pad_id, dtype=torch.long)
@@ -180,12 +175,10 @@ def right_pad(seqs, pad_id: int, device="cpu") -> tuple:
 
 
 def length_batches(lengths, batch_size: int, window: int = None, seed: int = 0) -> list:
-    """Batches of indices whose sequences have similar lengths, so little of each batch is padding.
-
-    The indices are cut into windows of `window` consecutive items (None = one window of everything), each window
-    is sorted by length (stable), cut into batches of batch_size, and the batches are shuffled with a seeded RNG
-    (a model never sees all short sequences first; the same seed gives the same batches). Every index appears
-    exactly once; put results back in input order with the indices. Returns a list of lists of ints."""
+    """Batches of indices whose sequences have similar lengths, so little of each batch is padding: the indices are cut
+    into windows of `window` consecutive items (None = one window), each sorted by length (stable) and cut into
+    batches of batch_size, and the batches are shuffled with a seeded RNG (a model never sees all short sequences
+    first). Every index appears exactly once. Returns a list of lists of ints."""
     n = len(lengths)
     if n == 0:
         return []

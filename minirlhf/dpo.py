@@ -34,11 +34,9 @@ def pair_batch(pairs, pad_id: int, device):
 
 
 def pair_logps(model, batch, device, dtype, banned=None):
-    """One forward over chosen and rejected together. Returns summed log-probs (2B,) and response lengths (2B,).
-    The log-probs come from scoring.token_logprobs: lm_head in float32, a chunk of positions at a time (no full
-    (2B, T, V) float32 logits), and in training each chunk is recomputed in the backward instead of stored.
-    banned: the unsampleable ids (Tokenizer.unsampleable_ids), so DPO's log-probs are those of the distribution
-    the policy is sampled from."""
+    """One forward over chosen and rejected together. Returns summed log-probs (2B,) and response lengths (2B,), from
+    scoring.token_logprobs (float32 lm_head a chunk of positions at a time, recomputed in the backward).
+    banned: the unsampleable ids, so DPO's log-probs are those of the distribution the policy is sampled from."""
     with autocast(device, dtype):
         h = model(batch["idx"], hidden=True)  # (2B, T, C)
         logp = token_logprobs(h, model.lm_head.weight, batch["targets"], banned=banned,
@@ -72,11 +70,10 @@ def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None,
 
 
 def reference_logps(model, train_pairs, test_pairs, args, tok, device, dtype, out: Path, also=()):
-    """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy (before any
-    update) and cached in the run directory `out`; the cache is reused only when the prefs file, the reference
-    weights and the split are the same. A cache in one of the folders `also` (the finished run a rerun will
-    replace) is reused too, and copied into `out`. The key hashes the loaded weights, not a file, so a Hugging Face
-    directory (safetensors) as --policy is keyed like a run directory."""
+    """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy and cached in
+    the run directory `out`; reused only for the same prefs file, reference weights (the key hashes the loaded
+    weights, so an HF directory as --policy works too) and split. A cache in one of the folders `also` (the finished
+    run a rerun will replace) is reused too, and copied into `out`."""
     h = hashlib.sha256(Path(args.prefs).read_bytes())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -127,19 +124,16 @@ def global_divisors(chosen_mask, n_pairs: int) -> dict:
 
 
 def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None, z0=0.0):
-    """The training objective and the usual DPO diagnostics for one batch.
-
-    logps, lens (2B,) = policy log-probs and lengths of [chosen; rejected]; ref (B, 2) reference log-probs.
-    n_pairs, n_tokens: the divisors of the pair means and of the NLL, by default this batch's counts; under
-    torchrun global_divisors', so loss and stats are this rank's part of the global batch's (DDP averages).
-    Returns (loss, stats), stats as 0-d tensors: rewards/* = beta * log-ratio (the implicit reward of Rafailov et
-    al., eq. 5, up to beta log Z(x)); accuracy = share of pairs whose implicit reward ranks chosen first (ties half).
-    The NLL term (args.nll_coef; RPO, Pang et al. 2024, pooled per token over the batch): plain DPO constrains only
-    the difference of two log-ratios, and pushing a rejected response down raises every other token's probability
-    (the "squeezing" of Ren & Sutherland 2024, 2407.10490), most of all the tokens the data never uses; the NLL of
-    the chosen responses keeps them down (docs/results.md measures it).
-    --loss simpo (no reference: ref is ignored, the implicit rewards are beta * length-averaged log-probs) and kto
-    (z0: kto_reference_point of the batch; a pair's loss is the mean of its two halves' losses) as in losses.py."""
+    """The training objective and the usual DPO diagnostics for one batch. logps, lens (2B,) = policy log-probs and
+    lengths of [chosen; rejected]; ref (B, 2) reference log-probs. n_pairs, n_tokens: the divisors of the pair means
+    and of the NLL (default: this batch's counts; under torchrun global_divisors', so loss and stats are this rank's
+    part of the global batch's). Returns (loss, stats), stats as 0-d tensors: rewards/* = beta * log-ratio (the
+    implicit reward, Rafailov et al. eq. 5, up to beta log Z(x)); accuracy = share of pairs it ranks right (ties half).
+    The NLL term (args.nll_coef; RPO, Pang et al. 2024, per token over the batch): plain DPO constrains only the
+    difference of two log-ratios, and pushing a rejected response down raises every other token's probability (the
+    "squeezing" of Ren & Sutherland 2024, 2407.10490), most of all tokens the data never uses; the chosen responses'
+    NLL keeps them down (docs/results.md measures it). --loss simpo (ref ignored: beta * length-averaged log-probs)
+    and kto (z0: kto_reference_point of the batch; a pair's loss is the mean of its halves') as in losses.py."""
     B = ref.size(0)
     pi_c, pi_r = logps[:B], logps[B:]
     ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -203,9 +197,8 @@ def test_pair_stats(model, pairs, ref, args, tok, device, dtype):
 
 def online_pairs(model, ref_model, reward_model, tok, task, args, rnd: int, device, dtype, out: Path = None):
     """The pairs of online round `rnd` (1 = the first after the offline one): --round-k samples per prompt of
-    --round-prompts fresh task train prompts from the *current* policy `model`, labelled by the reward model
-    (preferences.rank_pairs; the gold reward is never asked), and their reference log-probs (N, 2) from the frozen
-    `ref_model`, the same reference as the offline round. Writes the pairs to out/round<rnd+1>_prefs.jsonl.
+    --round-prompts fresh train prompts from the *current* policy, ranked by the reward model (rank_pairs; never the
+    gold reward), with reference log-probs (N, 2) from the frozen `ref_model`; written to out/round<rnd+1>_prefs.jsonl.
     Returns (pairs, ref log-probs, stats)."""
     seed = args.seed * 1000 + rnd  # a new sample of prompts and responses each round
     prompts = task.sample_prompts("train", args.round_prompts, seed=seed)

@@ -1,12 +1,10 @@
 """Batched sampling with a static KV cache: prefill the left-padded prompts once, then one token per step.
 
-Layout: the prompts fill columns 0..P-1 of a cache of P + N columns (N = the largest row budget); response token t
-goes to column P + t. Every decode step (sample token t, update the bookkeeping, run token t through the model)
-has the same shapes (one token per row, attention over all P + N columns with a boolean mask of the columns
-written so far, positions and the write column given as tensors), and the loop asks the GPU "are all rows done?"
-only every CHECK_EVERY steps, so nothing stops the device between tokens. That makes the step capturable:
-generate(..., compile=True) runs it through torch.compile (CUDA graphs via mode="reduce-overhead" on CUDA); the
-eager step is the default and the reference. Outside the step each token costs the noise draw and three writes.
+The prompts fill columns 0..P-1 of a cache of P + N columns (N = the largest row budget); response token t goes to
+column P + t. Every decode step (sample token t, update the bookkeeping, run token t through the model) has the
+same shapes, and the loop asks the device "are all rows done?" only every CHECK_EVERY steps, so nothing stops it
+between tokens. That makes the step capturable: generate(..., compile=True) runs it through torch.compile (CUDA
+graphs via mode="reduce-overhead" on CUDA); the eager step is the default and the reference.
 """
 import functools
 import weakref

@@ -28,12 +28,10 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef: float = 0.
 
         L = mean_i[ -log sigmoid(r_c,i - r_r,i - m_i) ]  +  c * mean_i[ (r_c,i + r_r,i)^2 ]
 
-    The first term is the negative log-likelihood of the labels under the Bradley-Terry model
-    P(chosen > rejected) = sigmoid(r_c - r_r) (Bradley & Terry 1952; Christiano et al. 2017; Ouyang et al. 2022).
-    margin m (a float, or (B,) per pair) asks the chosen reward to win by at least m (Llama 2, 2307.09288, uses
-    a larger margin for pairs rated as clearly better). The second term is reward centering (Eisenstein et al.
-    2023, 2312.09244, c ~ 0.01): BT only sees differences, so without it the rewards' offset drifts freely.
-    r_chosen, r_rejected (B,) float. Returns a scalar."""
+    The first term is the labels' negative log-likelihood under Bradley-Terry, P(chosen > rejected) = sigmoid(r_c - r_r)
+    (Bradley & Terry 1952; Christiano et al. 2017; Ouyang et al. 2022); margin m (a float or (B,)) asks the chosen
+    reward to win by at least m (Llama 2, 2307.09288). The second is reward centering (Eisenstein et al. 2023,
+    2312.09244, c ~ 0.01): BT only sees differences, so without it the offset drifts. r_chosen, r_rejected (B,)."""
     loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
@@ -58,10 +56,10 @@ def masked_var(x, mask, unbiased: bool = True, all_reduce=None):
 
 
 def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None):
-    """(x - mean) / std over valid positions only; padding is left at 0. shift_mean=False adds the mean back, so
-    only the spread is normalised (lm-human-preferences' reward whitening: moving the mean of per-token rewards
-    would change the incentive to stop early or keep talking). all_reduce: as masked_mean; the statistics define
-    the update, so under torchrun every rank must whiten with the global batch's (Huang et al. 2024)."""
+    """(x - mean) / std over valid positions only, padding left at 0. shift_mean=False adds the mean back, so only the
+    spread is normalised (lm-human-preferences' reward whitening: moving the mean of per-token rewards would change
+    the incentive to stop early). all_reduce: as masked_mean; under torchrun every rank must whiten with the global
+    batch's statistics, which define the update (Huang et al. 2024)."""
     mean, var = masked_mean(x, mask, all_reduce=all_reduce), masked_var(x, mask, all_reduce=all_reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -70,20 +68,17 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, all_reduc
 
 
 def score_with_eos_penalty(rm_score, has_eos, penalty: float):
-    """The sequence score PPO trains on (the "EOS trick": lm-human-preferences; N+ details, 2403.17031): the RM score
-    for a response that ended with EOS, a fixed -penalty for one cut off by the budget. The RM never saw unfinished
-    text, so its score there is unreliable; replacing (not adding to) it gives every cut-off row the same, known
-    low score. rm_score (B,) float, has_eos (B,) bool. Returns (B,)."""
+    """The sequence score RL trains on (the "EOS trick": lm-human-preferences; N+ details, 2403.17031): the RM score for
+    a response that ended with EOS, a fixed -penalty for one cut off by the budget, whose RM score (on text it never
+    saw) is unreliable. rm_score (B,) float, has_eos (B,) bool. Returns (B,)."""
     return torch.where(has_eos, rm_score, torch.full_like(rm_score, -penalty))
 
 
 def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef: float):
-    """Per-token rewards of Ziegler et al. 2019: r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) on every valid
-    token, plus the sequence score on the row's last valid token (its EOS; N+ details use the EOS token).
-
-    score (B,); logprobs, ref_logprobs, mask (B, R). Returns rewards (B, R), kl (B, R) = the k1 estimator per token
-    (0 on padding) and non_score (B, R) = -beta * kl. Summed over tokens, kl is an unbiased estimate of the sequence
-    KL(pi_old || pi_ref) for samples from pi_old; single-token terms can be negative."""
+    """Per-token rewards of Ziegler et al. 2019: r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) on every valid token,
+    plus the sequence score on the row's last valid token (its EOS, as in N+ details). score (B,); logprobs,
+    ref_logprobs, mask (B, R). Returns rewards, kl (the k1 estimator per token, 0 on padding; can be < 0) and
+    non_score = -beta * kl, each (B, R). Summed over tokens, kl is unbiased for the sequence KL(pi_old || pi_ref)."""
     mask = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * mask
     non_score = -kl_coef * kl
@@ -117,12 +112,10 @@ def gae_advantages(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95)
 def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 0.2, clip_high: float = None):
     """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
         l_t = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)),   ratio = exp(log pi - log pi_old).
-    The max picks the clipped term only when it is the pessimistic one (the 'binding side': ratio > 1 + eps_high
-    with A > 0, ratio < 1 - eps with A < 0); there the loss is constant in theta and the gradient is 0.
-    eps_high (clip_high; default eps) above eps is DAPO's "clip-higher" (Yu et al. 2025, 2503.14476: 0.2 / 0.28):
-    a rare token with A > 0 may then grow further per update, against the entropy collapse of a symmetric clip.
-    advantages (B, R), or (B,) for one per sample. Returns (l (B, R), stats) with stats = ratio (B, R), clipfrac
-    and approx_kl (scalars, detached)."""
+    The max picks the clipped term only on the pessimistic ('binding') side: ratio > 1 + eps_high with A > 0, ratio <
+    1 - eps with A < 0; there the gradient is 0. eps_high > eps is DAPO's "clip-higher" (Yu et al. 2025, 2503.14476:
+    0.2 / 0.28): a rare token with A > 0 may grow further per update, against a symmetric clip's entropy collapse.
+    advantages (B, R), or (B,) for one per sample. Returns (l (B, R), stats: ratio (B, R), clipfrac, approx_kl)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     log_ratio = (logprobs - old_logprobs) * mask
@@ -212,22 +205,19 @@ def dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
 
 def dpo_sigmoid_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
                      label_smoothing: float = 0.0):
-    """DPO (Rafailov et al. 2023, eq. 7), per pair:  -log sigmoid(beta * delta).
-
-    With label_smoothing eps > 0 it is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+    """DPO (Rafailov et al. 2023, eq. 7), per pair:  -log sigmoid(beta * delta). With label_smoothing eps > 0 it is
+    conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
         -(1 - eps) * log sigmoid(beta * delta) - eps * log sigmoid(-beta * delta),
-    the DPO loss under the assumption that each label is flipped with probability eps; its minimum sits at a
-    finite margin (sigmoid(beta * delta) = 1 - eps) instead of pushing delta to infinity."""
+    the DPO loss when each label is flipped with probability eps; its minimum sits at a finite margin
+    (sigmoid(beta * delta) = 1 - eps) instead of pushing delta to infinity."""
     z = beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
     return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
-    """IPO (Azar et al. 2023, 2310.12036, eq. 17), per pair:  (delta - 1 / (2 * beta))^2.
-
-    A regression of the margin onto a fixed target, so it cannot run off to infinity on deterministic labels.
-    The function takes whatever log-probs it is given; train_dpo.py passes per-token averages by default (as TRL
-    does; --no-ipo-length-average passes sums, as the DPO authors' code does)."""
+    """IPO (Azar et al. 2023, 2310.12036, eq. 17), per pair:  (delta - 1 / (2 * beta))^2: a regression of the margin
+    onto a fixed target, so it cannot run off to infinity on deterministic labels. train_dpo.py passes per-token
+    averaged log-probs by default (as TRL; --no-ipo-length-average passes sums, as the DPO authors' code does)."""
     return (dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -239,9 +229,7 @@ def hinge_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0
 
 def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta: float = 2.0, gamma: float = 1.0):
     """SimPO (Meng et al. 2024, 2405.14734, eq. 6), per pair:
-
         -log sigmoid(beta / |y_c| * log pi(y_c|x) - beta / |y_r| * log pi(y_r|x) - gamma)
-
     No reference model: the implicit reward is the policy's own length-normalised log-prob, and gamma a target
     margin between the two (the paper: beta 2-2.5, gamma / beta about 0.5)."""
     return -F.logsigmoid(beta * (pi_chosen / len_chosen - pi_rejected / len_rejected) - gamma)
@@ -249,14 +237,14 @@ def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta: float = 2
 
 def kto_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, z0, beta: float = 0.1, w_desirable: float = 1.0,
              w_undesirable: float = 1.0):
-    """KTO (Ethayarajh et al. 2024, 2402.01306, eq. 8) on pairs split into their halves, as TRL does: the chosen
-    response is a desirable example, the rejected one an undesirable example. With r = log pi(y|x) - log ref(y|x)
-    and the reference point z0 (kto_reference_point, detached):
+    """KTO (Ethayarajh et al. 2024, 2402.01306, eq. 8) on pairs split into their halves, as TRL does: chosen = a
+    desirable example, rejected = an undesirable one. With r = log pi(y|x) - log ref(y|x) and the reference point z0
+    (kto_reference_point, detached):
 
         desirable:    w_D * (1 - sigmoid(beta * (r - z0)))       undesirable:  w_U * (1 - sigmoid(beta * (z0 - r)))
 
-    (the paper's lambda_y - v(x, y)). Each example is judged against z0 alone, not against its partner: the loss
-    also works on unpaired data. Returns (desirable losses (B,), undesirable losses (B,))."""
+    (the paper's lambda_y - v(x, y)). Each example is judged against z0 alone, not its partner, so the loss also works
+    on unpaired data. Returns (desirable losses (B,), undesirable losses (B,))."""
     r_c, r_r = pi_chosen - ref_chosen, pi_rejected - ref_rejected
     return (w_desirable * (1 - torch.sigmoid(beta * (r_c - z0))),
             w_undesirable * (1 - torch.sigmoid(beta * (z0 - r_r))))
@@ -328,14 +316,12 @@ def leave_one_out_mean(scores, groups):
 
 
 def group_advantages(scores, groups, baseline: str = "grpo", scale_by_std: bool = True, eps: float = 1e-4):
-    """Per-sample advantage (B,) from the group's scores (apply it to every token of the sample).
-
+    """Per-sample advantage (B,) from the group's scores (apply it to every token of the sample):
         grpo:  A_i = r_i - mean_group           (Shao et al. 2024; the mean includes r_i itself)
         rloo:  A_i = r_i - mean of the others    (Ahmadian et al. 2024; = k/(k-1) * (r_i - mean_group))
-    scale_by_std divides by (sample std of the group + eps), as GRPO does; Dr. GRPO (Liu et al. 2025) drops it,
-    because it gives groups whose scores barely differ (too easy or too hard prompts) the largest weight.
-    A group whose scores are all equal gets advantage 0 for every sample (whatever the flags): it carries no
-    learning signal ("wasted" samples; see zero_advantage_share). A group of one gets 0 as well."""
+    scale_by_std divides by (sample std of the group + eps), as GRPO does; Dr. GRPO (Liu et al. 2025) drops it, as it
+    gives groups whose scores barely differ (too easy or too hard prompts) the largest weight. A group whose scores
+    are all equal (or a group of one) gets advantage 0: no learning signal ("wasted" samples, zero_advantage_share)."""
     mean, std, _ = group_stats(scores, groups)
     if baseline == "grpo":
         adv = scores - mean
@@ -393,13 +379,11 @@ def kl_estimator(logprobs, ref_logprobs, kind: str = "k3", old_logprobs=None):
 
 def aggregate_loss(per_token, mask, agg: str = "token", constant: float = None):
     """Reduce a per-token loss (B, R) to a scalar; the three choices weight tokens differently:
-
         token     sum over all valid tokens / their number: every token counts the same (DAPO; PPO here)
         sequence  mean over each response's tokens, then over responses: GRPO's 1/|o_i| (Shao et al. 2024, eq. 3),
                   so a token of a short response weighs more than one of a long response
         constant  sum over all valid tokens / constant (Dr. GRPO, Liu et al. 2025: e.g. max_new_tokens x
-                  responses); no length bias either way. Default constant: R x B.
-    """
+                  responses); no length bias either way. Default constant: R x B."""
     mask = mask.to(per_token.dtype)
     if agg == "token":
         return masked_mean(per_token, mask)
@@ -413,9 +397,7 @@ def aggregate_loss(per_token, mask, agg: str = "token", constant: float = None):
 
 def gspo_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 3e-4, clip_high: float = 4e-4):
     """GSPO (Zheng et al. 2025, 2507.18071): one ratio per response, the geometric mean of its tokens' ratios,
-
         s_i = exp(mean_t (log pi_t - log pi_old_t)),   l_i = max(-A_i * s_i, -A_i * clip(s_i, 1 - eps, 1 + eps_high)),
-
     so a response is clipped (or not) as a whole, and a long response's noise does not pile up in one token's
     ratio. Length-normalised, s_i stays near 1: the paper clips at 3e-4 / 4e-4. advantages (B,). Returns (l (B,),
     stats): ratio = the token ratios (B, R) (for the logs), clipfrac = share of responses clipped, approx_kl."""
@@ -431,9 +413,7 @@ def gspo_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 3e-4,
 
 def cispo_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 1.0, clip_high: float = 0.28):
     """CISPO (MiniMax 2025, 2506.13585): the importance weight is clipped and detached, not the update dropped,
-
         l_t = -sg(clip(ratio_t, 1 - eps, 1 + eps_high)) * A * log pi_t,
-
     so its gradient is -w_t A grad log pi_t for every token: one past the bound still learns, with its weight held
     at the bound (PPO's clip gives it no gradient at all). The paper sets no effective lower bound (eps = 1 here:
     w >= 0) and tunes eps_high. advantages (B,) or (B, R). Returns (l (B, R), stats as clipped_surrogate's;
@@ -449,12 +429,11 @@ def cispo_surrogate(logprobs, old_logprobs, advantages, mask, clip: float = 1.0,
 
 
 def truncated_is_weights(old_logprobs, sampler_logprobs, mask, cap: float = 2.0):
-    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
-    RL training"): w_t = min(pi_old(y_t) / pi_sampler(y_t), C), detached, a weight on each token's policy loss.
-    The sampler (generate's KV-cache decode, bf16, maybe compiled) and the trainer's full forward compute different
-    log-probs for the same tokens, so the rollout is slightly off-policy for the trainer; the weight corrects for
-    it, truncated at C against the variance of rare large ratios. Returns (w (B, R) with 1 on padding, stats:
-    is_weight_mean, is_weight_max over valid tokens, is_truncated = share of valid tokens capped)."""
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"): w_t = min(pi_old(y_t) / pi_sampler(y_t), C), detached, a weight on each token's policy loss. The
+    sampler (generate's KV-cache decode, bf16, maybe compiled) and the trainer's full forward compute different
+    log-probs for the same tokens; the weight corrects for that, truncated at C against rare large ratios. Returns
+    (w (B, R), 1 on padding; stats: is_weight_mean, is_weight_max, is_truncated = share of valid tokens capped)."""
     ratio = torch.exp((old_logprobs - sampler_logprobs) * mask).detach()
     w = ratio.clamp(max=cap)
     stats = {"is_weight_mean": masked_mean(w, mask), "is_weight_max": (w * mask).max(),
@@ -464,10 +443,10 @@ def truncated_is_weights(old_logprobs, sampler_logprobs, mask, cap: float = 2.0)
 
 def reinforce_pp_advantages(score, logprobs, ref_logprobs, mask, kl_coef: float, groups=None, all_reduce=None):
     """REINFORCE++ (Hu 2025, 2501.03262): per-token rewards r_t = -beta * k1_t plus the sequence score on the last
-    token, their return-to-go G_t = sum_{s >= t} r_s as the advantage (gamma 1, no critic), z-scored over every
-    valid token of the global batch (all_reduce under torchrun) -- not per group: the paper's point is that a
-    batch-wide normalisation is less biased than GRPO's per-prompt std. groups given (ids or sizes): the
-    "baseline" variant, each score minus its group's mean first. score (B,); the rest (B, R). Returns A (B, R)."""
+    token, their return-to-go G_t = sum_{s >= t} r_s as the advantage (gamma 1, no critic), z-scored over every valid
+    token of the global batch (all_reduce under torchrun), not per group: less biased than GRPO's per-prompt std, the
+    paper argues. groups (ids or sizes): the "baseline" variant, each score minus its group's mean first. Returns A
+    (B, R)."""
     if groups is not None:
         score = score - group_stats(score, groups)[0]
     k1 = (logprobs - ref_logprobs) * mask

@@ -1,14 +1,12 @@
 """A decoder-only transformer, written out: GPT-2 by default, the Llama/Qwen family with a few switches.
 
 GPT-2: learned positions, pre-LayerNorm blocks, GELU(tanh), biases, tied embeddings. The Llama/Qwen family
-(SmolLM2, Qwen2.5, Qwen3, Llama 3): rotary positions (RoPE), RMSNorm, a SwiGLU MLP, fewer key/value heads than
-query heads (grouped-query attention), no biases except Qwen2's on q/k/v, Qwen3's RMSNorm of each head's q and k,
-tied or untied embeddings. Each is one GPTConfig field (`ARCHS` names the combinations); the defaults are GPT-2's.
-Parameter names follow GPT-2's (transformer.wte, transformer.h.{i}.attn.c_attn, ...) for every architecture, with
-q/k/v fused in c_attn and SwiGLU's gate and up projections fused in mlp.c_fc; interop/ maps them to Hugging Face's.
-Three things beyond nanoGPT that RLHF needs:
-  * left-padded batches: an attention mask hides PAD keys and position ids come from the mask, so a padded row
-    gives the same per-token logits as the same row unpadded;
+(SmolLM2, Qwen2.5, Qwen3, Llama 3): RoPE, RMSNorm, a SwiGLU MLP, fewer key/value heads than query heads (GQA), no
+biases except Qwen2's on q/k/v, Qwen3's RMSNorm of each head's q and k, tied or untied embeddings: each one
+GPTConfig field (`ARCHS` names the combinations). Parameter names are GPT-2's for every architecture (q/k/v fused
+in c_attn, SwiGLU's gate and up in mlp.c_fc); interop/ maps them to Hugging Face's. Beyond nanoGPT, RLHF needs:
+  * left-padded batches: PAD keys masked and positions from the mask, so a padded row gives the same per-token
+    logits as the row unpadded;
   * a KV cache: prefill the prompt once, then decode one token per step;
   * hidden states, so a scalar head (reward or value model) can sit on the same trunk (ScalarModel).
 """

@@ -239,10 +239,9 @@ def response_ids(tok, rec, key: str, max_len: int, fingerprint: str = None, voca
 
 
 def encode_pairs(records, tok, block_size: int, vocab_size: int = None, targets: bool = False):
-    """(prompt ids BOS + prompt, chosen ids, rejected ids) of each record, a response from its sampled ids when
-    present for this tokenizer (response_ids; vocab_size = the model's), else from its text + EOS. Prompt +
-    response fit the context: block_size tokens, or block_size + 1 with targets=True (the SFT layout, whose
-    inputs drop the last token). Returns (triples, number of responses cut to fit, which then lack EOS)."""
+    """(prompt ids BOS + prompt, chosen ids, rejected ids) of each record, a response from its sampled ids when present
+    for this tokenizer (response_ids), else its text + EOS. Prompt + response fit block_size tokens, or block_size + 1
+    with targets=True (the SFT layout). Returns (triples, number of responses cut to fit, which then lack EOS)."""
     out, n_cut, fp = [], 0, tok.fingerprint()
     for r in records:
         p = encode_prompt(tok, r["prompt"], block_size, r.get("_where", "prompt"), reserve=1 + targets)
@@ -268,10 +267,9 @@ def encode_splits(splits: dict, tok, block_size: int, vocab_size: int, targets: 
 
 
 def informative_pairs(records, pairs, what: str):
-    """Drop the pairs whose chosen and rejected response are the same (same text, or the same token sequence): they
-    carry no preference and only add ln 2 to the loss. Prints a warning with the count; a DataError when nothing
-    is left. pairs[i] encodes records[i] (its last two elements are the chosen and rejected sequences).
-    Returns (records, pairs, number dropped)."""
+    """Drop the pairs whose chosen and rejected response are the same (text or token sequence): no preference, only ln 2
+    of loss. Warns with the count; a DataError when nothing is left. pairs[i] encodes records[i] (its last two
+    elements are the chosen and rejected sequences). Returns (records, pairs, number dropped)."""
     keep = [i for i, (r, p) in enumerate(zip(records, pairs))
             if r["chosen"] != r["rejected"] and list(p[-2]) != list(p[-1])]
     n_drop = len(records) - len(keep)
@@ -286,10 +284,9 @@ def informative_pairs(records, pairs, what: str):
 
 # ----------------------------------------------------------------------------------------------- scoring
 def sequence_rewards(rm, seqs, pad_id: int, device="cpu"):
-    """Rewards (N,) of full sequences (lists of token ids), read at each one's last token: its EOS, or the last
-    real token of a truncated response. Right-padded, so plain causal attention is exact (PAD only ever follows
-    real tokens) and the batch is never longer than its longest sequence; this equals scoring.reward_at_eos on
-    the [prompt left-padded | response right-padded] layout (tests/test_rm.py checks it)."""
+    """Rewards (N,) of full sequences (lists of token ids), read at each one's last token (its EOS, or the last real
+    token of a truncated response). Right-padded, so plain causal attention is exact; equal to scoring.reward_at_eos
+    on the [prompt left-padded | response right-padded] layout (tests/test_rm.py checks it)."""
     ids, mask = right_pad(seqs, pad_id, device)  # (N, T)
     scores = rm(ids)  # (N, T) float32
     return scores.gather(1, last_index(mask)[:, None]).squeeze(1)
@@ -339,10 +336,10 @@ def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu"
 # ----------------------------------------------------------------------------------------------- normalisation
 @torch.no_grad()
 def set_normalisation(rm, rewards):
-    """Fold an affine map into the model's gain/bias buffers so that the rewards it gave (`rewards`, computed with
-    the current gain/bias) become mean 0, std 1 (population std), as lm-human-preferences does with samples of
-    the initial policy: PPO's KL coefficient and no-EOS penalty are then in known units.
-    r = g*h + b  ->  (r - mean)/std = (g/std)*h + (b - mean)/std. Returns (mean, std) of the raw rewards."""
+    """Fold an affine map into the model's gain/bias buffers so that `rewards` (computed with the current gain/bias)
+    become mean 0, std 1 (population std), as lm-human-preferences does on the initial policy's samples: PPO's KL
+    coefficient and no-EOS penalty are then in known units. r = g*h + b -> (r - mean)/std. Returns the raw (mean,
+    std)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     mean, std = rewards.mean().item(), rewards.std(unbiased=False).item()
     if not std > 1e-12:
@@ -354,10 +351,9 @@ def set_normalisation(rm, rewards):
 
 
 def fit_normalisation(rm, tok, samples, batch_size: int = 512, device="cpu", dtype="float32"):
-    """set_normalisation on the reward model's scores of the EOS-ended `samples` (dicts from sample_policy) only:
-    the RM never trained on responses that were cut off, and PPO replaces their score by a fixed penalty anyway,
-    so their (meaningless) scores must not set the units. Returns (raw mean, raw std, number of samples used);
-    a DataError when none of the samples ended."""
+    """set_normalisation on the RM's scores of the EOS-ended `samples` only: the RM never trained on cut-off responses
+    and PPO replaces their score by a fixed penalty, so their scores must not set the units. Returns (raw mean, raw
+    std, number of samples used); a DataError when none of the samples ended."""
     ended = [s for s in samples if s["eos"]]
     if not ended:
         raise DataError(f"none of the {len(samples)} normalisation samples ended with EOS within the budget "
@@ -449,10 +445,9 @@ def _records(args, run_dir, policy, tok, task, kw: dict):
 
 
 def preference_records(args, run_dir, policy, tok, task, kw: dict):
-    """train_rm.py's pairs, by its args `a`: (train records, train pairs, test records, test pairs, stats, prompts
-    to normalise on, whether the file carries the task's gold columns); a pair is (chosen, rejected) token
-    sequences BOS + prompt + response. Both splits are written to run_dir/prefs.jsonl ("_where", the file:line of a
-    user's record, is not data); under torchrun every rank holds the same records (sample_many gathers them)."""
+    """train_rm.py's pairs: (train records, train pairs, test records, test pairs, stats, prompts to normalise on,
+    whether the file carries the task's gold columns); a pair is (chosen, rejected) token sequences BOS + prompt +
+    response. Both splits go to run_dir/prefs.jsonl; under torchrun every rank holds the same records."""
     cfg = policy.config
     train_recs, test_recs, stats, norm_prompts, task_file = _records(args, run_dir, policy, tok, task, kw)
     with open(run_dir / "prefs.jsonl", "w") as f:

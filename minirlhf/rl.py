@@ -13,9 +13,8 @@ from minirlhf.utils import UserError
 
 def load_models(args, device, value_model: bool = False):
     """(tok, policy, frozen reference = an SFT copy, frozen reward model[, value model initialised from the RM: N+
-    details, TRL]). load_run turns dropout off: with dropout the rollout and training forwards disagree, the first
-    ratio is not 1 and the KL is noise (TRL #3500); eval() everywhere for the same reason (it does not stop
-    gradients)."""
+    details, TRL]). Dropout is off (load_run) and every model in eval(): with dropout the rollout and training
+    forwards disagree, the first ratio is not 1 and the KL is noise (TRL #3500); eval() does not stop gradients."""
     policy, tok, pol_cfg = load_policy(args.policy, "--policy", device)
     reward_model, _, rm_cfg = load_scalar(args.reward, "--reward", device)
     check_compatible(("--policy", args.policy, pol_cfg), ("--reward", args.reward, rm_cfg))
@@ -29,10 +28,9 @@ def load_models(args, device, value_model: bool = False):
 
 
 def minibatches(n: int, n_minibatches: int, lengths: list, generator, device):
-    """One shuffled pass over a rollout batch of n rows: yields (row indices (n / n_minibatches,), R), R = the
-    longest response among them (trailing padding columns are cut). lengths: the rows' response lengths on the
-    host, so R costs no sync. The order comes from the loop's generator on the CPU (resumable), from the device's
-    own stream on CUDA."""
+    """One shuffled pass over a rollout batch of n rows: yields (row indices (n / n_minibatches,), R), R = the longest
+    response among them (trailing padding cut; lengths are on the host, so R costs no sync). The order comes from the
+    loop's generator on the CPU (resumable), from the device's own stream on CUDA."""
     perm = torch.randperm(n, generator=generator, device=device) if device == "cpu" else \
         torch.randperm(n, device=device)
     host = perm.tolist()  # one sync per pass

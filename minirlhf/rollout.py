@@ -62,11 +62,10 @@ class Rollout:
 def collect_rollout(policy, ref, reward_model, tok, prompt_ids: list, prompts: list, max_new_tokens: int,
                     temperature: float, missing_eos_penalty: float, generator: torch.Generator, device="cpu",
                     dtype="float32", value_model=None, task=None, compile: bool = False) -> Rollout:
-    """Sample one response per entry of prompt_ids (token-id lists; repeat a prompt for a group of samples) and
-    score it. prompts: the matching prompt strings (for the gold reward and the logs). compile: the compiled decode
-    step (generation.generate). Returns a Rollout.
-    PAD, BOS and unused ids are banned in sampling and in both scorings (the one sampling distribution); the
-    update must pass the same `banned` (tok.unsampleable_ids) to response_logprobs, or the first ratio breaks."""
+    """Sample one response per entry of prompt_ids (token-id lists; repeat a prompt for a group) and score it; prompts:
+    the matching strings (gold reward, logs); compile: the compiled decode step. Returns a Rollout. PAD, BOS and
+    unused ids are banned in sampling and both scorings (one distribution); the update must pass the same `banned`
+    (tok.unsampleable_ids) to response_logprobs, or the first ratio breaks."""
     p_ids, p_mask = left_pad(prompt_ids, tok.pad_id, device)  # (B, P)
     banned = tok.unsampleable_ids(policy.config.vocab_size)
     with autocast(device, dtype):
@@ -111,11 +110,10 @@ def cat_rows(rollouts: list, rows: list, pad_id: int) -> Rollout:
 
 
 def dynamic_rollout(draw, group_size: int, max_draws: int, pad_id: int, tol: float = 1e-6):
-    """DAPO's dynamic sampling (Yu et al. 2025, 2503.14476): a group whose scores are all equal has advantage 0 on
-    every token and only dilutes the batch. draw(r) returns rollout r (G groups of group_size consecutive samples,
-    fresh prompts each time); groups whose scores differ are kept until G are kept or max_draws rollouts are drawn,
-    and groups of equal scores fill what is still missing, so the batch always has G groups. Returns (the Rollout,
-    rollouts drawn, groups kept of all drawn)."""
+    """DAPO's dynamic sampling (Yu et al. 2025, 2503.14476): a group whose scores are all equal has advantage 0 and only
+    dilutes the batch. draw(r) returns rollout r (G groups of group_size consecutive samples, fresh prompts); groups
+    whose scores differ are kept until G are or max_draws rollouts are drawn, then equal-score groups fill the rest,
+    so the batch always has G groups. Returns (the Rollout, rollouts drawn, groups kept of all drawn)."""
     rollouts, varied, equal = [], [], []
     for r in range(max_draws):
         rollouts.append(draw(r))

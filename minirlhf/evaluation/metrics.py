@@ -1,15 +1,12 @@
 """Sampling a policy on a list of prompts, the comparisons every stage reports, and the optimal reward-KL frontier.
 
-Everything a policy is judged by is estimated from its own samples on held-out prompts at temperature 1 (the
-distribution the KL is defined on; sampling with top-k/top-p or another temperature than the one scored gives a
-biased, even negative, KL: TRL #925, #1857): gold reward; KL(pi || pi_ref), the mean over samples of the summed
-per-token log-ratios (k1, unbiased); win rate vs the reference (same prompt, one sample each, ties half); EOS
-rate, mean length, distinct-2 (collapse onto one answer shows there).
-
-The optimal frontier (Ziegler et al. 2019, 1909.08593): the policy that maximises E[g] - beta * KL(pi || pi_ref) is
-pi* = pi_ref exp(g/beta) / Z; its gold reward and KL follow from reference samples by self-normalised importance
-weighting (optimal_policy_estimate), tracing the best gold reward any policy can reach at each KL. The estimators
-take lists/tensors and are unit-tested against exact enumeration in tests/test_evaluate.py.
+A policy is judged by its own samples on held-out prompts at temperature 1 (the distribution the KL is defined on;
+sampling with top-k/top-p or another temperature than the one scored biases the KL, even below 0: TRL #925,
+#1857): gold reward; KL(pi || pi_ref), the mean of the summed per-token log-ratios (k1, unbiased); win rate vs the
+reference (same prompt, one sample each, ties half); EOS rate, length, distinct-2 (collapse shows there). The
+optimal frontier (Ziegler et al. 2019, 1909.08593): pi* = pi_ref exp(g/beta) / Z maximises E[g] - beta KL; its gold
+and KL follow from reference samples by self-normalised importance weighting (optimal_policy_estimate). The
+estimators take lists/tensors and are tested against exact enumeration in tests/test_evaluate.py.
 """
 import math
 
@@ -45,10 +42,9 @@ def paired_win_rate_sem(scores_a, scores_b):
 
 
 def paired_gain(scores, ref_scores):
-    """(mean of scores - ref_scores, paired standard error): the s.e. of the mean of the per-prompt differences.
-    Samples of one prompt share its difficulty, so the paired s.e. is smaller than the unpaired
-    sqrt(se_a^2 + se_b^2) when the two scores are positively correlated across prompts (and never needs them
-    to be independent)."""
+    """(mean of scores - ref_scores, paired standard error: the s.e. of the mean per-prompt difference). Samples of one
+    prompt share its difficulty, so this is smaller than the unpaired sqrt(se_a^2 + se_b^2) when the two scores are
+    positively correlated across prompts, and it never needs them to be independent."""
     assert len(scores) == len(ref_scores) and len(scores) > 0
     return mean_sem([a - b for a, b in zip(scores, ref_scores)])
 
@@ -61,22 +57,19 @@ def distinct_n(texts, n: int = 2) -> float:
 
 
 def optimal_policy_estimate(gold, beta: float) -> dict:
-    """Gold reward and KL of pi* = pi_ref exp(g/beta) / Z, from K reference samples per prompt.
-
-    gold: (P, K) gold rewards of K samples of pi_ref for each of P prompts (a 1-D input is one prompt).
-    Per prompt, with s = g / beta and self-normalised weights w = softmax(s):
-        E*[g] ~= sum_k w_k g_k
-        log Z ~= log mean_k exp(s_k)
-        KL(pi* || pi_ref) = E*[log pi*/pi_ref] = E*[g]/beta - log Z
+    """Gold reward and KL of pi* = pi_ref exp(g/beta) / Z, from K reference samples per prompt. gold: (P, K) gold
+    rewards of K samples of pi_ref for each of P prompts (a 1-D input is one prompt). Per prompt, with s = g / beta
+    and self-normalised weights w = softmax(s):
+        E*[g] ~= sum_k w_k g_k,   log Z ~= log mean_k exp(s_k),   KL(pi* || pi_ref) = E*[g]/beta - log Z,
         ESS = 1 / sum_k w_k^2   (Kish's effective sample size: how many samples carry the weight)
-    then averaged over prompts (the optimum is per prompt; the frontier is its average over the prompt set).
-    The KL estimate equals log K - H(w), so it can never exceed log K (as beta -> 0 it saturates into best-of-K,
-    ESS -> 1), and for finite K both estimates are biased low; frontier_points keeps only points whose worst
-    prompt has enough effective samples, where that bias is small (docs/results.md: how good the estimate is).
+    then averaged over prompts (the frontier is the optimum's average over the prompt set). The KL estimate equals
+    log K - H(w), so it never exceeds log K (as beta -> 0 it saturates into best-of-K, ESS -> 1), and for finite K
+    both estimates are biased low; frontier_points keeps only points whose worst prompt has enough effective
+    samples, where that bias is small (docs/results.md: how good the estimate is).
     "value" = an upper estimate of the optimum of E[g] - beta * KL, beta log Z, for frontier_gold_at's bound past
     the measured range: log Z of the sample mean is biased low by Jensen's inequality, by about half its
     delta-method variance v = Var(Z_hat) / Z^2 ~= 1/ESS - 1/K per prompt, which is added back, and two standard
-    errors of the prompts' mean (sqrt(sum v) / P) are added on top: value = beta (mean(log Z + v/2) + 2 sqrt(sum v)/P).
+    errors of the prompts' mean on top: value = beta (mean(log Z + v/2) + 2 sqrt(sum v) / P).
     Returns {"beta", "kl", "gold", "value", "ess", "ess_min"} (ess = mean over prompts, ess_min = the worst)."""
     g = torch.as_tensor(gold, dtype=torch.float64)
     if g.dim() == 1:
@@ -123,14 +116,11 @@ def bootstrap_frontiers(gold, betas=None, min_ess: float = 10.0, n_boot: int = 2
 
 
 def frontier_gold_at(frontier, kl: float, ref_gold: float):
-    """The optimal gold reward at `kl` from frontier points (sorted by KL) plus the reference at (0, ref_gold).
-
-    Within the estimated range: linear interpolation (the true frontier V(KL) is concave, so the chord is a lower
-    bound). Beyond the largest estimated KL: the duality bound. For every beta, max_pi E[g] - beta * KL = beta log Z,
-    so no policy with KL c can beat beta log Z + beta c ("value" + beta c, with log Z's Jensen bias added back);
-    the smallest of these over the points is an upper bound on V(c) up to estimation noise (whose size
-    bootstrap_frontiers measures), and a fraction of the optimum computed from it is a lower bound.
-    Returns (gold, extrapolated: bool)."""
+    """The optimal gold reward at `kl` from frontier points (sorted by KL) plus the reference at (0, ref_gold). Within
+    the estimated range: linear interpolation (V(KL) is concave, so the chord is a lower bound). Beyond it, the duality
+    bound: for every beta, max_pi E[g] - beta * KL = beta log Z, so no policy with KL c beats "value" + beta c; the
+    smallest of these over the points bounds V(c) from above up to estimation noise (bootstrap_frontiers measures
+    it), and a fraction of the optimum computed from it is a lower bound. Returns (gold, extrapolated: bool)."""
     if kl <= 0 or not frontier:
         return ref_gold, False
     kls = [0.0] + [p["kl"] for p in frontier]

@@ -46,12 +46,9 @@ def peak_distance(alpha: float, beta: float, form: str):
 
 
 def fit_gao(kl, gain, form: str) -> dict:
-    """Least-squares fit of R(d) = d (alpha - beta * g(d)) to measured points.
-
-    kl (N,): KL(pi || pi_init) of each point in nats (d = sqrt(kl)); gain (N,): gold reward minus the initial
-    policy's gold at each point. Needs at least two points with d > 0.
-    Returns {"form", "alpha", "beta", "rmse" (root mean squared residual), "n", "peak_d", "peak_kl",
-    "peak_gain"} (peak_* are None when beta <= 0: no turnover within the form)."""
+    """Least-squares fit of R(d) = d (alpha - beta * g(d)) to measured points: kl (N,) = KL(pi || pi_init) in nats
+    (d = sqrt(kl)), gain (N,) = gold reward minus the initial policy's; at least two points with d > 0. Returns
+    {"form", "alpha", "beta", "rmse", "n", "peak_d", "peak_kl", "peak_gain"} (peak_* None when beta <= 0)."""
     kl = np.asarray(kl, dtype=np.float64)
     gain = np.asarray(gain, dtype=np.float64)
     if kl.shape != gain.shape or kl.ndim != 1:

@@ -91,10 +91,9 @@ def check_model_config(cfg: GPTConfig, where: str):
 
 
 def load_run(run_dir, flag: str, kind: str = None):
-    """Read a run directory written by save_run. Returns (state_dict, GPTConfig, Tokenizer, config dict).
-    The returned GPTConfig has dropout 0: every stage after SFT runs without it (TRL #3500, #744).
-    A Hugging Face GPT-2 directory (config.json with model_type gpt2, model.safetensors, tokenizer.json) is
-    accepted too, wherever a run directory is: see hf.load_hf_dir (its config dict has "args": None)."""
+    """Read a run directory written by save_run. Returns (state_dict, GPTConfig, Tokenizer, config dict); the GPTConfig
+    has dropout 0, as every stage after SFT needs (TRL #3500, #744). A Hugging Face directory is accepted too,
+    wherever a run directory is (hf.load_hf_dir; its config dict has "args": None)."""
     run_dir = Path(run_dir)
     where = f"{flag} {run_dir}"
     recover(run_dir)  # a swap interrupted by a crash (runs.py)
@@ -130,7 +129,8 @@ def load_run(run_dir, flag: str, kind: str = None):
     return state, model_config, tokenizer, config
 
 
-def _load_state(model, state, where):
+def load_state(model, state, where):
+    """model.load_state_dict(state), a mismatch as one line naming `where`."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -138,20 +138,17 @@ def _load_state(model, state, where):
     return model
 
 
-load_state = _load_state  # public name: model.load_state_dict(state), a mismatch as one line naming `where`
-
-
 def load_policy(run_dir, flag: str = "--policy", device="cpu"):
     """A GPT from a policy run directory (SFT, PPO, DPO). Returns (model, tokenizer, config dict)."""
     state, model_config, tokenizer, config = load_run(run_dir, flag, kind="policy")
-    model = _load_state(GPT(model_config), state, f"{flag} {run_dir}")
+    model = load_state(GPT(model_config), state, f"{flag} {run_dir}")
     return model.to(device), tokenizer, config
 
 
 def load_scalar(run_dir, flag: str = "--reward", device="cpu"):
     """A ScalarModel (reward model) from its run directory. Returns (model, tokenizer, config dict)."""
     state, model_config, tokenizer, config = load_run(run_dir, flag, kind="reward")
-    model = _load_state(ScalarModel(model_config), state, f"{flag} {run_dir}")
+    model = load_state(ScalarModel(model_config), state, f"{flag} {run_dir}")
     return model.to(device), tokenizer, config
 
 

@@ -112,10 +112,9 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def global_mean(loss: torch.Tensor, count) -> torch.Tensor:
-    """A loss that is a mean over this rank's `count` items (tokens, pairs) -> its share of the mean over the global
-    batch: loss * count * world / (global count). DDP averages the ranks' gradients, so the shares add up to the
-    global batch's mean, also when the ranks hold different numbers of items (a plain per-rank mean would weight
-    their items unequally). World size 1: `loss` as it is."""
+    """A loss that is a mean over this rank's `count` items (tokens, pairs) -> its share of the global batch's mean:
+    loss * count * world / (global count). DDP averages the ranks' gradients, so the shares add up to the global mean
+    also when the ranks hold different numbers of items. World size 1: `loss` as it is."""
     if not enabled():
         return loss
     count = torch.as_tensor(count, dtype=torch.float32, device=loss.device)

@@ -224,10 +224,8 @@ class Run:
         ... run.path("model.pt") ... run.save_resume({...}) every --save-interval steps ...
         run.finish()                                # after metrics.json: the run appears at out_dir
 
-    Under torchrun (harness/dist.py) only rank 0 owns the run directory: the other ranks write whatever the script
-    writes into a private scratch folder that is deleted at exit, never save a resume checkpoint, and get rank 0's
-    resume state from load_resume() (so every rank agrees on it, also across nodes without a shared disk).
-    """
+    Under torchrun only rank 0 owns the run directory: the other ranks write into a private scratch folder deleted at
+    exit, never save a resume checkpoint, and get rank 0's resume state from load_resume()."""
 
     def __init__(self, out_dir, args, resume: bool = False, inputs: dict = None):
         if not str(out_dir).strip() or Path(out_dir).name in ("", ".", ".."):

@@ -43,10 +43,9 @@ class Stage:
         self.checked = None  # the last step check() passed
 
     def resume(self, generators=(), **objects) -> dict:
-        """Name, once, what a resume checkpoint holds: modules and optimizers (their state_dict), plain objects such
-        as a KL controller (their attributes) and the loop's torch Generators (with the global RNG streams). On
-        --resume they are restored here and the extras given to save() are returned; {} on a fresh start.
-        Opens metrics.jsonl (a resumed run's log continues from its checkpoint)."""
+        """Name, once, what a resume checkpoint holds: modules and optimizers (their state_dict), plain objects such as
+        a KL controller (their attributes) and the loop's torch Generators (with the global RNG streams). On --resume
+        they are restored and save()'s extras returned ({} on a fresh start). Opens metrics.jsonl (continued)."""
         self.objects, self.generators = objects, list(generators)
         s = self.saved
         self.metrics_log = MetricsLog(self.dir / "metrics.jsonl", keep_rows=s["log_rows"] if s else None)

@@ -310,13 +310,10 @@ def load_tokenizer(d: Path, where: str) -> Tokenizer:
 
 
 def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropout: float = 0.0) -> tuple:
-    """Read a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 directory like a run directory (checkpoint.load_run's
-    return values): (state_dict, GPTConfig, Tokenizer, config dict with kind / model / tokenizer_fingerprint).
-
-    kind "policy" takes a *LMHeadModel / *ForCausalLM / bare *Model; kind "reward" a *ForSequenceClassification
-    with one label (as export_hf.py writes a reward model), whose state is then a ScalarModel's. block_size
-    (optional) shortens the context (GPT-2: keeps the first block_size rows of wpe; the logits of shorter
-    sequences do not change)."""
+    """A Hugging Face GPT-2, Llama, Qwen2 or Qwen3 directory read like a run directory (checkpoint.load_run's return
+    values): (state_dict, GPTConfig, Tokenizer, config dict). kind "policy": a *LMHeadModel / *ForCausalLM / bare
+    *Model; "reward": a one-label *ForSequenceClassification (export_hf.py's), whose state is a ScalarModel's.
+    block_size (optional) shortens the context (GPT-2 keeps wpe's first rows: shorter sequences' logits stay)."""
     d = Path(path)
     where = f"{flag} {d}"
     try:
