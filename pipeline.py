@@ -96,24 +96,20 @@ def fail(msg: str):
     sys.exit(2)
 
 
-def should_resume(script, argv, out_dir: Path) -> bool:
-    """True when out_dir.partial holds an unfinished run with these same args (with a resume checkpoint, or files
-    worth keeping such as the RM's collected preferences)."""
-    staging = runs.staging_dir(out_dir)
-    try:
-        saved = json.loads((staging / runs.RUN_JSON).read_text())["args"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return normalised(saved) == normalised(stage_args(script, argv))
-
-
-def stored_args(out_dir: Path, marker: str):
-    """The args a finished stage ran with (config.json of a run, report.json of the evaluation), or None."""
-    f = out_dir / ("report.json" if marker == "report.json" else "config.json")
+def saved_args(f: Path):
+    """The args a run recorded in `f` (a run's config.json, the evaluation's report.json, a staging run.json), or
+    None when there are none to read."""
     try:
         return json.loads(f.read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def should_resume(script, argv, out_dir: Path) -> bool:
+    """True when out_dir.partial holds an unfinished run with these same args (with a resume checkpoint, or files
+    worth keeping such as the RM's collected preferences)."""
+    saved = saved_args(runs.staging_dir(out_dir) / runs.RUN_JSON)
+    return saved is not None and normalised(saved) == normalised(stage_args(script, argv))
 
 
 def why_rerun(script, argv, out_dir: Path, marker: str, input_markers) -> str:
@@ -124,7 +120,7 @@ def why_rerun(script, argv, out_dir: Path, marker: str, input_markers) -> str:
         return "no finished output yet"
     if marker == "report.json" and not (out_dir / "report.md").is_file():  # the table the pipeline prints
         return "its report.md is missing"
-    old = stored_args(out_dir, marker)
+    old = saved_args(out_dir / ("report.json" if marker == "report.json" else "config.json"))
     if old is None:
         return f"cannot read its config in {out_dir}"
     old, new = normalised(old), normalised(stage_args(script, argv))

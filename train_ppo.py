@@ -10,8 +10,7 @@ and the value model (a separate ScalarModel initialised from the reward model, t
                      -> per-token rewards r_t = -beta * (logpi_old - logpi_ref) + score on the EOS token
                      -> GAE advantages and returns -> advantages whitened over the batch's valid tokens
   update             --epochs passes over shuffled minibatches: clipped policy loss + clipped value loss
-The gold reward of the built-in task is only logged (to see reward hacking: RM score up, gold down) and used for
-the final comparison with the SFT policy; it never enters the training signal.
+The gold reward is only logged (reward hacking shows as RM score up, gold down) and scores the final comparison.
 """
 import time
 from dataclasses import dataclass

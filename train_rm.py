@@ -5,8 +5,8 @@
     python train_rm.py --device cuda --n-prompts 20000 --batch-size 256   # same script, bigger
     torchrun --standalone --nproc_per_node 2 train_rm.py ...   # sampling and training sharded across 2 processes
 
-Writes out/rm: model.pt (a ScalarModel whose gain/bias normalise fresh SFT samples' rewards to mean 0, std 1, read
-at the EOS token: scoring.reward_at_eos), config.json, tokenizer.json, prefs.jsonl, metrics.jsonl, metrics.json.
+Writes out/rm: model.pt (a ScalarModel read at the EOS token, its gain/bias normalising fresh SFT samples' rewards
+to mean 0, std 1), config.json, tokenizer.json, prefs.jsonl, metrics.jsonl, metrics.json.
 """
 import math
 import time

@@ -175,10 +175,9 @@ def right_pad(seqs, pad_id: int, device="cpu") -> tuple:
 
 
 def length_batches(lengths, batch_size: int, window: int = None, seed: int = 0) -> list:
-    """Batches of indices whose sequences have similar lengths, so little of each batch is padding: the indices are cut
-    into windows of `window` consecutive items (None = one window), each sorted by length (stable) and cut into
-    batches of batch_size, and the batches are shuffled with a seeded RNG (a model never sees all short sequences
-    first). Every index appears exactly once. Returns a list of lists of ints."""
+    """Batches of indices with similar lengths, so little of each is padding: windows of `window` consecutive indices
+    (None = one) are sorted by length (stable), cut into batches of batch_size, and the batches shuffled with a
+    seeded RNG (a model never sees all short sequences first). Every index appears exactly once."""
     n = len(lengths)
     if n == 0:
         return []

@@ -23,7 +23,7 @@ from minirlhf.losses import kto_loss, kto_reference_point, preference_loss, simp
 from minirlhf.preferences import encode_pairs, rank_pairs
 from minirlhf.sampling import reward_model_scores, sample_many
 from minirlhf.scoring import is_compiled, token_logprobs
-from minirlhf.utils import UserError, autocast
+from minirlhf.utils import UserError, autocast, evaluating
 
 
 def pair_batch(pairs, pad_id: int, device):
@@ -45,13 +45,11 @@ def pair_logps(model, batch, device, dtype, banned=None):
     return logp.masked_fill(mask == 0, 0.0).sum(1), mask.sum(1)  # masked_fill: PAD targets are banned (-inf)
 
 
-@torch.no_grad()
+@evaluating
 def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None, seed: int = 0, stats: dict = None):
     """Log-probs and lengths of every pair: two tensors (N, 2), column 0 = chosen, 1 = rejected, in the order of
     `pairs`. Pairs are batched by length (data.length_batches) so little of each forward is padding; stats
     receives "padding_share" (padding / all positions of those forwards)."""
-    was_training = model.training
-    model.eval()
     lengths = [len(p) + max(len(c), len(r)) - 1 for p, c, r in pairs]  # the batch width this pair needs
     batches = length_batches(lengths, batch_size, seed=seed)
     real, total, rows = 0, 0, []  # rows: per batch, (b, 2, 2) = [chosen, rejected] x [log-prob, length]
@@ -64,16 +62,14 @@ def all_pair_logps(model, pairs, pad_id, device, dtype, batch_size, banned=None,
         total += batch["idx"].numel()
     if stats is not None:
         stats["padding_share"] = 1.0 - real / total if total else 0.0
-    model.train(was_training)
     out = torch.stack(in_input_order(batches, rows)) if pairs else torch.zeros(0, 2, 2, device=device)
     return out[:, 0].contiguous(), out[:, 1].contiguous()  # log-probs and lengths (N, 2): [chosen, rejected]
 
 
 def reference_logps(model, train_pairs, test_pairs, args, tok, device, dtype, out: Path, also=()):
     """Reference log-probs (N, 2) of the train and test pairs, computed once with the starting policy and cached in
-    the run directory `out`; reused only for the same prefs file, reference weights (the key hashes the loaded
-    weights, so an HF directory as --policy works too) and split. A cache in one of the folders `also` (the finished
-    run a rerun will replace) is reused too, and copied into `out`."""
+    `out` for the same prefs file, split and reference weights (hashed as loaded, so an HF directory as --policy
+    works too). A cache in one of the folders `also` (the run a rerun will replace) is reused and copied into `out`."""
     h = hashlib.sha256(Path(args.prefs).read_bytes())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -114,9 +110,8 @@ def reference_logps(model, train_pairs, test_pairs, args, tok, device, dtype, ou
 
 
 def global_divisors(chosen_mask, n_pairs: int) -> dict:
-    """Under torchrun, dpo_step_loss's divisors (global pair and chosen-token counts / world size): DDP averages the
-    gradients, so the ranks together follow the gradient of the global batch's loss, also when their shards hold
-    different numbers of tokens. {} in one process: the batch's own counts."""
+    """Under torchrun, dpo_step_loss's divisors: the global pair and chosen-token counts / world size, so the ranks (DDP
+    averages) follow the global batch's gradient whatever their shards hold. {} in one process."""
     if not dist.enabled():
         return {}
     n_tok = dist.all_reduce_sum(chosen_mask.sum())
@@ -167,19 +162,16 @@ def dpo_step_loss(logps, lens, ref, args, n_pairs=None, n_tokens=None, z0=0.0):
     return loss, stats
 
 
-@torch.no_grad()
+@evaluating
 def kto_z0(model, ref_model, pairs, pad_id: int, device, dtype, banned=None):
     """KTO's reference point on a batch of pairs: each prompt with the next pair's chosen response (mismatched,
     cut to the context), scored by the policy and the frozen reference; kto_reference_point of the log-ratios
     (the global batch's under torchrun)."""
     L = model.config.block_size
     mism = [(p, pairs[(i + 1) % len(pairs)][1][:L - len(p) + 1]) for i, (p, _, _) in enumerate(pairs)]
-    was_training = model.training
-    model.eval()
     batch = collate_sft(mism, pad_id, device)
     pi, _ = pair_logps(model, batch, device, dtype, banned)
     ref, _ = pair_logps(ref_model, batch, device, dtype, banned)
-    model.train(was_training)
     return kto_reference_point(pi, ref, all_reduce=dist.all_reduce_sum)
 
 
@@ -197,16 +189,13 @@ def test_pair_stats(model, pairs, ref, args, tok, device, dtype):
 
 def online_pairs(model, ref_model, reward_model, tok, task, args, rnd: int, device, dtype, out: Path = None):
     """The pairs of online round `rnd` (1 = the first after the offline one): --round-k samples per prompt of
-    --round-prompts fresh train prompts from the *current* policy, ranked by the reward model (rank_pairs; never the
-    gold reward), with reference log-probs (N, 2) from the frozen `ref_model`; written to out/round<rnd+1>_prefs.jsonl.
-    Returns (pairs, ref log-probs, stats)."""
+    --round-prompts fresh train prompts from the *current* policy, ranked by the RM (never the gold reward), and
+    their reference log-probs (N, 2) from `ref_model`, written to out/round<rnd+1>_prefs.jsonl. Returns (pairs, ref,
+    stats)."""
     seed = args.seed * 1000 + rnd  # a new sample of prompts and responses each round
     prompts = task.sample_prompts("train", args.round_prompts, seed=seed)
-    was_training = model.training
-    model.eval()
     samples = sample_many(model, tok, [p for p in prompts for _ in range(args.round_k)], args.max_new_tokens, seed,
-                          args.eval_batch_size, device, dtype, desc=f"round {rnd + 1} samples")
-    model.train(was_training)
+                          args.eval_batch_size, device, dtype, desc=f"round {rnd + 1} samples")  # (generate: eval mode)
     scores = reward_model_scores(reward_model, tok, samples, args.eval_batch_size, device, dtype)
     records, stats = rank_pairs(prompts, samples, scores, args.round_k, args.round_pairs, tok.fingerprint())
     if not records:

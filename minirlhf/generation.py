@@ -13,7 +13,7 @@ import torch
 
 from minirlhf.model import KVCache
 from minirlhf.scoring import banned_mask, sampling_logprobs
-from minirlhf.utils import UserError
+from minirlhf.utils import UserError, evaluating
 
 CHECK_EVERY = 8  # decode steps between host syncs asking whether every row has finished
 # Compiled steps specialise on their shapes (dynamic=False): one graph (and on CUDA one recorded graph) per model,
@@ -107,7 +107,7 @@ def reused_cache(model, B: int, L: int, dtype) -> KVCache:
     return cache
 
 
-@torch.no_grad()
+@evaluating
 def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator = None,
              banned=None, compile: bool = False):
@@ -128,8 +128,6 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
         raise ValueError(f"a prompt of {model.config.block_size - shortest} tokens leaves no room to generate in "
                          f"block_size {model.config.block_size}")
     ban = banned_mask(banned, model.config.vocab_size, dev)
-    was_training = model.training
-    model.eval()
     L = P + N  # cache columns: prompt | response
     if compile:  # round up, so batches of other prompt widths reuse one compiled shape (extra columns stay masked)
         L = cache_columns(L)
@@ -164,6 +162,5 @@ def generate(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, p
         tokens[:, t], logprobs[:, t], resp_mask[:, t] = tok, logp, alive
         if (t + 1) % CHECK_EVERY == 0 and bool(done.all()):
             break
-    model.train(was_training)
     n = int(resp_mask.sum(1).max())  # trailing columns no row used (steps after all rows finished)
     return tokens[:, :n], resp_mask[:, :n], logprobs[:, :n]

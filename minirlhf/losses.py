@@ -56,10 +56,9 @@ def masked_var(x, mask, unbiased: bool = True, all_reduce=None):
 
 
 def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None):
-    """(x - mean) / std over valid positions only, padding left at 0. shift_mean=False adds the mean back, so only the
-    spread is normalised (lm-human-preferences' reward whitening: moving the mean of per-token rewards would change
-    the incentive to stop early). all_reduce: as masked_mean; under torchrun every rank must whiten with the global
-    batch's statistics, which define the update (Huang et al. 2024)."""
+    """(x - mean) / std over valid positions, padding left at 0. shift_mean=False adds the mean back, so only the spread
+    is normalised (lm-human-preferences' reward whitening: moving the mean would change the incentive to stop early).
+    all_reduce: as masked_mean; under torchrun every rank must whiten with the global batch's (Huang et al. 2024)."""
     mean, var = masked_mean(x, mask, all_reduce=all_reduce), masked_var(x, mask, all_reduce=all_reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -76,9 +75,8 @@ def score_with_eos_penalty(rm_score, has_eos, penalty: float):
 
 def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef: float):
     """Per-token rewards of Ziegler et al. 2019: r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) on every valid token,
-    plus the sequence score on the row's last valid token (its EOS, as in N+ details). score (B,); logprobs,
-    ref_logprobs, mask (B, R). Returns rewards, kl (the k1 estimator per token, 0 on padding; can be < 0) and
-    non_score = -beta * kl, each (B, R). Summed over tokens, kl is unbiased for the sequence KL(pi_old || pi_ref)."""
+    plus the score on the row's last valid token (its EOS). score (B,), the rest (B, R). Returns rewards, kl (k1 per
+    token, 0 on padding; unbiased for the sequence KL(pi_old || pi_ref) when summed) and non_score = -beta * kl."""
     mask = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * mask
     non_score = -kl_coef * kl
@@ -175,10 +173,9 @@ class AdaptiveKLController:
 
 
 def default_kl_horizon(batch_size: int) -> int:
-    """The adaptive controller's default horizon: one rollout batch, so K = n / horizon = 1 and each update may move
-    beta by up to 20% (it stays > 0). lm-human-preferences' 10,000 episodes was sized for runs of millions of
-    episodes; at 10% of a short run the controller is too slow to undo a start an order of magnitude off. The price:
-    beta follows each batch's KL noise by up to 20% (docs/results.md: "The adaptive KL horizon")."""
+    """The adaptive controller's default horizon: one rollout batch, so each update may move beta by up to 20% (it stays
+    > 0); lm-human-preferences' 10,000 episodes suit runs of millions. The price: beta follows each batch's KL noise
+    (docs/results.md: "The adaptive KL horizon" has the measurements)."""
     return batch_size
 
 
@@ -228,10 +225,9 @@ def hinge_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0
 
 
 def simpo_loss(pi_chosen, pi_rejected, len_chosen, len_rejected, beta: float = 2.0, gamma: float = 1.0):
-    """SimPO (Meng et al. 2024, 2405.14734, eq. 6), per pair:
-        -log sigmoid(beta / |y_c| * log pi(y_c|x) - beta / |y_r| * log pi(y_r|x) - gamma)
-    No reference model: the implicit reward is the policy's own length-normalised log-prob, and gamma a target
-    margin between the two (the paper: beta 2-2.5, gamma / beta about 0.5)."""
+    """SimPO (Meng et al. 2024, 2405.14734, eq. 6), per pair, with no reference model (the implicit reward is the
+    policy's own length-normalised log-prob; gamma a target margin; the paper: beta 2-2.5, gamma / beta about 0.5):
+        -log sigmoid(beta / |y_c| * log pi(y_c|x) - beta / |y_r| * log pi(y_r|x) - gamma)"""
     return -F.logsigmoid(beta * (pi_chosen / len_chosen - pi_rejected / len_rejected) - gamma)
 
 
@@ -293,9 +289,8 @@ def _as_group_ids(groups, n: int, device):
 
 
 def group_stats(scores, groups):
-    """Per-sample statistics of its own group: (mean (B,), sample std (B,), group size (B,) float).
-    The std is the sample (Bessel, n-1) standard deviation, as torch.std and TRL's GRPO use; a group of one has std 0.
-    scores (B,) float; groups: group ids (B,) long or a list of sizes."""
+    """Per-sample statistics of its own group: (mean, sample std (n-1, as torch.std and TRL's GRPO; 0 for a group of
+    one), group size as float), each (B,). scores (B,) float; groups: group ids (B,) long or a list of sizes."""
     gid = _as_group_ids(groups, scores.numel(), scores.device)
     G = gid.numel()  # at most one group per sample: no host sync to find the number of groups
     count = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, torch.ones_like(scores))

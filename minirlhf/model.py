@@ -228,10 +228,9 @@ class Block(nn.Module):
 
 
 def positions_and_mask(attention_mask, past: int, T: int, S: int = None):
-    """Position ids and the SDPA mask for T new tokens after `past` cached ones. attention_mask (B, past + T): 1 = real
-    token. Positions count real tokens only, so left padding does not shift them; every query may attend to itself,
-    so rows of pure padding stay finite (garbage, masked out by every loss). S (default past + T) = key columns (a
-    static cache's max_len); keys past past + T are hidden. Returns pos (B, T) long, mask (B, 1, T, S) bool."""
+    """Position ids and the SDPA mask for T new tokens after `past` cached ones. attention_mask (B, past + T), 1 = real:
+    positions count real tokens only; each query also sees itself (rows of pure padding stay finite). S (default past
+    + T) = key columns; keys past past + T are hidden. Returns pos (B, T), mask (B, 1, T, S) bool."""
     S = past + T if S is None else S
     keys = attention_mask.bool()
     if S > past + T:
@@ -283,10 +282,9 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_size * seq_len
 
     def hidden_states(self, idx, attention_mask=None, cache: KVCache = None):
-        """idx (B, T) -> final hidden states (B, T, n_embd), after ln_f. attention_mask (B, past + T) is needed for
-        padded batches and with a cache (it covers the cached tokens too); without either the batch must be unpadded
-        or right-padded (plain causal). With a cache the T tokens are appended after its cache.length columns. A padded
-        batch may be wider than block_size: what must fit is every row's real tokens (the largest position id)."""
+        """idx (B, T) -> final hidden states (B, T, n_embd). attention_mask (B, past + T) is needed for padded batches
+        and with a cache (covering the cached tokens, after which the T tokens go); without either the batch must be
+        unpadded or right-padded. A padded batch may be wider than block_size if every row's real tokens fit."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None and cache is None:
@@ -365,10 +363,9 @@ class ScalarModel(nn.Module):
 
 
 def compile_model(model, enabled: bool = True):
-    """torch.compile (the model itself when not enabled: --compile off), with the backward computed in the forward's
-    own dtypes, as in eager mode. By default a compiled backward re-applies the forward's autocast, so the float32
-    lm_head's weight gradient came out of a bf16 matmul: 2.7e-3 relative error against eager's 9e-8
-    (tests/test_gpu_paths.py)."""
+    """torch.compile (the model itself when not enabled), with the backward in the forward's own dtypes, as eager: by
+    default a compiled backward re-applies the forward's autocast, so the float32 lm_head's weight gradient came out
+    of a bf16 matmul (2.7e-3 relative error against eager's 9e-8; tests/test_gpu_paths.py)."""
     if not enabled:
         return model
     import torch._functorch.config as functorch_config

@@ -26,7 +26,7 @@ from minirlhf.harness import dist
 from minirlhf.harness.files import read_json, write_json
 from minirlhf.sampling import reward_model_scores, sample_many
 from minirlhf.scoring import last_index
-from minirlhf.utils import UserError, autocast
+from minirlhf.utils import UserError, autocast, evaluating
 
 
 def distinct_ended(samples) -> tuple:
@@ -313,14 +313,12 @@ def pair_rewards(rm, pairs, pad_id: int, device="cpu"):
     return r[torch.tensor(ic, device=r.device)], r[torch.tensor(ir, device=r.device)]
 
 
-@torch.no_grad()
+@evaluating
 def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu", dtype="float32", seed: int = 0,
                      stats: dict = None):
     """Rewards of every pair, eval mode; returns two float32 CPU tensors (B,) (r_chosen, r_rejected).
     Each distinct sequence is scored once, in batches of batch_size sequences of similar length
     (data.length_batches); stats receives "padding_share" (padding tokens / all tokens of those batches)."""
-    was_training = rm.training
-    rm.eval()
     seqs, ic, ir = distinct_sequences(pairs)
     lengths = [len(seq) for seq in seqs]
     batches = length_batches(lengths, batch_size, seed=seed)
@@ -329,17 +327,15 @@ def all_pair_rewards(rm, pairs, pad_id: int, batch_size: int = 512, device="cpu"
                                                   for idx in batches)), dtype=torch.float32)
     if stats is not None:
         stats["padding_share"] = padding_share(lengths, batches)
-    rm.train(was_training)
     return r[torch.tensor(ic, dtype=torch.long)], r[torch.tensor(ir, dtype=torch.long)]
 
 
 # ----------------------------------------------------------------------------------------------- normalisation
 @torch.no_grad()
 def set_normalisation(rm, rewards):
-    """Fold an affine map into the model's gain/bias buffers so that `rewards` (computed with the current gain/bias)
-    become mean 0, std 1 (population std), as lm-human-preferences does on the initial policy's samples: PPO's KL
-    coefficient and no-EOS penalty are then in known units. r = g*h + b -> (r - mean)/std. Returns the raw (mean,
-    std)."""
+    """Fold an affine map into the gain/bias buffers so that `rewards` (computed with the current ones) become mean 0,
+    std 1 (population), as lm-human-preferences does on the initial policy's samples: PPO's KL coefficient and no-EOS
+    penalty are then in known units. r = g*h + b -> (r - mean)/std. Returns the raw (mean, std)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     mean, std = rewards.mean().item(), rewards.std(unbiased=False).item()
     if not std > 1e-12:

@@ -63,9 +63,8 @@ def collect_rollout(policy, ref, reward_model, tok, prompt_ids: list, prompts: l
                     temperature: float, missing_eos_penalty: float, generator: torch.Generator, device="cpu",
                     dtype="float32", value_model=None, task=None, compile: bool = False) -> Rollout:
     """Sample one response per entry of prompt_ids (token-id lists; repeat a prompt for a group) and score it; prompts:
-    the matching strings (gold reward, logs); compile: the compiled decode step. Returns a Rollout. PAD, BOS and
-    unused ids are banned in sampling and both scorings (one distribution); the update must pass the same `banned`
-    (tok.unsampleable_ids) to response_logprobs, or the first ratio breaks."""
+    the matching strings (gold, logs). Returns a Rollout. PAD, BOS and unused ids are banned in sampling and both
+    scorings; the update must pass the same `banned` to response_logprobs, or the first ratio breaks."""
     p_ids, p_mask = left_pad(prompt_ids, tok.pad_id, device)  # (B, P)
     banned = tok.unsampleable_ids(policy.config.vocab_size)
     with autocast(device, dtype):
@@ -110,10 +109,9 @@ def cat_rows(rollouts: list, rows: list, pad_id: int) -> Rollout:
 
 
 def dynamic_rollout(draw, group_size: int, max_draws: int, pad_id: int, tol: float = 1e-6):
-    """DAPO's dynamic sampling (Yu et al. 2025, 2503.14476): a group whose scores are all equal has advantage 0 and only
-    dilutes the batch. draw(r) returns rollout r (G groups of group_size consecutive samples, fresh prompts); groups
-    whose scores differ are kept until G are or max_draws rollouts are drawn, then equal-score groups fill the rest,
-    so the batch always has G groups. Returns (the Rollout, rollouts drawn, groups kept of all drawn)."""
+    """DAPO's dynamic sampling (Yu et al. 2025, 2503.14476): draw(r) returns rollout r (G groups of group_size samples,
+    fresh prompts); groups whose scores differ (an all-equal group has advantage 0) are kept until G are or max_draws
+    rollouts are drawn, then equal-score groups fill the batch. Returns (Rollout, rollouts drawn, groups kept)."""
     rollouts, varied, equal = [], [], []
     for r in range(max_draws):
         rollouts.append(draw(r))

@@ -1,8 +1,8 @@
 """Sampling a policy over many prompts, and scoring samples with a policy (log-probs) or a reward model.
 
 Prompts are batched by length so that little of each forward is padding; PAD, BOS and unused ids are never sampled
-(Tokenizer.unsampleable_ids), so tok.decode(tokens) is exactly the response, and the log-probs of a sample are
-those of the distribution it was drawn from.
+(Tokenizer.unsampleable_ids), so tok.decode(tokens) is exactly the response and a sample's log-probs are those of
+the distribution it was drawn from.
 """
 import torch
 
@@ -11,7 +11,7 @@ from minirlhf.generation import generate
 from minirlhf.harness import dist
 from minirlhf.harness.cli import progress
 from minirlhf.scoring import banned_mask, response_logprobs, reward_at_eos
-from minirlhf.utils import autocast
+from minirlhf.utils import autocast, evaluating
 
 
 # ----------------------------------------------------------------------------------------------- model passes
@@ -102,28 +102,24 @@ def response_logprob_sums(model, tok, samples, batch_size: int = 64, device="cpu
                                                        batches)))
 
 
-@torch.no_grad()
+@evaluating
 def reward_model_scores(rm, tok, samples, batch_size: int = 64, device="cpu", dtype="float32", stats: dict = None):
     """The reward model's score of each sample (read at its EOS, or its last token when it was cut off), on the
     sampled tokens themselves. Truncated samples get their raw score here (PPO replaces it by a penalty)."""
-    was_training = rm.training
-    rm.eval()
     batches = scoring_batches(tok, samples, rm.config.block_size, batch_size, stats=stats)
     with autocast(device, dtype):
-        out = in_input_order(batches, (reward_at_eos(rm, *batch).float().tolist() for batch in
-                                       sample_batches(tok, samples, rm.config.block_size, batch_size, device, batches)))
-    rm.train(was_training)
-    return out
+        return in_input_order(batches, (reward_at_eos(rm, *batch).float().tolist() for batch in
+                                        sample_batches(tok, samples, rm.config.block_size, batch_size, device,
+                                                       batches)))
 
 
 # ----------------------------------------------------------------------------------------------- collection
 def sample_many(policy, tok, prompts, max_new_tokens: int, seed: int = 0, batch_size: int = 512, device="cpu",
                 dtype="float32", desc: str = "sampling", compile: bool = False, stats: dict = None,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """sample_policy over a long prompt list, with a progress bar, in the order of `prompts`: batched by length
-    (data.length_batches, windows of 16 batches, seeded), batch i sampled with seed (seed, i). Under torchrun each rank
-    samples a contiguous share of the batches and every rank gets all samples; a batch keeps its prompts and seed
-    whichever rank samples it, so the result is the one-process result (stats count this rank's share)."""
+    """sample_policy over a long prompt list, with a progress bar: batched by length (windows of 16 batches, seeded),
+    batch i sampled with seed (seed, i). Under torchrun each rank samples a contiguous share of the batches and every
+    rank gets all samples in order: the one-process result (stats count this rank's share)."""
     lengths = [len(encode_prompt(tok, p, policy.config.block_size)) for p in prompts]
     out = [None] * len(prompts)
     batches = length_batches(lengths, batch_size, window=16 * batch_size, seed=seed)

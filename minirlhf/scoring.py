@@ -120,10 +120,9 @@ def token_logprobs(h, weight, targets, temperature: float = 1.0, top_k: int = 0,
 
 
 def concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
-    """(B, P) + (B, R) -> ids, mask (B, P + R), checked on the host to fit `model`'s context. A batch may be wider than
-    block_size (a short prompt's row padded to a long one's width); what must fit is each row's real tokens. Only a
-    batch that wide pays the host sync, here rather than in the forward, where under torch.compile it would break the
-    graph (GPT.hidden_states skips its own check while compiling)."""
+    """(B, P) + (B, R) -> ids, mask (B, P + R), checked on the host to fit `model`'s context: each row's real tokens
+    must fit, and only a batch wider than block_size pays that host sync, here rather than in the forward, where
+    under torch.compile it would break the graph (GPT.hidden_states skips its own check while compiling)."""
     ids, mask = torch.cat([prompt_ids, resp_ids], 1), torch.cat([prompt_mask, resp_mask], 1)
     block = model.config.block_size
     if mask.size(1) > block:
@@ -136,10 +135,9 @@ def concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask):
 def response_logprobs(model, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0, with_entropy: bool = False, banned=None,
                       chunk_rows: int = None):
-    """Per-token log-probs (B, R) float32 of the response tokens (0 on padding); with_entropy also returns the
-    per-token entropy (B, R) of the same distribution. banned: as in sampling_logprobs (pass what generate got).
-    Chunked over positions with a float32 lm_head (token_logprobs): no (B, R, V) tensor, exact under bf16.
-    A compiled model (model.compile_model) gets the compiled chunks too."""
+    """Per-token log-probs (B, R) float32 of the response tokens (0 on padding) [and the entropies (B, R)], chunked over
+    positions with a float32 lm_head (token_logprobs: no (B, R, V) tensor, exact under bf16; a compiled model gets
+    compiled chunks). banned: as in sampling_logprobs (pass what generate got)."""
     ids, mask = concat(model, prompt_ids, prompt_mask, resp_ids, resp_mask)
     P, R = prompt_ids.size(1), resp_ids.size(1)
     h = model(ids, attention_mask=mask, hidden=True)[:, P - 1:P + R - 1]  # (B, R, C)

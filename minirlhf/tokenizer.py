@@ -73,10 +73,10 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def unsampleable_ids(self, vocab_size: int) -> list:
-        """Ids a policy with `vocab_size` outputs must never sample: PAD, BOS (unless it is also EOS, as GPT-2's
-        single <|endoftext|>), every other special token (Qwen's <|im_start|>, Llama 3's reserved ones) and every id
-        past this tokenizer's vocabulary (the model's is rounded up to a multiple of 64). decode() drops them, so
-        sampling one would make the text (and its gold reward) disagree with the tokens. Pass it as `banned=`."""
+        """Ids a policy with `vocab_size` outputs must never sample (pass them as `banned=`): PAD, BOS unless it is also
+        EOS, every other special token (Qwen's <|im_start|>, Llama 3's reserved ones) and every id past this
+        tokenizer's vocabulary. decode() drops them, so sampling one would make text and gold reward disagree with
+        the tokens."""
         specials = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         ids = {self.pad_id, self.bos_id} | specials | set(range(self.vocab_size, vocab_size))
         ids.discard(self.eos_id)

@@ -1,5 +1,6 @@
 """What the core modules share: the user-facing error, autocast, and the optimizer with its schedule."""
 import contextlib
+import functools
 import math
 
 import torch
@@ -22,6 +23,20 @@ def autocast(device: str, dtype: str):
     if dtype == "bfloat16":
         return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def evaluating(fn):
+    """@torch.no_grad() that also runs fn's first argument, a model, in eval mode and restores its training flag."""
+    @functools.wraps(fn)
+    @torch.no_grad()
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
 
 
 def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:

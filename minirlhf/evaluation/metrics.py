@@ -144,10 +144,9 @@ def fraction_of_optimal_sem(gold: float, ref_gold: float, kl: float, gain_sem: f
 
 def fraction_of_optimal(gold: float, ref_gold: float, kl: float, frontier, frontier_ref_gold: float,
                         noise: float = 0.0):
-    """(gold - ref_gold) / (V(kl) - V(0)): the share of the best possible gold gain at this KL that the policy got,
-    each gain from its own curve's reference mean (which cancels the difference between the two prompt sets).
-    noise: the s.e. of the policy's gain; an optimal gain below twice it gives None (noise over a small number).
-    Returns (fraction or None, optimal gold at kl, extrapolated)."""
+    """(gold - ref_gold) / (V(kl) - V(0)): the share of the best possible gold gain at this KL that the policy got, each
+    gain from its own curve's reference mean. noise: the s.e. of the policy's gain; an optimal gain below twice it
+    gives None (noise over a small number). Returns (fraction or None, optimal gold at kl, extrapolated)."""
     opt, extrapolated = frontier_gold_at(frontier, kl, frontier_ref_gold)
     gain = opt - frontier_ref_gold
     return ((gold - ref_gold) / gain if gain > max(2.0 * noise, 1e-9) else None), opt, extrapolated
@@ -291,10 +290,9 @@ def print_samples(samples, n: int = 5):
 @torch.no_grad()
 def estimate_frontier(ref, tok, task, prompts, k: int, max_new_tokens: int, betas=None, min_ess: float = 10.0,
                       seed: int = 0, batch_size: int = 512, device="cpu", dtype="float32", distributed: bool = False):
-    """k reference samples per prompt at temperature 1, scored by the gold reward, beta swept (frontier_points).
-    Returns {frontier (kept points), dropped, ref_gold (the frontier at KL 0), kl_cap (= log k, the largest KL k
-    samples can show), n_prompts, samples_per_prompt, min_ess, bootstrap (bootstrap_frontiers)}. distributed:
-    sample_policy's sharded sampling under torchrun."""
+    """k reference samples per prompt at temperature 1, scored by the gold reward, beta swept (frontier_points). Returns
+    {frontier, dropped, ref_gold (the frontier at KL 0), kl_cap (= log k, the largest KL k samples can show),
+    n_prompts, samples_per_prompt, min_ess, bootstrap}; distributed: sample_policy's sharded sampling under torchrun."""
     samples = sample_policy(ref, tok, [p for p in prompts for _ in range(k)], max_new_tokens, 1.0,
                             batch_size=batch_size, seed=seed, device=device, dtype=dtype, distributed=distributed)
     gold = torch.tensor(gold_scores(task, samples), dtype=torch.float64).view(len(prompts), k)

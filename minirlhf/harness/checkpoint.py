@@ -1,8 +1,6 @@
-"""Run directories: model.pt (state_dict), config.json (model config + the run's args), tokenizer.json.
-
-config.json = {"kind": "policy" | "reward", "model": GPTConfig fields, "tokenizer_fingerprint": ..., "args": ...,
-plus stage-specific extras}. A later stage loads an earlier one's directory through load_run, which refuses a
-missing or mismatched checkpoint with one message naming the flag and the directory.
+"""Run directories: model.pt (state_dict), config.json ({"kind": "policy" | "reward", "model": GPTConfig fields,
+"tokenizer_fingerprint", "args", plus stage-specific extras}), tokenizer.json. A later stage loads an earlier
+one's directory through load_run, which refuses a missing or mismatched checkpoint with one line naming the flag.
 """
 import dataclasses
 from pathlib import Path

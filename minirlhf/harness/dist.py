@@ -3,10 +3,9 @@
     torchrun --standalone --nproc_per_node 2 train_sft.py ...        # one node, 2 processes (GPUs or CPU)
 
 setup() reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE, joins the process group (NCCL on CUDA, gloo on the CPU)
-and returns this rank's device (cuda:LOCAL_RANK). Without them (a plain `python train_x.py`) world size is 1, there
-is no process group and every helper below is the identity, so a one-process run computes exactly what it would
-without this module. Every rank draws the same global batch and trains on its shard(); losses are normalised by
-the global count (global_mean) because DDP averages gradients; statistics that define the update are all-reduced;
+and returns this rank's device. Without torchrun world size is 1 and every helper below is the identity, so a
+one-process run computes exactly what it would without this module. Every rank draws the same global batch and
+trains on its shard(); losses are normalised by the global count (global_mean) because DDP averages gradients;
 sampling is sharded by batch and gathered in order; only rank 0 writes. What is guaranteed: docs/multi-gpu.md.
 """
 import atexit

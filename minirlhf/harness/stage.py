@@ -10,9 +10,9 @@
     st.save_model(model, tok, kind="policy", stage="sft")
     st.finish(metrics)                                        # metrics.json, then the run appears at --out-dir
 
-Everything a run writes goes to its staging folder `st.dir` (runs.Run: atomic finish, exact resume, one run per
-location). Under torchrun the same calls work on every rank (dist: rank 0 owns the files, statistics are the
-global batch's); in one process every distributed helper is the identity, so no training loop branches on it.
+Everything a run writes goes to its staging folder `st.dir` (runs.Run). Under torchrun the same calls work on every
+rank (rank 0 owns the files; statistics are the global batch's); in one process every distributed helper is the
+identity, so no training loop branches on torchrun.
 """
 import math
 import time

@@ -310,10 +310,9 @@ def load_tokenizer(d: Path, where: str) -> Tokenizer:
 
 
 def load_hf_dir(path, flag: str, kind: str = None, block_size: int = None, dropout: float = 0.0) -> tuple:
-    """A Hugging Face GPT-2, Llama, Qwen2 or Qwen3 directory read like a run directory (checkpoint.load_run's return
-    values): (state_dict, GPTConfig, Tokenizer, config dict). kind "policy": a *LMHeadModel / *ForCausalLM / bare
-    *Model; "reward": a one-label *ForSequenceClassification (export_hf.py's), whose state is a ScalarModel's.
-    block_size (optional) shortens the context (GPT-2 keeps wpe's first rows: shorter sequences' logits stay)."""
+    """A Hugging Face GPT-2, Llama, Qwen2 or Qwen3 directory read like a run directory (load_run's four return values).
+    kind "policy": a *LMHeadModel / *ForCausalLM / bare *Model; "reward": a one-label *ForSequenceClassification,
+    whose state is a ScalarModel's. block_size shortens the context (GPT-2 keeps wpe's first rows)."""
     d = Path(path)
     where = f"{flag} {d}"
     try:
