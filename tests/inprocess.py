@@ -8,7 +8,10 @@ import contextlib
 import importlib
 import io
 import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_main(script, *args) -> subprocess.CompletedProcess:
@@ -19,3 +22,14 @@ def run_main(script, *args) -> subprocess.CompletedProcess:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         module.main([str(a) for a in args])
     return subprocess.CompletedProcess([str(script), *map(str, args)], 0, out.getvalue(), err.getvalue())
+
+
+def run_ok(script, *args, in_process: bool = True, env=None) -> subprocess.CompletedProcess:
+    """A run that must succeed: run_main, or with in_process=False `python script args...` in a subprocess (from the
+    repository root, environment `env`) whose exit status must be 0."""
+    if in_process:
+        return run_main(script, *args)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -23,7 +23,7 @@ from minirlhf.scoring import RATIO_TOLERANCE as FIRST_RATIO_TOL
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.utils import UserError
-from tests.inprocess import run_main
+from tests.inprocess import run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -304,14 +304,9 @@ def test_first_ratio_check_tolerances():
 def tiny_grpo_run(tiny_runs, out, flags, in_process: bool = False) -> list:
     """Three iterations of train_grpo.py on the tiny fixture, in a subprocess or in this process
     (tests/inprocess.py); its metrics.jsonl rows."""
-    cmd = [sys.executable, "train_grpo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
-           "--out-dir", str(out), "--iterations", "3", "--prompts-per-iter", "4", "--group-size", "3",
-           "--minibatches", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", "--lr", "1e-2", *flags]
-    if in_process:
-        run_main(*cmd[1:])
-    else:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-        assert res.returncode == 0, res.stderr[-3000:]
+    run_ok("train_grpo.py", "--policy", tiny_runs / "sft", "--reward", tiny_runs / "rm", "--out-dir", out,
+           "--iterations", 3, "--prompts-per-iter", 4, "--group-size", 3, "--minibatches", 2, "--max-new-tokens", 8,
+           "--n-eval", 16, "--device", "cpu", "--lr", "1e-2", *flags, in_process=in_process, env=ENV)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

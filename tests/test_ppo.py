@@ -20,7 +20,7 @@ from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.scoring import response_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
-from tests.inprocess import run_main
+from tests.inprocess import run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the subprocess runs share a small CPU
@@ -302,14 +302,9 @@ def tiny_runs(tmp_path_factory):
 
 def run_ppo(tiny_runs, out, *flags, in_process: bool = True):
     """train_ppo.py on the tiny fixture, in this process (tests/inprocess.py) or a subprocess; metrics.jsonl rows."""
-    cmd = [sys.executable, "train_ppo.py", "--policy", str(tiny_runs / "sft"), "--reward", str(tiny_runs / "rm"),
-           "--out-dir", str(out), "--iterations", "3", "--batch-size", "8", "--minibatches", "2",
-           "--epochs", "2", "--max-new-tokens", "8", "--n-eval", "16", "--device", "cpu", *flags]
-    if in_process:
-        run_main(*cmd[1:])
-    else:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
-        assert res.returncode == 0, res.stderr[-3000:]
+    run_ok("train_ppo.py", "--policy", tiny_runs / "sft", "--reward", tiny_runs / "rm", "--out-dir", out,
+           "--iterations", 3, "--batch-size", 8, "--minibatches", 2, "--epochs", 2, "--max-new-tokens", 8,
+           "--n-eval", 16, "--device", "cpu", *flags, in_process=in_process, env=ENV)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
