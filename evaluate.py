@@ -34,7 +34,7 @@ from minirlhf.utils import UserError, check
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """Evaluate policies against a reference and the gold reward; optionally the optimal reward-KL frontier."""
     policies: list[str] = arg(["out/sft", "out/ppo", "out/dpo"], "policy run directories to evaluate")
     ref: str = arg("out/sft", "reference policy run directory (KL and win rates are measured against it)")

@@ -35,7 +35,7 @@ from minirlhf.utils import adamw, check, cosine_lr
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """Direct Preference Optimization (DPO, IPO, hinge, SimPO, KTO) on preference pairs."""
     out_dir: str = arg("out/dpo", "run directory to write")
     prefs: str = arg("out/rm/prefs.jsonl", "JSONL of {prompt, chosen, rejected} records, as train_rm.py writes them")

@@ -36,7 +36,7 @@ from minirlhf.utils import autocast, check, linear_lr
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """Critic-free RL (GRPO / RLOO / Dr. GRPO) with group baselines (stage 3 of RLHF)."""
     policy: str = arg("out/sft", "SFT run directory: the initial policy and the frozen reference")
     reward: str = arg("out/rm", "reward-model run directory")

@@ -35,7 +35,7 @@ from minirlhf.utils import autocast, check, linear_lr
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """PPO with GAE, clipping and a per-token KL penalty (stage 3 of RLHF)."""
     policy: str = arg("out/sft", "SFT run directory: the initial policy and the frozen reference")
     reward: str = arg("out/rm", "reward-model run directory (also initialises the value model)")

@@ -30,7 +30,7 @@ from minirlhf.utils import adamw, autocast, cosine_lr
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """Preference collection and Bradley-Terry reward model (stage 2 of RLHF)."""
     out_dir: str = arg("out/rm", "run directory to write")
     policy: str = arg("out/sft", "SFT run directory: the policy that is sampled, and the trunk the RM starts from")

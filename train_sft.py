@@ -32,7 +32,7 @@ from minirlhf.utils import UserError, adamw, autocast, check, cosine_lr
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """Supervised fine-tuning (stage 1 of RLHF)."""
     out_dir: str = arg("out/sft", "run directory to write")
     task: str = arg("reviews", "built-in task (minirlhf/tasks/<task>.py) for data, prompts and evaluation")

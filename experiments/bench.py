@@ -46,7 +46,7 @@ SHAPES = {
 
 
 @dataclass
-class Args(RunArgs):
+class Args(RunArgs):  # RunArgs: --device, --dtype, --head-precision, --seed
     """Benchmark SFT, sampling, a PPO iteration and DPO on random weights and tokens; writes bench.json."""
     compile: bool = arg(False, "torch.compile what the scripts compile; time the compiled decode step beside eager")
     peak_tflops: float = arg(0.0, "dense bf16 peak of the card for MFU (0 = harness/perf.py's table)")
