@@ -23,7 +23,7 @@ from minirlhf.model import GPT, KVCache, RMSNorm, ScalarModel, arch_config, rope
 from minirlhf.scoring import sampling_logprobs
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import ENDOFTEXT, LLAMA3, Tokenizer
-from tests.inprocess import run_main
+from tests.inprocess import run_fails, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, BOS, EOS = 0, 1, 2
@@ -398,7 +398,7 @@ def pretrained_like(d: Path) -> GPT:
 
 
 def run_script(*args):
-    return run_main(*args)  # in this process (tests/inprocess.py); the refusals below run as subprocesses
+    return run_main(*args)  # in this process (tests/inprocess.py), as are the refusals below
 
 
 def test_sft_rm_ppo_grpo_dpo_evaluate_chain_from_an_imported_llama_directory(tmp_path):
@@ -443,8 +443,7 @@ def test_fresh_llama_through_train_sft_flags(tmp_path):
     for argv, flag in ((["--arch", "gpt2", "--n-kv-head", "2"], "--n-kv-head"),
                        (["--arch", "llama", "--n-kv-head", "3"], "--n-kv-head"),
                        (["--arch", "llama", "--init", str(tmp_path / "sft")], "--arch")):
-        proc = subprocess.run([sys.executable, "train_sft.py", *argv, "--out-dir", str(tmp_path / "x")], cwd=ROOT,
-                              capture_output=True, text=True)
+        proc = run_fails("train_sft.py", *argv, "--out-dir", tmp_path / "x")
         assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

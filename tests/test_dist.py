@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from minirlhf.harness import dist
 from minirlhf import losses
+from tests.inprocess import one_thread, run_main
 from test_rm import tiny_sft  # noqa: F401  (a fixture: a rigged 1-layer policy whose samples end with EOS)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,11 @@ SFT = ["--steps", "4", "--n-train", "200", "--n-val", "8", "--n-samples", "4", "
 
 
 def run(args, nproc: int, tmp: Path, check=True):
-    """One process (plain python, no torchrun: the world-size-1 path) or torchrun with nproc processes."""
+    """One process (the world-size-1 path: main() in this process, one thread like each torchrun process) or
+    torchrun with nproc processes."""
+    if nproc == 1 and check:
+        with one_thread():
+            return run_main(*args)
     env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))  # rank > 0 scratch folders land in tmp
     cmd = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                 "--nproc_per_node", str(nproc)]

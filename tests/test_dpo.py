@@ -23,7 +23,7 @@ from minirlhf import dpo  # noqa: E402
 from minirlhf.preferences import encode_pairs, split_prefs, subsample  # noqa: E402
 from minirlhf.scoring import response_logprobs, token_logprobs  # noqa: E402
 from minirlhf.tasks import get_task  # noqa: E402
-from tests.inprocess import run_main
+from tests.inprocess import run_fails, run_main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the subprocess runs share a small CPU
 PAD, BOS, EOS = 0, 1, 2
@@ -319,26 +319,26 @@ def test_user_file_without_split_or_gold_and_clear_errors(sft_run, tmp_path):
                       str(tmp_path / "x"), *TINY_DPO, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{bad}:2: missing field 'rejected'" in proc.stderr
-    proc = run_script("train_dpo.py", "--policy", str(tmp_path / "nope"), "--prefs", str(prefs), "--out-dir",
-                      str(tmp_path / "y"), *TINY_DPO, check=False)
+    proc = run_fails("train_dpo.py", "--policy", str(tmp_path / "nope"), "--prefs", str(prefs), "--out-dir",
+                     str(tmp_path / "y"), *TINY_DPO)
     assert proc.returncode == 2 and "--policy" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir",
-                      str(tmp_path / "z"), "--loss", "orpo", check=False)
+    proc = run_fails("train_dpo.py", "--policy", str(sft_run), "--prefs", str(prefs), "--out-dir",
+                     str(tmp_path / "z"), "--loss", "orpo")
     assert proc.returncode == 2 and "--loss orpo" in proc.stderr
     # a file whose pairs all have chosen == rejected carries no preference: refused, not trained at loss ln 2
     same = tmp_path / "same.jsonl"
     same.write_text("".join(json.dumps({"prompt": f"the food {i}", "chosen": " was good .", "rejected": " was good .",
                                         "split": "test" if i % 4 == 0 else "train"}) + "\n" for i in range(8)))
-    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(same), "--out-dir",
-                      str(tmp_path / "s"), *TINY_DPO, check=False)
+    proc = run_fails("train_dpo.py", "--policy", str(sft_run), "--prefs", str(same), "--out-dir",
+                     str(tmp_path / "s"), *TINY_DPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "warning: 6 of 6 train pairs have chosen == rejected" in proc.stdout
     assert f"{same}: none of the 6 train pairs is informative" in proc.stderr
     # label_prob NaN is not a number a metrics file can carry: FILE:LINE error
     nan = tmp_path / "nan.jsonl"
     nan.write_text(same.read_text().replace('"split"', '"label_prob": NaN, "split"', 1))
-    proc = run_script("train_dpo.py", "--policy", str(sft_run), "--prefs", str(nan), "--out-dir",
-                      str(tmp_path / "n"), *TINY_DPO, check=False)
+    proc = run_fails("train_dpo.py", "--policy", str(sft_run), "--prefs", str(nan), "--out-dir",
+                     str(tmp_path / "n"), *TINY_DPO)
     assert proc.returncode == 2 and f"{nan}:1: NaN is not a finite number" in proc.stderr
 
 
@@ -439,10 +439,9 @@ def test_two_round_online_dpo_samples_round_two_from_the_updated_policy(online_r
 
 
 def test_online_flags_are_checked(online_runs, tmp_path):
-    proc = run_script("train_dpo.py", "--rounds", "2", "--task", "none", "--out-dir", str(tmp_path / "x"),
-                      check=False)
+    proc = run_fails("train_dpo.py", "--rounds", "2", "--task", "none", "--out-dir", str(tmp_path / "x"))
     assert proc.returncode == 2 and "--rounds > 1" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("train_dpo.py", "--round-pairs", "best", "--out-dir", str(tmp_path / "x"), check=False)
+    proc = run_fails("train_dpo.py", "--round-pairs", "best", "--out-dir", str(tmp_path / "x"))
     assert proc.returncode == 2 and "--round-pairs" in proc.stderr
 
 

@@ -310,13 +310,13 @@ def tiny_grpo_run(tiny_runs, out, flags, in_process: bool = False) -> list:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("flags", [["--baseline", "rloo", "--kl-in", "reward", "--epochs", "2"],
-                                   ["--baseline", "grpo", "--scale-by-std", "--loss-agg", "sequence", "--kl-in",
-                                    "loss", "--kl-estimator", "k3"],
-                                   ["--dtype", "bfloat16"]])
-def test_tiny_subprocess_run_writes_outputs(tiny_runs, tmp_path, flags):
+@pytest.mark.parametrize("flags,in_process", [(["--baseline", "rloo", "--kl-in", "reward", "--epochs", "2"], False),
+                                              (["--baseline", "grpo", "--scale-by-std", "--loss-agg", "sequence",
+                                                "--kl-in", "loss", "--kl-estimator", "k3"], True),
+                                              (["--dtype", "bfloat16"], True)])
+def test_tiny_run_writes_outputs(tiny_runs, tmp_path, flags, in_process):
     out = tmp_path / "grpo"
-    rows = tiny_grpo_run(tiny_runs, out, flags)
+    rows = tiny_grpo_run(tiny_runs, out, flags, in_process)  # the first as users run it: a subprocess
     assert len(rows) == 3
     need = ["rm_score_mean", "kl", "loss", "kl_loss", "approx_kl", "clipfrac", "entropy", "ratio_mean", "ratio_max",
             "resp_len", "eos_rate", "gold_mean", "zero_adv_groups", "first_ratio_dev", "first_ratio_tol"]

@@ -25,7 +25,7 @@ from minirlhf.scoring import reward_at_eos
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import ENDOFTEXT, PAD, Tokenizer
 from minirlhf.utils import UserError
-from tests.inprocess import run_main
+from tests.inprocess import run_fails, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -469,7 +469,7 @@ def test_export_then_import_gives_identical_logits(tmp_path, source):
     idx = random_ids(tok.vocab_size)
     with torch.no_grad():
         assert torch.equal(again(idx), imported(idx))
-    proc = run_script("export_hf.py", tmp_path / "run", tmp_path / "hf", check=False)  # no overwrite
+    proc = run_fails("export_hf.py", tmp_path / "run", tmp_path / "hf")  # no overwrite
     assert proc.returncode == 2 and "not empty" in proc.stderr
 
 
@@ -596,8 +596,7 @@ def test_sft_rm_ppo_dpo_chain_from_an_imported_gpt2_directory(tmp_path, source):
     report = json.loads((tmp_path / "ev/report.json").read_text())
     assert set(report["policies"]) == {"ppo", "dpo", "gpt2"}, proc.stdout[-2000:]
     # and a mismatch between the raw directory (block 64) and the SFT run (block 48) is named, in one line
-    proc = run_script("train_ppo.py", "--policy", g, "--reward", rm, "--out-dir", tmp_path / "x", "--device", "cpu",
-                      check=False)
+    proc = run_fails("train_ppo.py", "--policy", g, "--reward", rm, "--out-dir", tmp_path / "x", "--device", "cpu")
     assert proc.returncode == 2 and "block_size" in proc.stderr and "Traceback" not in proc.stderr
 
 

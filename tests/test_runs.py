@@ -17,7 +17,7 @@ from minirlhf.harness import runs
 from minirlhf.harness.checkpoint import CheckpointError, load_policy
 from minirlhf.utils import UserError
 from minirlhf.harness.files import torch_save
-from tests.inprocess import run_main
+from tests.inprocess import one_thread, run_fails, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--vocab-size", "300",
@@ -101,7 +101,8 @@ def test_killed_run_resumes_to_the_same_weights(stage, chain, tmp_path):
         assert "reusing the" in proc.stdout  # the collected preferences survived the kill
     if stage == "dpo":
         assert "reference log-probs: reusing" in proc.stdout
-    run_script(script, "--out-dir", ref, *flags)  # the same run, never interrupted
+    with one_thread():  # the same run, never interrupted (in this process, on one thread as the subprocesses)
+        run_main(script, "--out-dir", ref, *flags)
     assert (out / "model.pt").read_bytes() == (ref / "model.pt").read_bytes()
     assert metric_rows(out / "metrics.jsonl") == metric_rows(ref / "metrics.jsonl")
     assert not staging.exists() and not (out / runs.RESUME).exists() and not (out / runs.RUN_JSON).exists()
@@ -110,17 +111,17 @@ def test_killed_run_resumes_to_the_same_weights(stage, chain, tmp_path):
     if stage == "rm":
         assert (out / "prefs.jsonl").read_text() == (ref / "prefs.jsonl").read_text()
     if stage == "dpo":  # a rerun over the finished run finds its reference cache there
-        again = run_script(script, "--out-dir", ref, *flags, "--save-interval", "0")
+        again = run_main(script, "--out-dir", ref, *flags, "--save-interval", "0")
         assert f"reusing {ref / 'ref_logps.pt'}" in again.stdout
 
 
 def test_resume_refuses_other_args_and_nothing_to_resume(chain, tmp_path):
     script, flags = stage_flags("sft", chain)
     out = tmp_path / "run"
-    proc = run_script(script, "--out-dir", out, *flags, "--resume", check=False)
+    proc = run_fails(script, "--out-dir", out, *flags, "--resume")
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
     kill_after_first_checkpoint(script, out, flags)
-    proc = run_script(script, "--out-dir", out, *flags, "--lr", "0.01", "--resume", check=False)
+    proc = run_fails(script, "--out-dir", out, *flags, "--lr", "0.01", "--resume")
     assert proc.returncode == 2 and "lr 0.002 -> 0.01" in proc.stderr and "Traceback" not in proc.stderr
     # a later stage refuses the unfinished run with one line that says what to do
     with pytest.raises(CheckpointError, match=r"is not finished .*--resume"):
@@ -132,7 +133,7 @@ def test_killed_rerun_leaves_the_finished_run_intact_and_is_not_skipped(chain, t
     import pipeline
     script, flags = stage_flags("sft", chain)
     out = tmp_path / "sft"
-    run_script(script, "--out-dir", out, *flags)
+    run_main(script, "--out-dir", out, *flags)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     argv = ["--out-dir", str(out), *map(str, flags), "--seed", "1"]
     kill_after_first_checkpoint(script, out, argv[2:])
@@ -176,7 +177,8 @@ def test_same_seed_gives_identical_files_with_mode_0644(chain, tmp_path):
     flags = [*flags[:-2], "--steps", "6", "--save-interval", "3"]
     a, b = tmp_path / "a", tmp_path / "b"
     proc = run_script(script, "--out-dir", a, *flags)
-    run_script(script, "--out-dir", b, *flags)
+    with one_thread():  # and in this process: the same bytes as the subprocess's
+        run_main(script, "--out-dir", b, *flags)
     assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
     for f in a.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
@@ -204,7 +206,7 @@ def test_non_finite_loss_stops_without_writing_weights(stage, bad, chain, tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("the earlier run")
-    proc = run_script(script, "--out-dir", out, *flags, "--save-interval", "1", *bad, check=False)
+    proc = run_fails(script, "--out-dir", out, *flags, "--save-interval", "1", *bad)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "non-finite" in proc.stderr and ("at step" in proc.stderr or "at iteration" in proc.stderr)
     assert (out / "metrics.json").read_text() == "the earlier run" and not (out / "model.pt").exists()

@@ -1,9 +1,5 @@
 """train_sft.py end to end (tiny), checkpoint round trip, and the user-facing error paths."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +7,8 @@ import torch
 from minirlhf.harness.checkpoint import CheckpointError, check_compatible, load_policy, load_run
 from minirlhf.data import collate_sft, encode_sft
 from minirlhf.tasks import get_task
-from tests.inprocess import run_main
+from tests.inprocess import run_fails, run_main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "4", "--n-train", "64", "--n-val", "8", "--n-samples", "4", "--batch-size", "8",
         "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "300", "--device", "cpu",
         "--log-interval", "1", "--eval-interval", "2", "--max-new-tokens", "8"]
@@ -21,14 +16,8 @@ TINY = ["--steps", "4", "--n-train", "64", "--n-val", "8", "--n-samples", "4", "
 LEARN = TINY + ["--steps", "12", "--warmup-steps", "1", "--lr", "1e-2"]
 
 
-def run_script(*args, check=True):
-    if check:  # a run that must succeed: in this process (tests/inprocess.py)
-        return run_main(*args)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def run_script(*args):
+    return run_main(*args)  # in this process (tests/inprocess.py); train_sft.py's subprocess runs are in test_runs.py
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +94,11 @@ def test_user_data_and_clear_errors(tmp_path, sft_run):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + '{"prompt": "a"}\n')
-    proc = run_script("train_sft.py", "--out-dir", str(tmp_path / "x"), "--data", str(bad), *TINY, check=False)
+    proc = run_fails("train_sft.py", "--out-dir", str(tmp_path / "x"), "--data", str(bad), *TINY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{bad}:2: missing field 'completion'" in proc.stderr
 
-    proc = run_script("train_sft.py", "--out-dir", str(tmp_path / "y"), "--init", str(tmp_path / "nope"), *TINY,
-                      check=False)
+    proc = run_fails("train_sft.py", "--out-dir", str(tmp_path / "y"), "--init", str(tmp_path / "nope"), *TINY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--init" in proc.stderr
 
 
