@@ -184,8 +184,8 @@ def main():
     if a.nproc < 1:
         fail(f"--nproc {a.nproc}: must be >= 1")
     # torchrun as a module of this Python (the same environment); --standalone: a local rendezvous on a free port
-    launch = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     "--nproc_per_node", str(a.nproc)]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]
+    launch = [sys.executable] + (torchrun if a.nproc > 1 else [])
     here = Path(__file__).resolve().parent  # the stage scripts sit next to this file
     root = Path(a.out).resolve()  # stages get absolute paths: the same run from any folder
     plan = stages(root, a.init_from, a.arch)
