@@ -2,8 +2,8 @@
 
 A subprocess pays ~1.5 s of interpreter and torch start-up per run; a tiny stage runs in about as long again. What
 only a process shows stays a subprocess: kill and resume, torchrun, signals, and what happens at exit (a refused
-run's staging folder is removed then). Each script keeps at least one subprocess run that succeeds and one that
-is refused, so its `run(main)` entry point is exercised as users meet it.
+run's staging folder is removed then). Every script keeps at least one refused run as a subprocess, and every
+train_*.py one that succeeds, so their `run(main)` entry points are exercised as users meet them.
 """
 import contextlib
 import importlib

@@ -6,7 +6,9 @@ pi(y|x) can be summed over every possible response (EOS ends a response; the bud
 import importlib.util
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.tasks import get_task
 from minirlhf.tokenizer import Tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 PAD, BOS, EOS, A, B = range(5)
 N_NEW = 3  # response budget of the enumerable case
 
@@ -421,9 +424,12 @@ def test_user_errors_are_one_line(runs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--frontier needs the gold reward"):
         run_evaluate(monkeypatch, ["--policies", runs / "sft", "--ref", runs / "sft", "--prompts", prompts,
                                    "--frontier", "--out-dir", tmp_path / "e"])
-    with pytest.raises(UserError, match="no model.pt"):
-        run_evaluate(monkeypatch, ["--policies", runs / "sft", tmp_path / "missing", "--ref", runs / "sft",
-                                   "--out-dir", tmp_path / "e"])
+    # and as users meet it: `python evaluate.py`, exit 2, one line naming the flag
+    proc = subprocess.run([sys.executable, "evaluate.py", "--policies", runs / "sft", tmp_path / "missing", "--ref",
+                           runs / "sft", "--out-dir", tmp_path / "e"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --policies") and "no model.pt" in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
