@@ -26,12 +26,11 @@ SFT = ["--steps", "4", "--n-train", "200", "--n-val", "8", "--n-samples", "4", "
 def run(args, nproc: int, tmp: Path, check=True):
     """One process (the world-size-1 path: main() in this process, one thread like each torchrun process) or
     torchrun with nproc processes."""
-    if nproc == 1 and check:
+    if nproc == 1:  # must succeed: run_main raises what a subprocess would have exited non-zero on
         with one_thread():
             return run_main(*args)
     env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp))  # rank > 0 scratch folders land in tmp
-    cmd = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
